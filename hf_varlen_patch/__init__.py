@@ -1,0 +1,42 @@
+"""hf_varlen_patch: packed batches for transformers models, exactly as if each sequence ran alone.
+
+    import hf_varlen_patch
+    hf_varlen_patch.apply(model)              # backend="auto"
+    model(input_ids=packed_ids, position_ids=packed_positions, labels=packed_labels)
+"""
+
+from .api import apply, is_patched, unapply
+from .backends import BACKENDS, AttentionSpec, register_backend, select_backend
+from .boundaries import Boundaries
+from .errors import (
+    BackendUnavailableError,
+    BoundariesLostError,
+    MalformedBoundariesError,
+    UnsupportedArchitectureError,
+    UnsupportedVersionError,
+    VarlenPatchError,
+)
+from .registry import PatchEntry, lookup, register, supported_model_types
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "apply",
+    "unapply",
+    "is_patched",
+    "Boundaries",
+    "AttentionSpec",
+    "BACKENDS",
+    "register_backend",
+    "select_backend",
+    "PatchEntry",
+    "register",
+    "lookup",
+    "supported_model_types",
+    "VarlenPatchError",
+    "MalformedBoundariesError",
+    "UnsupportedArchitectureError",
+    "UnsupportedVersionError",
+    "BackendUnavailableError",
+    "BoundariesLostError",
+]

@@ -1,0 +1,160 @@
+"""The attention function a patched model runs, registered in transformers' AttentionInterface.
+
+A patched model's config names ``hf_varlen:<backend>:<original>``. Its attention function:
+  - with boundaries in the kwargs (a packed forward): flattens q, k, v and calls the chosen
+    varlen backend, ignoring the attention mask (the boundaries say everything it would);
+  - without (an unpacked forward, generation with a cache): calls the original implementation
+    with the original arguments, so unpacked behaviour is exactly upstream's.
+The matching mask function is the original's, so unpacked masks are built as before.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .backends import AttentionSpec, select_backend
+from .boundaries import Boundaries
+from .errors import BoundariesLostError, VarlenPatchError
+
+__all__ = [
+    "BOUNDARIES_KWARG",
+    "implementation_name",
+    "parse_implementation",
+    "register_implementation",
+    "packed_mask_placeholder",
+    "is_packed_mask_placeholder",
+    "varlen_attention",
+]
+
+#: The keyword under which the boundaries travel from the model's entry to every layer.
+BOUNDARIES_KWARG = "varlen_boundaries"
+PREFIX = "hf_varlen"
+
+
+def implementation_name(backend: str, original: str) -> str:
+    """The ``config._attn_implementation`` value of a patched model."""
+    return f"{PREFIX}:{backend}:{original}"
+
+
+def parse_implementation(name: str | None) -> tuple[str, str] | None:
+    """(backend, original) for a patched implementation name, else None."""
+    if not name or not name.startswith(PREFIX + ":"):
+        return None
+    _, backend, original = name.split(":", 2)
+    return backend, original
+
+
+def packed_mask_placeholder(batch: int, length: int, device: torch.device) -> torch.Tensor:
+    """A zero-memory 4-D mask handed to the model in packed mode.
+
+    transformers returns a 4-D mask unchanged, so no (T, T) mask is ever built. Every element is
+    False ("attend nowhere"): a layer that used it instead of the boundaries would fail loudly,
+    and :func:`is_packed_mask_placeholder` lets the attention function tell it apart.
+    """
+    return torch.zeros((), dtype=torch.bool, device=device).expand(batch, 1, length, length)
+
+
+def is_packed_mask_placeholder(mask: Any) -> bool:
+    return (
+        isinstance(mask, torch.Tensor)
+        and mask.ndim == 4
+        and mask.dtype == torch.bool
+        and mask.stride() == (0, 0, 0, 0)
+        and mask.shape[-1] > 1
+    )
+
+
+def _original_function(original: str, module: torch.nn.Module) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if original == "eager":
+        fn = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+        if fn is None:
+            raise VarlenPatchError(
+                f"{type(module).__name__} has no module-level eager_attention_forward to fall back on."
+            )
+        return fn
+    return ALL_ATTENTION_FUNCTIONS[original]
+
+
+def spec_from_kwargs(module: torch.nn.Module, kwargs: dict[str, Any]) -> AttentionSpec:
+    """Read what the layer asks for from the kwargs transformers passes to attention functions."""
+    if kwargs.get("head_mask") is not None:
+        raise VarlenPatchError("head_mask is not supported with packed inputs; drop it or unpack.")
+    # module.is_causal is what the layer is; the is_causal kwarg is often only an SDPA dispatch
+    # hint (GPT-2 on 4.57 passes False whenever a mask exists), so it is the fallback.
+    is_causal = getattr(module, "is_causal", None)
+    if is_causal is None:
+        is_causal = kwargs.get("is_causal", True)
+    softcap = kwargs.get("softcap")
+    return AttentionSpec(
+        causal=bool(is_causal),
+        scale=kwargs.get("scaling"),
+        window=kwargs.get("sliding_window"),
+        softcap=softcap if softcap else None,
+        dropout=float(kwargs.get("dropout") or 0.0),
+        sinks=kwargs.get("s_aux"),
+    )
+
+
+def varlen_attention(
+    backend: str,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    boundaries: Boundaries,
+    spec: AttentionSpec,
+) -> torch.Tensor:
+    """Packed attention on transformers' layout: q (B, Hq, T, D), k/v (B, Hk, T, D) -> (B, T, Hq, Dv)."""
+    batch, num_heads, length, _ = query.shape
+    if key.shape[2] != length:
+        raise VarlenPatchError(
+            f"packed inputs need an empty cache: the keys hold {key.shape[2]} tokens for "
+            f"{length} queries. Pass use_cache=False or past_key_values=None for packed batches."
+        )
+    if (batch, length) != boundaries.shape:
+        raise VarlenPatchError(
+            f"the boundaries describe {boundaries.shape} tokens but attention sees {(batch, length)}."
+        )
+    q = query.transpose(1, 2).reshape(batch * length, num_heads, -1)
+    k = key.transpose(1, 2).reshape(batch * length, key.shape[1], -1)
+    v = value.transpose(1, 2).reshape(batch * length, value.shape[1], -1)
+    chosen = select_backend(backend, q.device, q.dtype, spec.features(q.shape[1], k.shape[1]))
+    out = chosen.fn(q, k, v, boundaries, spec)
+    return out.view(batch, length, num_heads, -1)
+
+
+def _make_attention_function(backend: str, original: str) -> Callable:
+    def hf_varlen_attention_forward(module, query, key, value, attention_mask, **kwargs):
+        boundaries = kwargs.get(BOUNDARIES_KWARG)
+        if boundaries is None:
+            if is_packed_mask_placeholder(attention_mask):
+                raise BoundariesLostError(
+                    f"a packed forward reached {type(module).__name__} without its boundaries: "
+                    "this architecture does not pass keyword arguments down to attention. It "
+                    "needs an entry in hf_varlen_patch/patches; please report it."
+                )
+            return _original_function(original, module)(module, query, key, value, attention_mask, **kwargs)
+        spec = spec_from_kwargs(module, kwargs)
+        return varlen_attention(backend, query, key, value, boundaries, spec), None
+
+    hf_varlen_attention_forward.__qualname__ = f"hf_varlen_attention_forward[{backend}:{original}]"
+    return hf_varlen_attention_forward
+
+
+def register_implementation(backend: str, original: str) -> str:
+    """Register ``hf_varlen:<backend>:<original>`` (attention and mask functions); return the name."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = implementation_name(backend, original)
+    if name not in ALL_ATTENTION_FUNCTIONS._global_mapping:
+        ALL_ATTENTION_FUNCTIONS.register(name, _make_attention_function(backend, original))
+    mask_mapping = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping
+    if original in mask_mapping and name not in mask_mapping:
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, mask_mapping[original])
+    return name

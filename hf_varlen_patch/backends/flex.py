@@ -1,0 +1,103 @@
+"""FlexAttention with a document-causal ``BlockMask`` over the flattened tokens.
+
+Softcap and ALiBi are score modifications; attention sinks are applied afterwards from the
+log-sum-exp (``out * sigmoid(lse - sink)`` is exactly softmax with one extra key). Fast only
+under ``torch.compile``; ``auto`` therefore picks it only while compiling. The block mask
+depends on the boundaries and the layer's window, so it is built once per forward and kind of
+layer and cached on the boundaries.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ..boundaries import Boundaries
+from . import AttentionSpec, Backend, register_backend
+
+
+@functools.cache
+def _flex():
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    except ImportError:
+        return None
+    return flex_attention, create_block_mask
+
+
+def _availability(device: torch.device, dtype: torch.dtype) -> str | None:
+    if _flex() is None:
+        return f"torch {torch.__version__} has no FlexAttention (needs torch >= 2.5)"
+    return None
+
+
+def _features() -> frozenset[str]:
+    if _flex() is None:
+        return frozenset()
+    return frozenset({"causal", "bidirectional", "sliding_window", "softcap", "alibi", "sinks", "gqa"})
+
+
+def _block_mask(boundaries: Boundaries, spec: AttentionSpec):
+    key = ("flex_block_mask", spec.causal, spec.window)
+    cache = boundaries.cache
+    if key not in cache:
+        _, create_block_mask = _flex()
+        seq = boundaries.seq_idx
+        causal, window = spec.causal, spec.window
+
+        def document_mask(b, h, q_idx, kv_idx):
+            keep = seq[q_idx] == seq[kv_idx]
+            if causal:
+                keep = keep & (q_idx >= kv_idx)
+            if window is not None:
+                keep = keep & (q_idx - kv_idx < window) & (kv_idx - q_idx < window)
+            return keep
+
+        n = boundaries.total_tokens
+        cache[key] = create_block_mask(document_mask, None, None, n, n, device=seq.device)
+    return cache[key]
+
+
+def flex_varlen_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, boundaries: Boundaries, spec: AttentionSpec
+) -> torch.Tensor:
+    flex_attention, _ = _flex()
+    softcap, slopes = spec.softcap, spec.alibi_slopes
+    score_mod = None
+    if softcap or slopes is not None:
+
+        def score_mod(score, b, h, q_idx, kv_idx):
+            if softcap:
+                score = torch.tanh(score / softcap) * softcap
+            if slopes is not None:
+                score = score - slopes[h] * (q_idx - kv_idx).abs()
+            return score
+
+    qf, kf, vf = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    out, lse = flex_attention(
+        qf,
+        kf,
+        vf,
+        score_mod=score_mod,
+        block_mask=_block_mask(boundaries, spec),
+        scale=spec.scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+        return_lse=True,
+    )
+    out = out[0].transpose(0, 1)
+    if spec.sinks is not None:
+        lse = lse[0].transpose(0, 1).unsqueeze(-1).to(torch.float32)
+        out = (out * torch.sigmoid(lse - spec.sinks.to(torch.float32).view(1, -1, 1))).to(q.dtype)
+    return out
+
+
+register_backend(
+    Backend(
+        name="flex",
+        fn=flex_varlen_attention,
+        features=_features,
+        availability=_availability,
+        description="FlexAttention with a document-causal BlockMask (fast under torch.compile)",
+    )
+)

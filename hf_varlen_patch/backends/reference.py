@@ -1,0 +1,78 @@
+"""The exact reference backend: block-diagonal attention through SDPA or plain math.
+
+Runs on any device and dtype and supports every feature, at the cost of a (B, T, T) mask per
+call. It is the CPU backend, the one CI proves equivalence with, and the fallback for features
+no fast kernel has.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..boundaries import Boundaries
+from . import FEATURES, AttentionSpec, Backend, register_backend
+
+
+def _allowed(boundaries: Boundaries, spec: AttentionSpec) -> torch.Tensor:
+    """(B, T, T) boolean: may query i attend key j (same sequence, causal, in window)."""
+    batch, length = boundaries.shape
+    seq = boundaries.seq_idx.view(batch, length)
+    allowed = seq[:, :, None] == seq[:, None, :]
+    i = torch.arange(length, device=seq.device)[:, None]
+    j = torch.arange(length, device=seq.device)[None, :]
+    if spec.causal:
+        allowed = allowed & (j <= i)
+    if spec.window is not None:
+        allowed = allowed & (j > i - spec.window) & (j < i + spec.window)
+    return allowed
+
+
+def reference_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, boundaries: Boundaries, spec: AttentionSpec
+) -> torch.Tensor:
+    batch, length = boundaries.shape
+    hq, hk = q.shape[1], k.shape[1]
+    qb = q.view(batch, length, hq, -1).transpose(1, 2)
+    kb = k.view(batch, length, hk, -1).transpose(1, 2)
+    vb = v.view(batch, length, hk, -1).transpose(1, 2)
+    allowed = _allowed(boundaries, spec)[:, None]
+    scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
+
+    if spec.softcap is None and spec.sinks is None and spec.alibi_slopes is None:
+        out = F.scaled_dot_product_attention(
+            qb, kb, vb, attn_mask=allowed, dropout_p=spec.dropout, scale=scale, enable_gqa=hq != hk
+        )
+    else:
+        if hq != hk:
+            kb = kb.repeat_interleave(hq // hk, dim=1)
+            vb = vb.repeat_interleave(hq // hk, dim=1)
+        scores = torch.matmul(qb, kb.transpose(-1, -2)) * scale
+        if spec.softcap:
+            scores = torch.tanh(scores / spec.softcap) * spec.softcap
+        if spec.alibi_slopes is not None:
+            pos = torch.arange(length, device=q.device)
+            distance = (pos[:, None] - pos[None, :]).abs().to(scores.dtype)
+            scores = scores - spec.alibi_slopes.to(scores.dtype).view(1, hq, 1, 1) * distance
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        if spec.sinks is not None:
+            sink = spec.sinks.to(scores.dtype).view(1, hq, 1, 1).expand(batch, hq, length, 1)
+            scores = torch.cat([scores, sink], dim=-1)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        if spec.sinks is not None:
+            probs = probs[..., :-1]
+        if spec.dropout:
+            probs = F.dropout(probs, p=spec.dropout, training=True)
+        out = torch.matmul(probs, vb)
+    return out.transpose(1, 2).reshape(batch * length, hq, -1)
+
+
+register_backend(
+    Backend(
+        name="sdpa",
+        fn=reference_attention,
+        features=lambda: frozenset(FEATURES),
+        availability=lambda device, dtype: None,
+        description="exact block-diagonal reference (SDPA or math); any device and dtype",
+    )
+)

@@ -1,0 +1,243 @@
+"""Where the packed sequences start and end: one small immutable object per forward.
+
+A packed batch is (B, T) tokens; every row holds several sequences back to back. All layers see
+the tokens flattened to (B*T,), so a sequence is a [start, end) range of that flat index and
+`cu_seqlens` is the usual varlen-kernel description (starts plus the total). Rows never merge:
+every row start is a sequence start. Padding (attention_mask == 0) forms sequences of its own,
+so it can never be attended to by real tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import MalformedBoundariesError
+
+__all__ = ["Boundaries"]
+
+
+@dataclass(frozen=True, eq=False)
+class Boundaries:
+    """Packed-sequence boundaries over the flattened (B*T,) tokens of one forward.
+
+    Attributes:
+        cu_seqlens: int32 (num_sequences + 1,) on the model's device; 0, ends..., B*T.
+        max_seqlen: the longest sequence, as a python int (what varlen kernels take).
+        seq_idx: int32 (B*T,) on the device: the sequence each token belongs to.
+        shape: (B, T) of the batch these boundaries describe.
+        is_packed: whether some row holds more than one real sequence. When False the patched
+            model runs exactly the upstream code path.
+        cu_seqlens_host: the same offsets as a tuple when they are known on the host without
+            a device sync (they are when built from position_ids), else None.
+    """
+
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+    seq_idx: torch.Tensor
+    shape: tuple[int, int]
+    is_packed: bool = True
+    cu_seqlens_host: tuple[int, ...] | None = None
+    #: per-forward memo for backends (e.g. FlexAttention's block masks), never compared.
+    cache: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def num_sequences(self) -> int:
+        return self.cu_seqlens.shape[0] - 1
+
+    @property
+    def total_tokens(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.cu_seqlens.device
+
+    def position_ids(self) -> torch.Tensor:
+        """(B, T) positions restarting at every sequence start (no device sync)."""
+        flat = torch.arange(self.total_tokens, device=self.device, dtype=torch.int64)
+        starts = self.cu_seqlens.to(torch.int64)[self.seq_idx.to(torch.int64)]
+        return (flat - starts).view(self.shape)
+
+    def sequence_starts(self) -> torch.Tensor:
+        """Flat indices of the first token of every sequence (int64, on the device)."""
+        return self.cu_seqlens[:-1].to(torch.int64)
+
+    # ------------------------------------------------------------------ builders
+
+    @classmethod
+    def from_position_ids(
+        cls,
+        position_ids: torch.Tensor,
+        *,
+        shape: tuple[int, int] | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> Boundaries:
+        """Derive boundaries from positions that restart at every sequence start.
+
+        A sequence starts at every row start and wherever ``pos[t] != pos[t-1] + 1``; with an
+        ``attention_mask`` also wherever the mask switches, so padding is a sequence of its own.
+        One device-to-host copy of the positions (a single sync) is the whole cost; everything
+        else runs on the host and the offsets go back with a non-blocking copy.
+        """
+        device = position_ids.device
+        pos = _check_position_ids(position_ids, shape)
+        batch, length = pos.shape
+        mask = _check_attention_mask(attention_mask, (batch, length))
+
+        pos_host = pos.detach().to("cpu", torch.int64)
+        if int(pos_host.min()) < 0:
+            raise MalformedBoundariesError(
+                "position_ids has negative values; packed positions must count 0, 1, 2, ... from "
+                "each sequence start."
+            )
+        starts = torch.ones(batch, length, dtype=torch.bool)
+        starts[:, 1:] = pos_host[:, 1:] != pos_host[:, :-1] + 1
+        real = None
+        if mask is not None:
+            real = mask.detach().to("cpu", torch.bool)
+            switches = real[:, 1:] != real[:, :-1]
+            resumed = real[:, 1:] & ~real[:, :-1]
+            if bool((resumed & ~starts[:, 1:]).any()):
+                raise MalformedBoundariesError(
+                    "attention_mask has padding (0) inside a packed sequence: a real token that "
+                    "follows padding must start a new sequence (its position_ids restart at 0). "
+                    "Put padding only between or after sequences."
+                )
+            starts[:, 1:] |= switches
+        real_starts = starts if real is None else starts & real
+        is_packed = bool((real_starts.sum(dim=1) > 1).any())
+
+        flat_starts = starts.flatten().nonzero().flatten()
+        total = batch * length
+        cu_host = torch.cat([flat_starts, torch.tensor([total])]).to(torch.int32)
+        max_seqlen = int((cu_host[1:] - cu_host[:-1]).max()) if total else 0
+        seq_idx_host = (starts.flatten().cumsum(0) - 1).to(torch.int32)
+        return cls(
+            cu_seqlens=_to_device(cu_host, device),
+            max_seqlen=max_seqlen,
+            seq_idx=_to_device(seq_idx_host, device),
+            shape=(batch, length),
+            is_packed=is_packed,
+            cu_seqlens_host=tuple(cu_host.tolist()),
+        )
+
+    @classmethod
+    def from_cu_seqlens(
+        cls,
+        cu_seqlens: torch.Tensor,
+        max_seqlen: int | torch.Tensor,
+        *,
+        shape: tuple[int, int],
+        check: bool = True,
+    ) -> Boundaries:
+        """Take boundaries as given (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``).
+
+        No device sync unless ``check`` is True and the offsets live on an accelerator: then one
+        copy to the host validates them (increasing, ending at B*T, no sequence across rows,
+        ``max_seqlen`` large enough). Pass ``check=False`` only for trusted collators.
+        """
+        if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.ndim != 1:
+            raise MalformedBoundariesError(
+                "cu_seq_lens must be a 1-D integer tensor of sequence offsets (0, ..., total tokens); "
+                f"got {type(cu_seqlens).__name__} with shape {getattr(cu_seqlens, 'shape', None)}."
+            )
+        if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
+            raise MalformedBoundariesError(
+                f"cu_seq_lens must hold integers, got {cu_seqlens.dtype}; use torch.int32."
+            )
+        batch, length = shape
+        total = batch * length
+        if isinstance(max_seqlen, torch.Tensor):
+            max_seqlen = int(max_seqlen)
+        if check or cu_seqlens.device.type == "cpu":
+            _validate_cu_seqlens(cu_seqlens.detach().to("cpu", torch.int64), max_seqlen, batch, length)
+        cu = cu_seqlens.to(torch.int32)
+        flat = torch.arange(total, device=cu.device, dtype=torch.int32)
+        seq_idx = (torch.searchsorted(cu[1:], flat, right=True)).to(torch.int32)
+        host = tuple(cu.tolist()) if cu.device.type == "cpu" else None
+        return cls(
+            cu_seqlens=cu,
+            max_seqlen=int(max_seqlen),
+            seq_idx=seq_idx,
+            shape=(batch, length),
+            is_packed=True,
+            cu_seqlens_host=host,
+        )
+
+
+def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type == "cpu":
+        return host
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)
+
+
+def _check_position_ids(position_ids: torch.Tensor, shape: tuple[int, int] | None) -> torch.Tensor:
+    if not isinstance(position_ids, torch.Tensor):
+        raise MalformedBoundariesError(
+            f"position_ids must be a tensor, got {type(position_ids).__name__}."
+        )
+    if position_ids.dtype.is_floating_point or position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
+        raise MalformedBoundariesError(
+            f"position_ids must be an integer tensor, got {position_ids.dtype}; use torch.long."
+        )
+    pos = position_ids
+    if pos.ndim == 1:
+        pos = pos.unsqueeze(0)
+    if pos.ndim != 2:
+        raise MalformedBoundariesError(
+            f"position_ids must have shape (batch, seq_len), got {tuple(position_ids.shape)}."
+        )
+    if shape is not None:
+        batch, length = shape
+        if pos.shape[1] != length or pos.shape[0] not in (1, batch):
+            raise MalformedBoundariesError(
+                f"position_ids has shape {tuple(position_ids.shape)} but input_ids has shape "
+                f"{(batch, length)}; give one position per token, shape (batch, seq_len)."
+            )
+        pos = pos.expand(batch, length)
+    return pos
+
+
+def _check_attention_mask(mask: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor | None:
+    if mask is None:
+        return None
+    if mask.ndim != 2 or tuple(mask.shape) != shape:
+        raise MalformedBoundariesError(
+            f"attention_mask has shape {tuple(mask.shape)}; a packed batch needs a 2-D (batch, "
+            f"seq_len) = {shape} mask of 1 (real token) and 0 (padding), or none."
+        )
+    return mask
+
+
+def _validate_cu_seqlens(cu: torch.Tensor, max_seqlen: int, batch: int, length: int) -> None:
+    total = batch * length
+    if cu.numel() < 2 or int(cu[0]) != 0:
+        raise MalformedBoundariesError(
+            f"cu_seq_lens must start at 0 and hold at least one sequence, got {cu.tolist()[:8]}..."
+        )
+    lengths = cu[1:] - cu[:-1]
+    if bool((lengths <= 0).any()):
+        raise MalformedBoundariesError(
+            "cu_seq_lens must be strictly increasing (every sequence has at least one token); "
+            f"got {cu.tolist()[:16]}{'...' if cu.numel() > 16 else ''}."
+        )
+    if int(cu[-1]) != total:
+        raise MalformedBoundariesError(
+            f"cu_seq_lens ends at {int(cu[-1])} but the batch holds {total} tokens "
+            f"({batch} x {length}); the last offset must equal the token count."
+        )
+    row_starts = torch.arange(0, total, length)
+    if not bool(torch.isin(row_starts, cu).all()):
+        raise MalformedBoundariesError(
+            "a sequence in cu_seq_lens crosses a row boundary of the (batch, seq_len) input; "
+            "with batch > 1 every row must start a sequence (or flatten the batch to one row)."
+        )
+    if int(max_seqlen) < int(lengths.max()):
+        raise MalformedBoundariesError(
+            f"max_length_q/k is {max_seqlen} but the longest sequence in cu_seq_lens has "
+            f"{int(lengths.max())} tokens; pass the true maximum."
+        )

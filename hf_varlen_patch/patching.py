@@ -1,0 +1,230 @@
+"""Reversible, instance-bound changes, and the entry wrapper that builds boundaries once.
+
+Everything `apply` changes goes through a :class:`Patcher`, which records how to undo it, so
+`unapply` restores the instance exactly (same objects, same attributes).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import wrapt
+from torch.utils.weak import WeakIdKeyDictionary
+
+from .attention import BOUNDARIES_KWARG, packed_mask_placeholder
+from .boundaries import Boundaries
+from .errors import MalformedBoundariesError, VarlenPatchError
+
+_MISSING = object()
+
+#: kwargs of DataCollatorWithFlattening(return_flash_attn_kwargs=True).
+COLLATOR_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+@dataclass
+class Patcher:
+    """Records instance-level changes so that they can be undone in reverse order."""
+
+    undo_log: list[Callable[[], None]] = field(default_factory=list)
+
+    def set_attr(self, obj: Any, name: str, value: Any) -> None:
+        had = name in vars(obj)
+        old = vars(obj)[name] if had else _MISSING
+
+        def undo() -> None:
+            if old is _MISSING:
+                if name in vars(obj):
+                    delattr(obj, name)
+            else:
+                setattr(obj, name, old)
+
+        setattr(obj, name, value)
+        self.undo_log.append(undo)
+
+    def wrap_method(self, obj: Any, name: str, wrapper: Callable) -> None:
+        """Wrap ``obj.name`` for this instance only; the wrapper has wrapt's signature."""
+        self.set_attr(obj, name, wrapt.FunctionWrapper(getattr(obj, name), wrapper))
+
+    def undo(self) -> None:
+        while self.undo_log:
+            self.undo_log.pop()()
+
+
+def nested_configs(config: Any) -> list[Any]:
+    """The config and every sub-config reachable from it (text_config, vision_config, ...)."""
+    from transformers import PretrainedConfig
+
+    found, stack = [], [config]
+    while stack:
+        current = stack.pop()
+        if any(current is f for f in found):
+            continue
+        found.append(current)
+        stack.extend(v for v in vars(current).values() if isinstance(v, PretrainedConfig))
+    return found
+
+
+def own_config(model: torch.nn.Module, patcher: Patcher) -> dict[int, Any]:
+    """Give ``model`` a private copy of its config (and sub-configs), rebinding every submodule.
+
+    transformers shares one config object between models built from it, so changing
+    ``_attn_implementation`` in place would patch every sibling model too.
+    Returns a map from id(old config) to its copy.
+    """
+    olds = nested_configs(model.config)
+    new_root = copy.deepcopy(model.config)
+    news = nested_configs(new_root)
+    mapping = {id(o): n for o, n in zip(olds, news)}
+    for module in model.modules():
+        for attr, value in list(vars(module).items()):
+            if id(value) in mapping and any(value is o for o in olds):
+                patcher.set_attr(module, attr, mapping[id(value)])
+    return mapping
+
+
+def call_as_kwargs(fn: Callable, args: tuple, kwargs: dict) -> dict:
+    """Bind positional arguments to their names so the wrapper can read and edit them."""
+    if not args:
+        return dict(kwargs)
+    names = [
+        p.name
+        for p in inspect.signature(fn).parameters.values()
+        if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+    ]
+    if len(args) > len(names):
+        raise TypeError(f"{fn.__qualname__} got {len(args)} positional arguments, takes {len(names)}")
+    call = dict(zip(names, args))
+    call.update(kwargs)
+    return call
+
+
+def _batch_shape(call: dict) -> tuple[int, int] | None:
+    for name in ("input_ids", "inputs_embeds"):
+        value = call.get(name)
+        if isinstance(value, torch.Tensor) and value.ndim >= 2:
+            return int(value.shape[0]), int(value.shape[1])
+    return None
+
+
+def _cache_is_empty(past: Any) -> bool:
+    if past is None:
+        return True
+    get_len = getattr(past, "get_seq_length", None)
+    if get_len is None:
+        return False
+    return int(get_len()) == 0
+
+
+def boundaries_for_call(call: dict, *, check_inputs: bool) -> Boundaries | None:
+    """The boundaries of one forward, or None when the input is not packed (run upstream as is)."""
+    shape = _batch_shape(call)
+    cu_q, cu_k = call.get("cu_seq_lens_q"), call.get("cu_seq_lens_k")
+    if shape is None:
+        if cu_q is not None or cu_k is not None:
+            raise MalformedBoundariesError("cu_seq_lens_q/k given without input_ids or inputs_embeds.")
+        return None
+    mask = call.get("attention_mask")
+    if cu_q is not None or cu_k is not None:
+        cu = cu_q if cu_q is not None else cu_k
+        if cu_q is not None and cu_k is not None and cu_q is not cu_k:
+            if check_inputs and not torch.equal(cu_q.cpu(), cu_k.cpu()):
+                raise MalformedBoundariesError(
+                    "cu_seq_lens_q and cu_seq_lens_k differ; packed self-attention needs the same "
+                    "boundaries for queries and keys (no cache)."
+                )
+        max_len = call.get("max_length_q")
+        if max_len is None:
+            max_len = call.get("max_length_k")
+        if max_len is None:
+            max_len = int((cu[1:] - cu[:-1]).max())
+        if isinstance(mask, torch.Tensor) and mask.ndim == 2 and check_inputs and not bool(mask.all()):
+            raise MalformedBoundariesError(
+                "attention_mask has padding but cu_seq_lens_q/k were given; describe padding as a "
+                "sequence of its own in cu_seq_lens (or pass position_ids and the mask instead)."
+            )
+        if not _cache_is_empty(call.get("past_key_values")):
+            raise VarlenPatchError("packed inputs (cu_seq_lens_q/k) need an empty past_key_values.")
+        return Boundaries.from_cu_seqlens(cu, max_len, shape=shape, check=check_inputs)
+
+    position_ids = call.get("position_ids")
+    if position_ids is None or shape[1] <= 1:
+        return None
+    if isinstance(mask, torch.Tensor) and mask.ndim != 2:
+        return None  # a custom 4-D mask: the caller built the attention pattern, respect it.
+    boundaries = Boundaries.from_position_ids(position_ids, shape=shape, attention_mask=mask)
+    if not boundaries.is_packed:
+        return None
+    if not _cache_is_empty(call.get("past_key_values")):
+        raise VarlenPatchError(
+            "position_ids restart inside a row while past_key_values already holds tokens; packed "
+            "batches need an empty cache (pass use_cache=False or a fresh cache)."
+        )
+    return boundaries
+
+
+def mask_boundary_labels(labels: torch.Tensor, boundaries: Boundaries) -> torch.Tensor:
+    """Labels with -100 at every sequence start, so no loss term predicts across a boundary."""
+    if labels.shape != torch.Size(boundaries.shape):
+        return labels
+    masked = labels.clone()
+    masked.view(-1).index_fill_(0, boundaries.sequence_starts().to(labels.device), -100)
+    return masked
+
+
+_BY_POSITIONS = WeakIdKeyDictionary()
+
+
+def boundaries_for_positions(position_ids: Any) -> Boundaries | None:
+    """The boundaries a patched forward derived for this very ``position_ids`` tensor.
+
+    For layers that receive ``position_ids`` but no keyword arguments (legacy attention classes):
+    the lookup is by tensor identity, so gradient-checkpoint recomputation, which passes the same
+    tensor again, finds the same boundaries, and nothing outlives the tensor.
+    """
+    if not isinstance(position_ids, torch.Tensor):
+        return None
+    return _BY_POSITIONS.get(position_ids)
+
+
+def make_entry_wrapper(*, check_inputs: bool, is_base: bool, is_top: bool, passes_kwargs: bool) -> Callable:
+    """The wrapt wrapper around a patched model's ``forward``.
+
+    It derives the boundaries once (or takes them from an outer patched forward) and passes them
+    down as a keyword argument. In packed mode the base model gets a zero-memory 4-D mask (or,
+    for models that take no kwargs, no mask), so transformers never builds a (T, T) mask.
+    Unpacked calls go through untouched.
+    """
+
+    def entry(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        call = call_as_kwargs(wrapped, args, kwargs)
+        boundaries = call.pop(BOUNDARIES_KWARG, None) or boundaries_for_positions(call.get("position_ids"))
+        if boundaries is None:
+            boundaries = boundaries_for_call(call, check_inputs=check_inputs)
+            if boundaries is None:
+                return wrapped(*args, **kwargs)
+            for name in COLLATOR_KWARGS:
+                call.pop(name, None)
+        if call.get("position_ids") is None:
+            call["position_ids"] = boundaries.position_ids()
+        _BY_POSITIONS[call["position_ids"]] = boundaries
+        if passes_kwargs:
+            call[BOUNDARIES_KWARG] = boundaries
+        if is_top and isinstance(call.get("labels"), torch.Tensor):
+            call["labels"] = mask_boundary_labels(call["labels"], boundaries)
+        if is_base:
+            batch, length = boundaries.shape
+            call["attention_mask"] = (
+                packed_mask_placeholder(batch, length, boundaries.device) if passes_kwargs else None
+            )
+        return wrapped(**call)
+
+    return entry
+
+
+def accepts_var_kwargs(fn: Callable) -> bool:
+    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())

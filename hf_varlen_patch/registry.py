@@ -1,0 +1,83 @@
+"""The model_type -> patch table. Entries live in ``hf_varlen_patch.patches``, one module per
+architecture family; the engine knows nothing about any particular architecture."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .errors import UnsupportedArchitectureError
+
+__all__ = ["PatchEntry", "PatchOptions", "register", "lookup", "supported_model_types", "REGISTRY"]
+
+
+@dataclass(frozen=True)
+class PatchOptions:
+    """What the user asked `apply` for."""
+
+    backend: str = "auto"
+    check_inputs: bool = True
+
+
+@dataclass(frozen=True)
+class PatchEntry:
+    """How to make one family of architectures pack correctly.
+
+    Attributes:
+        family: the module under ``patches/`` that declares it.
+        model_types: the ``config.model_type`` values it covers.
+        verified: transformers versions the equivalence tests passed on.
+        test_configs: model_type -> {variant name: tiny config} for tests and ``scan``; each
+            variant exercises a code path (sliding window, softcap, ...).
+        generic: route attention through the registered AttentionInterface function (a bool,
+            or ``model -> bool`` where it depends on the transformers version).
+        patch: extra instance-level changes ``(model, patcher, options) -> None`` where the
+            generic route is not enough (positions, ALiBi, attention classes, ...).
+        refuse: ``config -> reason`` for configurations the entry cannot make correct.
+        notes: one line for the README table.
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    verified: tuple[str, ...]
+    test_configs: Callable[[str], dict[str, Any]]
+    generic: bool | Callable[[torch.nn.Module], bool] = True
+    patch: Callable[[torch.nn.Module, Any, PatchOptions], None] | None = None
+    refuse: Callable[[Any], str | None] | None = None
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+REGISTRY: dict[str, PatchEntry] = {}
+
+
+def register(entry: PatchEntry) -> PatchEntry:
+    for model_type in entry.model_types:
+        REGISTRY[model_type] = entry
+    return entry
+
+
+def _load_entries() -> None:
+    from . import patches  # noqa: F401  (importing registers every family)
+
+
+def supported_model_types() -> list[str]:
+    _load_entries()
+    return sorted(REGISTRY)
+
+
+def lookup(model_type: str) -> PatchEntry:
+    """The entry for ``model_type``, or a clear error listing what is supported."""
+    _load_entries()
+    entry = REGISTRY.get(model_type)
+    if entry is None:
+        raise UnsupportedArchitectureError(
+            f"hf_varlen_patch has no patch for model_type {model_type!r}. Supported: "
+            f"{', '.join(supported_model_types())}. To check a model anyway, run "
+            "`hf-varlen-patch check <model_type>` or hf_varlen_patch.testing.compare_packed(); "
+            "packing it unpatched may leak attention across sequences."
+        )
+    return entry

@@ -1,0 +1,277 @@
+"""The equivalence harness (public API): tiny models, packed batches, packed-vs-separate checks.
+
+``compare_packed(model, batch)`` runs every sequence of a packed batch alone, then the packed
+batch, and returns the largest differences in logits, loss and parameter gradients. The
+hypothesis strategies draw packed layouts for property tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .registry import lookup
+
+__all__ = [
+    "PackedBatch",
+    "Comparison",
+    "tiny_model",
+    "test_variants",
+    "make_packed_batch",
+    "compare_packed",
+    "packed_layouts",
+]
+
+
+def test_variants(model_type: str) -> dict[str, Any]:
+    """{variant name: tiny config} that the registry entry declares for ``model_type``."""
+    return lookup(model_type).test_configs(model_type)
+
+
+test_variants.__test__ = False  # not a pytest test despite the name
+
+
+def tiny_model(
+    model_type: str,
+    variant: str | None = None,
+    *,
+    seed: int = 0,
+    attn_implementation: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> torch.nn.Module:
+    """A tiny, randomly initialised causal LM of ``model_type`` (one of its test variants)."""
+    from transformers import AutoModelForCausalLM
+
+    variants = test_variants(model_type)
+    config = variants[variant] if variant is not None else next(iter(variants.values()))
+    torch.manual_seed(seed)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    model = AutoModelForCausalLM.from_config(config, **kwargs)
+    return model.to(device=device, dtype=dtype)
+
+
+@dataclass
+class PackedBatch:
+    """Sequences packed into rows, plus where each one sits.
+
+    ``spans[i] = (row, start, length)`` locates sequence ``i``; padding is trailing, has
+    ``attention_mask == 0`` and label -100.
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    attention_mask: torch.Tensor | None
+    labels: torch.Tensor
+    spans: list[tuple[int, int, int]]
+    sequences: list[torch.Tensor] = field(repr=False)
+
+    def to(self, device: str | torch.device) -> PackedBatch:
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return PackedBatch(
+            move(self.input_ids), move(self.position_ids), move(self.attention_mask),
+            move(self.labels), self.spans, [s.to(device) for s in self.sequences],
+        )
+
+
+def make_packed_batch(
+    rows: Sequence[Sequence[int]],
+    vocab_size: int,
+    *,
+    extra_padding: int = 0,
+    padding_positions: str = "zeros",
+    all_ones_mask: bool = False,
+    seed: int = 0,
+) -> PackedBatch:
+    """Pack random sequences of the given lengths, one list of lengths per row.
+
+    Rows shorter than the longest (plus ``extra_padding``) get trailing padding, an
+    attention_mask and label -100; ``padding_positions`` is "zeros" (0, 0, ...) or "continue"
+    (the positions of the last sequence keep counting). Without padding, ``all_ones_mask``
+    passes an all-ones mask instead of none.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    width = max(sum(r) for r in rows) + extra_padding
+    batch = len(rows)
+    input_ids = torch.zeros(batch, width, dtype=torch.long)
+    position_ids = torch.zeros(batch, width, dtype=torch.long)
+    mask = torch.zeros(batch, width, dtype=torch.long)
+    spans, sequences = [], []
+    for r, lengths in enumerate(rows):
+        start = 0
+        for n in lengths:
+            seq = torch.randint(1, vocab_size, (n,), generator=gen)
+            input_ids[r, start : start + n] = seq
+            position_ids[r, start : start + n] = torch.arange(n)
+            mask[r, start : start + n] = 1
+            spans.append((r, start, n))
+            sequences.append(seq)
+            start += n
+        if start < width and padding_positions == "continue" and lengths:
+            position_ids[r, start:] = torch.arange(lengths[-1], lengths[-1] + width - start)
+    labels = input_ids.masked_fill(mask == 0, -100)
+    padded = bool((mask == 0).any())
+    attention_mask = mask if padded or all_ones_mask else None
+    return PackedBatch(input_ids, position_ids, attention_mask, labels, spans, sequences)
+
+
+@dataclass
+class Comparison:
+    """Largest absolute differences between the packed run and the separate runs."""
+
+    logits: float
+    loss: float
+    model_loss: float
+    grads: float
+    worst_grad: str = ""
+
+    @property
+    def max_error(self) -> float:
+        return max(self.logits, self.loss, self.model_loss, self.grads)
+
+    def ok(self, tol: float) -> bool:
+        return all(math.isfinite(x) for x in (self.logits, self.loss, self.model_loss, self.grads)) and (
+            self.max_error <= tol
+        )
+
+
+def _token_loss_sum(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy within one sequence (in float32)."""
+    if tokens.numel() < 2:
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits[:-1].float(), tokens[1:], reduction="sum")
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {
+        n: p.grad.detach().float().clone()
+        for n, p in model.named_parameters()
+        if p.grad is not None
+    }
+
+
+def compare_packed(
+    model: torch.nn.Module,
+    batch: PackedBatch,
+    *,
+    grads: bool = True,
+    use_cache: bool | None = False,
+    train: bool = True,
+) -> Comparison:
+    """Run each sequence alone and the packed batch; return the largest differences.
+
+    The loss is the mean next-token cross-entropy over all sequences (no term crosses a
+    boundary); gradients are of that loss. ``use_cache=None`` leaves the model's default.
+    ``model_loss`` compares the model's own ``loss`` for ``labels=batch.labels`` with the
+    token-weighted mean of the separate runs' losses.
+    """
+    was_training = model.training
+    model.train(train)
+    extra = {} if use_cache is None else {"use_cache": use_cache}
+    count = sum(max(n - 1, 0) for _, _, n in batch.spans)
+    denom = max(count, 1)
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    try:
+        model.zero_grad(set_to_none=True)
+        ref_logits, ref_loss = [], 0.0
+        for seq in batch.sequences:
+            with torch.set_grad_enabled(grads):
+                logits = model(input_ids=seq[None], use_cache=False).logits[0]
+                loss = _token_loss_sum(logits, seq) / denom
+                if grads:
+                    loss.backward()
+            ref_logits.append(logits.detach().float())
+            ref_loss += float(loss.detach())
+        ref_grads = _grads(model) if grads else {}
+
+        model.zero_grad(set_to_none=True)
+        with torch.set_grad_enabled(grads):
+            out = model(
+                input_ids=batch.input_ids,
+                position_ids=batch.position_ids,
+                attention_mask=batch.attention_mask,
+                **extra,
+            )
+            packed_loss = sum(
+                _token_loss_sum(out.logits[r, s : s + n], seq)
+                for (r, s, n), seq in zip(batch.spans, batch.sequences)
+            ) / denom
+            if grads:
+                packed_loss.backward()
+        packed_grads = _grads(model) if grads else {}
+        logits_err = max(
+            float((out.logits[r, s : s + n].detach().float() - ref).abs().max())
+            for (r, s, n), ref in zip(batch.spans, ref_logits)
+        )
+
+        with torch.no_grad():
+            model_loss_err = 0.0
+            if count:
+                ref_model_loss = 0.0
+                for seq in batch.sequences:
+                    if seq.numel() > 1:
+                        ref_model_loss += float(model(input_ids=seq[None], labels=seq[None], use_cache=False).loss) * (
+                            seq.numel() - 1
+                        )
+                packed_model_loss = float(
+                    model(
+                        input_ids=batch.input_ids,
+                        position_ids=batch.position_ids,
+                        attention_mask=batch.attention_mask,
+                        labels=batch.labels,
+                        **extra,
+                    ).loss
+                )
+                model_loss_err = abs(packed_model_loss - ref_model_loss / count)
+
+        grad_err, worst = 0.0, ""
+        for name, ref in ref_grads.items():
+            got = packed_grads.get(name)
+            err = float("inf") if got is None else float((got - ref).abs().max())
+            if err > grad_err or not math.isfinite(err):
+                grad_err, worst = err, name
+        missing = set(packed_grads) - set(ref_grads)
+        if missing:
+            grad_err, worst = float("inf"), sorted(missing)[0]
+        return Comparison(
+            logits=logits_err,
+            loss=abs(float(packed_loss.detach()) - ref_loss),
+            model_loss=model_loss_err,
+            grads=grad_err,
+            worst_grad=worst,
+        )
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------- hypothesis strategies
+
+
+def packed_layouts(
+    max_rows: int = 3, max_sequences: int = 8, max_length: int = 64, max_extra_padding: int = 8
+):
+    """Hypothesis strategy: kwargs for :func:`make_packed_batch` (rows of lengths, padding, seed).
+
+    1..max_rows rows, each of 1..max_sequences sequences of 1..max_length tokens; optional
+    trailing padding (positions zero or continuing), optional all-ones mask.
+    """
+    from hypothesis import strategies as st
+
+    lengths = st.integers(min_value=1, max_value=max_length)
+    row = st.lists(lengths, min_size=1, max_size=max_sequences)
+    return st.fixed_dictionaries(
+        {
+            "rows": st.lists(row, min_size=1, max_size=max_rows),
+            "extra_padding": st.one_of(st.just(0), st.integers(min_value=1, max_value=max_extra_padding)),
+            "padding_positions": st.sampled_from(["zeros", "continue"]),
+            "all_ones_mask": st.booleans(),
+            "seed": st.integers(min_value=0, max_value=2**16),
+        }
+    )

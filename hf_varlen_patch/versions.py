@@ -1,0 +1,38 @@
+"""Which transformers and torch releases the engine supports."""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from packaging.version import Version
+
+from .errors import UnsupportedVersionError
+
+#: (major, minor) pairs; a whole major is written (major, None).
+SUPPORTED_TRANSFORMERS = ((4, 57), (5, None))
+MIN_TORCH = Version("2.5")
+
+
+def transformers_version() -> Version:
+    return Version(transformers.__version__)
+
+
+def check_versions() -> None:
+    """Raise :class:`UnsupportedVersionError` outside the supported range, naming the fix."""
+    tv = transformers_version()
+    ok = any(tv.major == major and (minor is None or tv.minor == minor) for major, minor in SUPPORTED_TRANSFORMERS)
+    if not ok:
+        raise UnsupportedVersionError(
+            f"transformers {transformers.__version__} is not supported; hf_varlen_patch supports "
+            "transformers 4.57.x and 5.x. Install one of them (pip install 'transformers>=5,<6')."
+        )
+    if Version(torch.__version__.split("+")[0]) < MIN_TORCH:
+        raise UnsupportedVersionError(
+            f"torch {torch.__version__} is too old; hf_varlen_patch needs torch >= {MIN_TORCH}."
+        )
+
+
+def is_verified(verified: tuple[str, ...]) -> bool:
+    """Whether the installed transformers matches a verified version (exact, or a 'X.Y' prefix)."""
+    installed = transformers.__version__
+    return any(installed == v or installed.startswith(v + ".") for v in verified)

@@ -1,0 +1,89 @@
+"""Qwen2-MoE.
+
+On 5.x it is a plain AttentionInterface model. On 4.57 its attention classes are picked by name
+at construction (``QWEN2MOE_ATTENTION_CLASSES``) and no keyword arguments travel down, so the
+attention modules' ``forward`` is wrapped on this instance: in a packed forward it projects,
+applies rotary and calls the varlen backend with the boundaries found by ``position_ids``;
+otherwise it runs the original class's forward.
+"""
+
+from __future__ import annotations
+
+import sys
+from functools import partial
+
+from hf_varlen_patch.attention import varlen_attention
+from hf_varlen_patch.backends import AttentionSpec
+from hf_varlen_patch.patching import boundaries_for_positions, call_as_kwargs
+from hf_varlen_patch.registry import PatchEntry, register
+
+from ._common import VERIFIED, tiny_config
+
+
+def _configs(model_type: str) -> dict:
+    return {
+        "default": tiny_config(
+            "qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+            shared_expert_intermediate_size=64, decoder_sparse_step=1,
+        )
+    }
+
+
+def _legacy(model) -> bool:
+    return hasattr(sys.modules[type(model).__module__], "QWEN2MOE_ATTENTION_CLASSES")
+
+
+def _refuse(config) -> str | None:
+    import transformers
+
+    if transformers.__version__.startswith("4.") and getattr(config, "use_sliding_window", False):
+        return (
+            "use_sliding_window=True on transformers 4.57 (its legacy attention classes apply the "
+            "window through the mask only); upgrade to transformers 5.x for sliding-window Qwen2-MoE."
+        )
+    return None
+
+
+def _packed_attention_forward(wrapped, instance, args, kwargs, *, backend: str):
+    call = call_as_kwargs(wrapped, args, kwargs)
+    boundaries = boundaries_for_positions(call.get("position_ids"))
+    if boundaries is None:
+        return wrapped(*args, **kwargs)
+    if call.get("output_attentions"):
+        raise NotImplementedError("output_attentions=True is not available with packed inputs.")
+    modeling = sys.modules[type(instance).__module__]
+    hidden = call["hidden_states"]
+    batch, length, _ = hidden.shape
+    q = instance.q_proj(hidden).view(batch, length, -1, instance.head_dim).transpose(1, 2)
+    k = instance.k_proj(hidden).view(batch, length, -1, instance.head_dim).transpose(1, 2)
+    v = instance.v_proj(hidden).view(batch, length, -1, instance.head_dim).transpose(1, 2)
+    cos, sin = call["position_embeddings"]
+    q, k = modeling.apply_rotary_pos_emb(q, k, cos, sin)
+    past = call.get("past_key_values")
+    if past is not None:
+        cache_kwargs = {"sin": sin, "cos": cos, "cache_position": call.get("cache_position")}
+        k, v = past.update(k, v, instance.layer_idx, cache_kwargs)
+    spec = AttentionSpec(causal=True, dropout=instance.attention_dropout if instance.training else 0.0)
+    out = varlen_attention(backend, q, k, v, boundaries, spec)
+    return instance.o_proj(out.reshape(batch, length, -1)), None
+
+
+def _patch(model, patcher, options) -> None:
+    if not _legacy(model):
+        return
+    for layer in model.base_model.layers:
+        patcher.wrap_method(layer.self_attn, "forward", partial(_packed_attention_forward, backend=options.backend))
+
+
+register(
+    PatchEntry(
+        family="qwen2_moe",
+        model_types=("qwen2_moe",),
+        verified=VERIFIED,
+        test_configs=_configs,
+        generic=lambda model: not _legacy(model),
+        patch=_patch,
+        refuse=_refuse,
+        notes="MoE with shared expert; 4.57: legacy attention classes wrapped per instance",
+    )
+)
