@@ -11,6 +11,7 @@ The matching mask function is the original's, so unpacked masks are built as bef
 from __future__ import annotations
 
 import sys
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,9 @@ __all__ = [
 #: The keyword under which the boundaries travel from the model's entry to every layer.
 BOUNDARIES_KWARG = "varlen_boundaries"
 PREFIX = "hf_varlen"
+
+#: How many packed attention calls each backend served (eager calls only; for reports).
+BACKEND_USAGE: Counter[str] = Counter()
 
 
 def implementation_name(backend: str, original: str) -> str:
@@ -124,6 +128,8 @@ def varlen_attention(
     k = key.transpose(1, 2).reshape(batch * length, key.shape[1], -1)
     v = value.transpose(1, 2).reshape(batch * length, value.shape[1], -1)
     chosen = select_backend(backend, q.device, q.dtype, spec.features(q.shape[1], k.shape[1]))
+    if not torch.compiler.is_compiling():
+        BACKEND_USAGE[chosen.name] += 1
     out = chosen.fn(q, k, v, boundaries, spec)
     return out.view(batch, length, num_heads, -1)
 

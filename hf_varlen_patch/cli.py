@@ -1,3 +1,175 @@
-"""placeholder"""
-def main():
-    pass
+"""Command line: ``hf-varlen-patch scan`` (every registered architecture) and ``check`` (one model).
+
+Both build packed batches, run them against per-sequence runs before and after ``apply`` and
+print a table; the exit status is non-zero when a patched model is not equivalent.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass
+
+import torch
+
+from . import api
+from .attention import BACKEND_USAGE
+from .errors import VarlenPatchError
+from .registry import supported_model_types
+from .testing import compare_packed, make_packed_batch, test_variants
+
+#: The upstream measurement of ARCHITECTURE.md: three sequences (5, 9, 3) in one row, no mask.
+UPSTREAM_ROWS = [[5, 9, 3]]
+#: The patched check adds a second row and trailing padding (attention_mask) to the above.
+PATCHED_LAYOUTS = (
+    dict(rows=[[5, 9, 3]]),
+    dict(rows=[[5, 9, 3, 11], [12, 7]], extra_padding=3, seed=1),
+)
+
+
+@dataclass
+class Row:
+    model_type: str
+    variant: str
+    upstream_no_cache: float
+    upstream_default: float
+    patched: float
+    backend: str
+    verdict: str
+    note: str = ""
+
+
+def _fmt(x: float) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1e}"
+
+
+def _build(config, dtype: torch.dtype, device: str):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype)
+
+
+def check_config(
+    model_type: str, variant: str, config, *, backend: str, tol: float, dtype: torch.dtype, device: str
+) -> Row:
+    """Upstream and patched packed-vs-separate errors for one tiny config."""
+    model = _build(config, dtype, device)
+    vocab = model.config.vocab_size
+    upstream = make_packed_batch(UPSTREAM_ROWS, vocab)
+    up_nc = compare_packed(model, upstream, grads=False, use_cache=False).logits
+    up_def = compare_packed(model, upstream, grads=False, use_cache=None).logits
+    try:
+        api.apply(model, backend=backend)
+    except VarlenPatchError as err:
+        return Row(model_type, variant, up_nc, up_def, float("nan"), "-", "REFUSED", str(err)[:120])
+    BACKEND_USAGE.clear()
+    errors = [
+        compare_packed(model, make_packed_batch(vocab_size=vocab, **layout), use_cache=use_cache).max_error
+        for layout in PATCHED_LAYOUTS
+        for use_cache in (None, False)
+    ]
+    used = ",".join(sorted(BACKEND_USAGE)) or "upstream"
+    patched = max(errors)
+    ok = math.isfinite(patched) and patched <= tol
+    return Row(model_type, variant, up_nc, up_def, patched, used, "PASS" if ok else "FAIL")
+
+
+def _print_table(rows: list[Row], tol: float) -> None:
+    import transformers
+
+    print(
+        f"\nhf_varlen_patch scan - transformers {transformers.__version__}, torch {torch.__version__}; "
+        f"errors are max |packed - separate| over logits, loss and gradients (tolerance {tol:g})"
+    )
+    header = ("model_type", "variant", "upstream(use_cache=False)", "upstream(default)", "patched", "backend", "verdict")
+    widths = [max(len(h), 12) for h in header]
+    widths[0], widths[1] = 12, 16
+    print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+    for r in rows:
+        cells = (r.model_type, r.variant, _fmt(r.upstream_no_cache), _fmt(r.upstream_default), _fmt(r.patched),
+                 r.backend, r.verdict + (f" ({r.note})" if r.note else ""))
+        print("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)))
+
+
+def cmd_scan(args: argparse.Namespace) -> int:
+    dtype = getattr(torch, args.dtype)
+    model_types = args.model_types or supported_model_types()
+    rows = []
+    start = time.perf_counter()
+    for model_type in model_types:
+        for variant, config in test_variants(model_type).items():
+            try:
+                rows.append(check_config(model_type, variant, config, backend=args.backend, tol=args.tol,
+                                         dtype=dtype, device=args.device))
+            except Exception as err:  # a crash is a failure of that row, not of the scan
+                rows.append(Row(model_type, variant, float("nan"), float("nan"), float("nan"), "-", "ERROR",
+                                f"{type(err).__name__}: {err}"[:160]))
+    _print_table(rows, args.tol)
+    counts = Counter(r.verdict for r in rows)
+    print(f"\n{dict(counts)} in {time.perf_counter() - start:.0f}s")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump([asdict(r) for r in rows], fh, indent=1)
+    return 0 if counts.get("PASS", 0) == len(rows) else 1
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """One model: a registered model_type's tiny variants, or a local checkpoint directory."""
+    import os
+
+    from transformers import AutoConfig
+
+    dtype = getattr(torch, args.dtype)
+    if os.path.isdir(args.model):
+        config = AutoConfig.from_pretrained(args.model)
+        configs = {"checkpoint-config": config}
+        model_type = config.model_type
+    else:
+        model_type = args.model
+        try:
+            configs = test_variants(model_type)
+        except VarlenPatchError:
+            from hf_varlen_patch.patches._common import tiny_config
+
+            configs = {"tiny": tiny_config(model_type)}
+    rows = [
+        check_config(model_type, variant, config, backend=args.backend, tol=args.tol, dtype=dtype, device=args.device)
+        for variant, config in configs.items()
+    ]
+    _print_table(rows, args.tol)
+    return 0 if all(r.verdict == "PASS" for r in rows) else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hf-varlen-patch", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, helptext in (
+        ("scan", "check every registered architecture on tiny random models"),
+        ("check", "check one model_type (tiny random) or a local checkpoint directory's config"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        if name == "scan":
+            p.add_argument("model_types", nargs="*", help="restrict to these model_types")
+            p.add_argument("--json", help="also write the rows as JSON here")
+        else:
+            p.add_argument("model", help="a model_type or a directory with config.json")
+        p.add_argument("--backend", default="auto")
+        p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--tol", type=float, default=1e-5)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    return {"scan": cmd_scan, "check": cmd_check}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -3,20 +3,28 @@ alternating sliding-window layers (Gemma 2 and 3)."""
 
 from __future__ import annotations
 
+import logging
+
+from hf_varlen_patch.attention import parse_implementation
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._common import VERIFIED, tiny_config
+
+logger = logging.getLogger("hf_varlen_patch")
 
 
 def _configs(model_type: str) -> dict:
     if model_type == "gemma":
         return {"default": tiny_config("gemma", head_dim=16)}
     if model_type == "gemma2":
-        # a softcap of 2.0 actually bends the tiny model's logits, so softcap is exercised.
+        # Larger weights (initializer_range 0.1) and a softcap of 1.0 make the cap change the
+        # tiny model's logits by ~0.5, so the softcap really is exercised. Eager is upstream's
+        # only softcap-correct implementation on both versions.
         return {
             "softcap_sliding": tiny_config(
-                "gemma2", head_dim=16, sliding_window=8, attn_logit_softcapping=2.0,
-                final_logit_softcapping=5.0, query_pre_attn_scalar=16,
+                "gemma2", head_dim=16, sliding_window=8, attn_logit_softcapping=1.0,
+                final_logit_softcapping=5.0, query_pre_attn_scalar=16, initializer_range=0.1,
+                attn_implementation="eager",
             )
         }
     return {
@@ -27,12 +35,26 @@ def _configs(model_type: str) -> dict:
     }
 
 
+def _warn_sdpa_softcap(model, patcher, options) -> None:
+    """transformers 4.57's sdpa silently drops attn_logit_softcapping in unpacked runs."""
+    config = model.config
+    parsed = parse_implementation(config._attn_implementation)
+    if parsed and parsed[1] == "sdpa" and getattr(config, "attn_logit_softcapping", None):
+        logger.warning(
+            "hf_varlen_patch: this %s model runs sdpa, which on transformers 4.57 ignores "
+            "attn_logit_softcapping in unpacked runs; packed runs apply it. Load the model with "
+            "attn_implementation='eager' to get the same maths in both.",
+            config.model_type,
+        )
+
+
 register(
     PatchEntry(
         family="gemma",
         model_types=("gemma", "gemma2", "gemma3_text"),
         verified=VERIFIED,
         test_configs=_configs,
+        patch=_warn_sdpa_softcap,
         notes="rotary; softcap (gemma2) and sliding-window layers (gemma2, gemma3)",
     )
 )
