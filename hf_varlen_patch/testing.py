@@ -22,6 +22,7 @@ __all__ = [
     "Comparison",
     "tiny_model",
     "test_variants",
+    "registered_variants",
     "make_packed_batch",
     "compare_packed",
     "packed_layouts",
@@ -34,6 +35,13 @@ def test_variants(model_type: str) -> dict[str, Any]:
 
 
 test_variants.__test__ = False  # not a pytest test despite the name
+
+
+def registered_variants() -> list[tuple[str, str]]:
+    """(model_type, variant) for every test config of every registry entry."""
+    from .registry import supported_model_types
+
+    return [(mt, v) for mt in supported_model_types() for v in test_variants(mt)]
 
 
 def tiny_model(

@@ -29,6 +29,8 @@ def _flex():
 def _availability(device: torch.device, dtype: torch.dtype) -> str | None:
     if _flex() is None:
         return f"torch {torch.__version__} has no FlexAttention (needs torch >= 2.5)"
+    if device.type == "cpu":
+        return "FlexAttention has no backward pass on CPU"
     return None
 
 
