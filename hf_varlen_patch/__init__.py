@@ -1,8 +1,8 @@
 """hf_varlen_patch: packed batches for transformers models, exactly as if each sequence ran alone.
 
-    import hf_varlen_patch
-    hf_varlen_patch.apply(model)              # backend="auto"
-    model(input_ids=packed_ids, position_ids=packed_positions, labels=packed_labels)
+import hf_varlen_patch
+hf_varlen_patch.apply(model)              # backend="auto"
+model(input_ids=packed_ids, position_ids=packed_positions, labels=packed_labels)
 """
 
 from .api import apply, is_patched, unapply

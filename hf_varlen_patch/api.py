@@ -97,7 +97,10 @@ def apply(model: M, backend: str = "auto", *, check_inputs: bool = True) -> M:
         logger.warning(
             "hf_varlen_patch: the %s entry was verified on transformers %s, not %s; run "
             "`hf-varlen-patch check %s` to confirm equivalence here.",
-            model_type, ", ".join(entry.verified), transformers.__version__, model_type,
+            model_type,
+            ", ".join(entry.verified),
+            transformers.__version__,
+            model_type,
         )
 
     patcher = Patcher()

@@ -89,8 +89,7 @@ class Boundaries:
         pos_host = pos.detach().to("cpu", torch.int64)
         if int(pos_host.min()) < 0:
             raise MalformedBoundariesError(
-                "position_ids has negative values; packed positions must count 0, 1, 2, ... from "
-                "each sequence start."
+                "position_ids has negative values; packed positions must count 0, 1, 2, ... from each sequence start."
             )
         starts = torch.ones(batch, length, dtype=torch.bool)
         starts[:, 1:] = pos_host[:, 1:] != pos_host[:, :-1] + 1
@@ -144,9 +143,7 @@ class Boundaries:
                 f"got {type(cu_seqlens).__name__} with shape {getattr(cu_seqlens, 'shape', None)}."
             )
         if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
-            raise MalformedBoundariesError(
-                f"cu_seq_lens must hold integers, got {cu_seqlens.dtype}; use torch.int32."
-            )
+            raise MalformedBoundariesError(f"cu_seq_lens must hold integers, got {cu_seqlens.dtype}; use torch.int32.")
         batch, length = shape
         total = batch * length
         if isinstance(max_seqlen, torch.Tensor):
@@ -177,9 +174,7 @@ def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def _check_position_ids(position_ids: torch.Tensor, shape: tuple[int, int] | None) -> torch.Tensor:
     if not isinstance(position_ids, torch.Tensor):
-        raise MalformedBoundariesError(
-            f"position_ids must be a tensor, got {type(position_ids).__name__}."
-        )
+        raise MalformedBoundariesError(f"position_ids must be a tensor, got {type(position_ids).__name__}.")
     if position_ids.dtype.is_floating_point or position_ids.dtype.is_complex or position_ids.dtype == torch.bool:
         raise MalformedBoundariesError(
             f"position_ids must be an integer tensor, got {position_ids.dtype}; use torch.long."

@@ -87,13 +87,28 @@ def _print_table(rows: list[Row], tol: float) -> None:
         f"\nhf_varlen_patch scan - transformers {transformers.__version__}, torch {torch.__version__}; "
         f"errors are max |packed - separate| over logits, loss and gradients (tolerance {tol:g})"
     )
-    header = ("model_type", "variant", "upstream(use_cache=False)", "upstream(default)", "patched", "backend", "verdict")
+    header = (
+        "model_type",
+        "variant",
+        "upstream(use_cache=False)",
+        "upstream(default)",
+        "patched",
+        "backend",
+        "verdict",
+    )
     widths = [max(len(h), 12) for h in header]
     widths[0], widths[1] = 12, 16
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     for r in rows:
-        cells = (r.model_type, r.variant, _fmt(r.upstream_no_cache), _fmt(r.upstream_default), _fmt(r.patched),
-                 r.backend, r.verdict + (f" ({r.note})" if r.note else ""))
+        cells = (
+            r.model_type,
+            r.variant,
+            _fmt(r.upstream_no_cache),
+            _fmt(r.upstream_default),
+            _fmt(r.patched),
+            r.backend,
+            r.verdict + (f" ({r.note})" if r.note else ""),
+        )
         print("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)))
 
 
@@ -105,11 +120,24 @@ def cmd_scan(args: argparse.Namespace) -> int:
     for model_type in model_types:
         for variant, config in test_variants(model_type).items():
             try:
-                rows.append(check_config(model_type, variant, config, backend=args.backend, tol=args.tol,
-                                         dtype=dtype, device=args.device))
+                rows.append(
+                    check_config(
+                        model_type, variant, config, backend=args.backend, tol=args.tol, dtype=dtype, device=args.device
+                    )
+                )
             except Exception as err:  # a crash is a failure of that row, not of the scan
-                rows.append(Row(model_type, variant, float("nan"), float("nan"), float("nan"), "-", "ERROR",
-                                f"{type(err).__name__}: {err}"[:160]))
+                rows.append(
+                    Row(
+                        model_type,
+                        variant,
+                        float("nan"),
+                        float("nan"),
+                        float("nan"),
+                        "-",
+                        "ERROR",
+                        f"{type(err).__name__}: {err}"[:160],
+                    )
+                )
     _print_table(rows, args.tol)
     counts = Counter(r.verdict for r in rows)
     print(f"\n{dict(counts)} in {time.perf_counter() - start:.0f}s")

@@ -82,8 +82,12 @@ class PackedBatch:
     def to(self, device: str | torch.device) -> PackedBatch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return PackedBatch(
-            move(self.input_ids), move(self.position_ids), move(self.attention_mask),
-            move(self.labels), self.spans, [s.to(device) for s in self.sequences],
+            move(self.input_ids),
+            move(self.position_ids),
+            move(self.attention_mask),
+            move(self.labels),
+            self.spans,
+            [s.to(device) for s in self.sequences],
         )
 
 
@@ -156,11 +160,7 @@ def _token_loss_sum(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
 
 
 def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {
-        n: p.grad.detach().float().clone()
-        for n, p in model.named_parameters()
-        if p.grad is not None
-    }
+    return {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def compare_packed(
@@ -206,10 +206,13 @@ def compare_packed(
                 attention_mask=batch.attention_mask,
                 **extra,
             )
-            packed_loss = sum(
-                _token_loss_sum(out.logits[r, s : s + n], seq)
-                for (r, s, n), seq in zip(batch.spans, batch.sequences)
-            ) / denom
+            packed_loss = (
+                sum(
+                    _token_loss_sum(out.logits[r, s : s + n], seq)
+                    for (r, s, n), seq in zip(batch.spans, batch.sequences)
+                )
+                / denom
+            )
             if grads:
                 packed_loss.backward()
         packed_grads = _grads(model) if grads else {}
@@ -262,9 +265,7 @@ def compare_packed(
 # ---------------------------------------------------------------- hypothesis strategies
 
 
-def packed_layouts(
-    max_rows: int = 3, max_sequences: int = 8, max_length: int = 64, max_extra_padding: int = 8
-):
+def packed_layouts(max_rows: int = 3, max_sequences: int = 8, max_length: int = 64, max_extra_padding: int = 8):
     """Hypothesis strategy: kwargs for :func:`make_packed_batch` (rows of lengths, padding, seed).
 
     1..max_rows rows, each of 1..max_sequences sequences of 1..max_length tokens; optional

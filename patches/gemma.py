@@ -22,15 +22,24 @@ def _configs(model_type: str) -> dict:
         # only softcap-correct implementation on both versions.
         return {
             "softcap_sliding": tiny_config(
-                "gemma2", head_dim=16, sliding_window=8, attn_logit_softcapping=1.0,
-                final_logit_softcapping=5.0, query_pre_attn_scalar=16, initializer_range=0.1,
+                "gemma2",
+                head_dim=16,
+                sliding_window=8,
+                attn_logit_softcapping=1.0,
+                final_logit_softcapping=5.0,
+                query_pre_attn_scalar=16,
+                initializer_range=0.1,
                 attn_implementation="eager",
             )
         }
     return {
         "sliding": tiny_config(
-            "gemma3_text", head_dim=16, sliding_window=8, query_pre_attn_scalar=16,
-            num_hidden_layers=3, layer_types=["sliding_attention", "sliding_attention", "full_attention"],
+            "gemma3_text",
+            head_dim=16,
+            sliding_window=8,
+            query_pre_attn_scalar=16,
+            num_hidden_layers=3,
+            layer_types=["sliding_attention", "sliding_attention", "full_attention"],
         )
     }
 

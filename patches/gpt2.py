@@ -13,8 +13,15 @@ def _configs(model_type: str) -> dict:
 
     return {
         "default": AutoConfig.for_model(
-            "gpt2", vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=512,
-            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            "gpt2",
+            vocab_size=128,
+            n_embd=64,
+            n_layer=2,
+            n_head=4,
+            n_positions=512,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
         )
     }
 

@@ -19,16 +19,12 @@ def _configs(model_type: str) -> dict:
     if model_type == "mixtral":
         return {
             "default": tiny_config("mixtral", num_local_experts=4, num_experts_per_tok=2),
-            "sliding_window": tiny_config(
-                "mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW
-            ),
+            "sliding_window": tiny_config("mixtral", num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW),
         }
     if model_type == "qwen2":
         return {
             "default": tiny_config("qwen2"),
-            "sliding_window": tiny_config(
-                "qwen2", use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1
-            ),
+            "sliding_window": tiny_config("qwen2", use_sliding_window=True, sliding_window=WINDOW, max_window_layers=1),
         }
     if model_type == "qwen3":
         return {"default": tiny_config("qwen3", head_dim=16)}

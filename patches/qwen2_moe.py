@@ -23,8 +23,12 @@ from ._common import VERIFIED, tiny_config
 def _configs(model_type: str) -> dict:
     return {
         "default": tiny_config(
-            "qwen2_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-            shared_expert_intermediate_size=64, decoder_sparse_step=1,
+            "qwen2_moe",
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=64,
+            decoder_sparse_step=1,
         )
     }
 

@@ -59,9 +59,7 @@ def test_collator_kwargs(model_type, variant):
     assert (without_positions.logits - ref).abs().max() <= TOL
     # the collator's labels already mask each sequence start; the model's loss matches
     with torch.no_grad():
-        separate = [
-            model(input_ids=s[None], labels=s[None]).loss * (len(s) - 1) for s in batch.sequences if len(s) > 1
-        ]
+        separate = [model(input_ids=s[None], labels=s[None]).loss * (len(s) - 1) for s in batch.sequences if len(s) > 1]
     count = sum(len(s) - 1 for s in batch.sequences)
     assert abs(float(full.loss) - float(sum(separate)) / count) <= TOL
 

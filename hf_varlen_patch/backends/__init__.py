@@ -114,9 +114,7 @@ def _log_once(key: tuple, msg: str) -> None:
         logger.warning(msg)
 
 
-def select_backend(
-    name: str, device: torch.device, dtype: torch.dtype, needed: frozenset[str]
-) -> Backend:
+def select_backend(name: str, device: torch.device, dtype: torch.dtype, needed: frozenset[str]) -> Backend:
     """The backend that runs a layer: ``name`` itself, or for ``auto`` the first that fits.
 
     A backend named by the user that cannot run, or lacks a needed feature, raises
@@ -126,9 +124,7 @@ def select_backend(
     if name != "auto":
         backend = BACKENDS.get(name)
         if backend is None:
-            raise BackendUnavailableError(
-                f"unknown backend {name!r}; choose one of {sorted(BACKENDS)} or 'auto'."
-            )
+            raise BackendUnavailableError(f"unknown backend {name!r}; choose one of {sorted(BACKENDS)} or 'auto'.")
         reason = backend.availability(device, dtype)
         if reason is not None:
             raise BackendUnavailableError(
@@ -161,9 +157,7 @@ def select_backend(
                 f"{sorted(needed)}; skipped {'; '.join(skipped)}.",
             )
         return backend
-    raise BackendUnavailableError(
-        f"no backend can run attention needing {sorted(needed)} on {device} with {dtype}."
-    )
+    raise BackendUnavailableError(f"no backend can run attention needing {sorted(needed)} on {device} with {dtype}.")
 
 
 def _register_builtin() -> None:

@@ -10,6 +10,7 @@ layer and cached on the boundaries.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import torch
 
@@ -24,6 +25,11 @@ def _flex():
     except ImportError:
         return None
     return flex_attention, create_block_mask
+
+
+@functools.cache
+def _takes_return_aux() -> bool:
+    return "return_aux" in inspect.signature(_flex()[0]).parameters
 
 
 def _availability(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -77,16 +83,21 @@ def flex_varlen_attention(
             return score
 
     qf, kf, vf = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
-    out, lse = flex_attention(
-        qf,
-        kf,
-        vf,
+    kwargs = dict(
         score_mod=score_mod,
         block_mask=_block_mask(boundaries, spec),
         scale=spec.scale,
         enable_gqa=q.shape[1] != k.shape[1],
-        return_lse=True,
     )
+    if spec.sinks is None:
+        out = flex_attention(qf, kf, vf, **kwargs)
+    elif _takes_return_aux():  # torch >= 2.9 spells "also return the log-sum-exp" this way
+        from torch.nn.attention.flex_attention import AuxRequest
+
+        out, aux = flex_attention(qf, kf, vf, **kwargs, return_aux=AuxRequest(lse=True))
+        lse = aux.lse
+    else:
+        out, lse = flex_attention(qf, kf, vf, **kwargs, return_lse=True)
     out = out[0].transpose(0, 1)
     if spec.sinks is not None:
         lse = lse[0].transpose(0, 1).unsqueeze(-1).to(torch.float32)

@@ -1,0 +1,292 @@
+"""Each backend against an independent per-sequence float64 loop; adapters against the
+signatures of the kernels they wrap; the auto/named selection rules."""
+
+import inspect
+import logging
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from hf_varlen_patch import BACKENDS, BackendUnavailableError, Boundaries, select_backend
+from hf_varlen_patch.backends import AUTO_ORDER, AttentionSpec, Backend, flash, flex, register_backend, torch_varlen
+from hf_varlen_patch.backends.reference import reference_attention
+
+POS = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0], [0, 1, 2, 3, 0, 1, 2, 3, 4, 5] * 2])
+SPECS = {
+    "causal": AttentionSpec(),
+    "window": AttentionSpec(window=3),
+    "softcap": AttentionSpec(softcap=0.7),
+    "scale": AttentionSpec(scale=0.3),
+    "sinks": AttentionSpec(sinks=torch.tensor([0.5, -1.0, 2.0, 0.0])),
+    "alibi": AttentionSpec(alibi_slopes=torch.tensor([0.5, 0.25, 0.125, 0.0625])),
+    "bidirectional": AttentionSpec(causal=False),
+    "bidirectional_window": AttentionSpec(causal=False, window=2),
+}
+
+
+def naive(q, k, v, cu, spec):
+    """Plain per-sequence, per-query attention in float64: the definition, nothing shared."""
+    q, k, v = q.double(), k.double(), v.double()
+    hq, hk = q.shape[1], k.shape[1]
+    out = torch.zeros(q.shape[0], hq, v.shape[-1], dtype=torch.float64)
+    scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
+    for start, end in zip(cu[:-1], cu[1:]):
+        for i in range(start, end):
+            for h in range(hq):
+                g = h // (hq // hk)
+                keys = [
+                    j
+                    for j in range(start, end)
+                    if (not spec.causal or j <= i) and (spec.window is None or abs(i - j) < spec.window)
+                ]
+                s = torch.stack([q[i, h] @ k[j, g] for j in keys]) * scale
+                if spec.softcap:
+                    s = torch.tanh(s / spec.softcap) * spec.softcap
+                if spec.alibi_slopes is not None:
+                    s = s - spec.alibi_slopes[h].double() * torch.tensor(
+                        [abs(i - j) for j in keys], dtype=torch.float64
+                    )
+                if spec.sinks is not None:
+                    s = torch.cat([s, spec.sinks[h].double().view(1)])
+                p = torch.softmax(s, 0)[: len(keys)]
+                out[i, h] = sum(p[n] * v[j, g] for n, j in enumerate(keys))
+    return out
+
+
+def _inputs(seed=0, hq=4, hk=2, d=8):
+    gen = torch.Generator().manual_seed(seed)
+    n = POS.numel()
+    return [torch.randn(n, h, d, generator=gen) for h in (hq, hk, hk)]
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_reference_backend_is_exact(name):
+    spec = SPECS[name]
+    q, k, v = _inputs()
+    b = Boundaries.from_position_ids(POS)
+    got = reference_attention(q, k, v, b, spec)
+    expected = naive(q, k, v, list(b.cu_seqlens_host), spec)
+    assert (got.double() - expected).abs().max() < 1e-5
+
+
+def test_features_change_the_result():
+    """Guards the tests above: each feature really alters the output."""
+    q, k, v = _inputs()
+    b = Boundaries.from_position_ids(POS)
+    base = reference_attention(q, k, v, b, SPECS["causal"])
+    for name in ("window", "softcap", "scale", "sinks", "alibi", "bidirectional"):
+        assert (reference_attention(q, k, v, b, SPECS[name]) - base).abs().max() > 1e-3, name
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_flex_backend_forward_matches(name):
+    q, k, v = _inputs(1)
+    b = Boundaries.from_position_ids(POS)
+    with torch.no_grad():
+        got = flex.flex_varlen_attention(q, k, v, b, SPECS[name])
+    assert (got.double() - naive(q, k, v, list(b.cu_seqlens_host), SPECS[name])).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------- adapters with fake kernels
+
+
+def _fake_flash_semantics(q, k, v, cu, causal, left, right, scale, softcap=0.0, alibi=None, sink=None):
+    """What flash-attn documents: key j visible to query i iff i-left <= j <= i+right (-1 or None:
+    unbounded) and, if causal, j <= i; softcap 0 means off."""
+    left = -1 if left is None else left
+    right = -1 if right is None else right
+    out = torch.zeros(q.shape[0], q.shape[1], v.shape[-1], dtype=torch.float64)
+    hq, hk = q.shape[1], k.shape[1]
+    cu = cu.tolist()
+    for start, end in zip(cu[:-1], cu[1:]):
+        for i in range(start, end):
+            keys = [
+                j
+                for j in range(start, end)
+                if (not causal or j <= i) and (left < 0 or j >= i - left) and (right < 0 or j <= i + right)
+            ]
+            for h in range(hq):
+                g = h // (hq // hk)
+                s = torch.stack([q[i, h].double() @ k[j, g].double() for j in keys]) * scale
+                if softcap:
+                    s = torch.tanh(s / softcap) * softcap
+                if alibi is not None:
+                    s = s - alibi[h].double() * torch.tensor([abs(i - j) for j in keys], dtype=torch.float64)
+                if sink is not None:
+                    s = torch.cat([s, sink[h].double().view(1)])
+                p = torch.softmax(s, 0)[: len(keys)]
+                out[i, h] = sum(p[n] * v[j, g].double() for n, j in enumerate(keys))
+    return out.float()
+
+
+def fake_fa2(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q,
+    max_seqlen_k,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    window_size=(-1, -1),
+    softcap=0.0,
+    alibi_slopes=None,
+    deterministic=False,
+    return_attn_probs=False,
+    block_table=None,
+):
+    assert torch.equal(cu_seqlens_q, cu_seqlens_k) and isinstance(max_seqlen_q, int)
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    return _fake_flash_semantics(q, k, v, cu_seqlens_q, causal, *window_size, scale, softcap, alibi_slopes)
+
+
+def fake_fa4(
+    q,
+    k,
+    v,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    seqused_q=None,
+    seqused_k=None,
+    page_table=None,
+    softmax_scale=None,
+    causal=False,
+    window_size=(None, None),
+    learnable_sink=None,
+    softcap=0.0,
+    num_splits=1,
+    pack_gqa=None,
+    deterministic=False,
+    return_lse=False,
+):
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    out = _fake_flash_semantics(q, k, v, cu_seqlens_q, causal, *window_size, scale, softcap, None, learnable_sink)
+    return out, None
+
+
+@contextmanager
+def _fake_flash(fn):
+    flash._flash.cache_clear()
+    original = flash._flash
+    flash._flash = lambda: (fn, dict(inspect.signature(fn).parameters), "fake")
+    try:
+        yield
+    finally:
+        flash._flash = original
+        original.cache_clear()
+
+
+@pytest.mark.parametrize(
+    "fake, names",
+    [
+        (fake_fa2, ["causal", "window", "softcap", "scale", "alibi", "bidirectional", "bidirectional_window"]),
+        (fake_fa4, ["causal", "window", "softcap", "scale", "sinks"]),
+    ],
+)
+def test_flash_adapter_maps_the_spec(fake, names):
+    q, k, v = _inputs(2)
+    b = Boundaries.from_position_ids(POS)
+    with _fake_flash(fake):
+        feats = flash._features()
+        for name in names:
+            spec = SPECS[name]
+            assert spec.features(4, 2) <= feats, name
+            got = flash.flash_varlen_attention(q, k, v, b, spec)
+            assert (got.double() - naive(q, k, v, list(b.cu_seqlens_host), spec)).abs().max() < 1e-5, name
+    assert ("alibi" in feats) == (fake is fake_fa2) and ("sinks" in feats) == (fake is fake_fa4)
+
+
+def fake_varlen_211(
+    query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None, window_size=(-1, -1)
+):
+    assert query.shape[1] == key.shape[1], "2.11 has no GQA: the adapter must repeat kv heads"
+    scale = scale if scale is not None else query.shape[-1] ** -0.5
+    left, right = window_size
+    return _fake_flash_semantics(query, key, value, cu_seq_q, right == 0, left, right, scale)
+
+
+def fake_varlen_213(
+    query,
+    key,
+    value,
+    cu_seq_q,
+    cu_seq_k,
+    max_q,
+    max_k,
+    *,
+    return_aux=None,
+    scale=None,
+    window_size=(-1, -1),
+    enable_gqa=False,
+    seqused_k=None,
+    block_table=None,
+    num_splits=None,
+):
+    assert enable_gqa == (query.shape[1] != key.shape[1])
+    scale = scale if scale is not None else query.shape[-1] ** -0.5
+    left, right = window_size
+    return _fake_flash_semantics(query, key, value, cu_seq_q, right == 0, left, right, scale)
+
+
+@pytest.mark.parametrize("fake", [fake_varlen_211, fake_varlen_213])
+@pytest.mark.parametrize("name", ["causal", "window", "scale", "bidirectional"])
+def test_torch_varlen_adapter_maps_the_spec(monkeypatch, fake, name):
+    monkeypatch.setattr(torch_varlen, "_varlen", lambda: (fake, frozenset(inspect.signature(fake).parameters)))
+    q, k, v = _inputs(3)
+    b = Boundaries.from_position_ids(POS)
+    spec = SPECS[name]
+    assert spec.features(4, 2) <= torch_varlen._features()
+    got = torch_varlen.torch_varlen_attention(q, k, v, b, spec)
+    assert (got.double() - naive(q, k, v, list(b.cu_seqlens_host), spec)).abs().max() < 1e-5
+
+
+def test_torch_varlen_on_this_torch_declares_its_real_signature():
+    found = torch_varlen._varlen()
+    if found is None:
+        pytest.skip(f"torch {torch.__version__} has no torch.nn.attention.varlen")
+    assert "window_size" in found[1] and "sliding_window" in torch_varlen._features()
+    assert "softcap" not in torch_varlen._features() and "sinks" not in torch_varlen._features()
+
+
+# ------------------------------------------------------------------------- selection
+
+
+@pytest.fixture
+def fake_fast_backend(monkeypatch):
+    """A pretend fast kernel, first in auto order, that runs on CPU but has no sliding window."""
+    backend = Backend(
+        name="fake_fast",
+        fn=reference_attention,
+        features=lambda: frozenset({"causal", "gqa"}),
+        availability=lambda device, dtype: None,
+    )
+    register_backend(backend)
+    monkeypatch.setitem(BACKENDS, "fake_fast", backend)
+    monkeypatch.setattr("hf_varlen_patch.backends.AUTO_ORDER", ["fake_fast", *AUTO_ORDER])
+    yield backend
+    BACKENDS.pop("fake_fast", None)
+
+
+def test_auto_uses_the_first_backend_with_every_feature(fake_fast_backend, caplog):
+    cpu = torch.device("cpu")
+    assert select_backend("auto", cpu, torch.float32, frozenset({"causal", "gqa"})) is fake_fast_backend
+    with caplog.at_level(logging.WARNING, logger="hf_varlen_patch"):
+        chosen = select_backend("auto", cpu, torch.float32, frozenset({"causal", "sliding_window"}))
+        select_backend("auto", cpu, torch.float32, frozenset({"causal", "sliding_window"}))
+    assert chosen.name == "sdpa"
+    logged = [r.getMessage() for r in caplog.records if "fake_fast" in r.getMessage()]
+    assert len(logged) == 1 and "lacks sliding_window" in logged[0]
+
+
+def test_a_named_backend_lacking_a_feature_raises(fake_fast_backend):
+    with pytest.raises(BackendUnavailableError, match="lacks \\['sliding_window'\\]"):
+        select_backend("fake_fast", torch.device("cpu"), torch.float32, frozenset({"causal", "sliding_window"}))
+
+
+def test_auto_on_cpu_fp32_is_the_exact_reference():
+    assert select_backend("auto", torch.device("cpu"), torch.float32, frozenset({"causal"})).name == "sdpa"
