@@ -25,6 +25,9 @@ __all__ = [
     "registered_variants",
     "make_packed_batch",
     "compare_packed",
+    "run_separate",
+    "run_packed",
+    "Run",
     "packed_layouts",
 ]
 
@@ -163,6 +166,80 @@ def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
+@dataclass
+class Run:
+    """What one way of running a batch produced: per-sequence logits (float32), the mean
+    next-token loss, the model's own loss for the batch's labels, and parameter gradients."""
+
+    logits: list[torch.Tensor]
+    loss: float
+    model_loss: float | None
+    grads: dict[str, torch.Tensor]
+
+
+def _model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def run_separate(model: torch.nn.Module, batch: PackedBatch, *, grads: bool = True) -> Run:
+    """Each sequence of ``batch`` alone (no cache), as the ground truth."""
+    batch = batch.to(_model_device(model))
+    denom = max(sum(max(n - 1, 0) for _, _, n in batch.spans), 1)
+    model.zero_grad(set_to_none=True)
+    logits_out, loss_sum, model_loss = [], 0.0, 0.0
+    for seq in batch.sequences:
+        with torch.set_grad_enabled(grads):
+            logits = model(input_ids=seq[None], use_cache=False).logits[0]
+            loss = _token_loss_sum(logits, seq) / denom
+            if grads:
+                loss.backward()
+        logits_out.append(logits.detach().float())
+        loss_sum += float(loss.detach())
+        if seq.numel() > 1:
+            with torch.no_grad():
+                own = model(input_ids=seq[None], labels=seq[None], use_cache=False).loss
+            model_loss += float(own) * (seq.numel() - 1) / denom
+    return Run(logits_out, loss_sum, model_loss, _grads(model) if grads else {})
+
+
+def run_packed(
+    model: torch.nn.Module, batch: PackedBatch, *, grads: bool = True, use_cache: bool | None = False
+) -> Run:
+    """``batch`` packed, as a user would run it (``use_cache=None`` keeps the model's default)."""
+    batch = batch.to(_model_device(model))
+    extra = {} if use_cache is None else {"use_cache": use_cache}
+    inputs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask)
+    denom = max(sum(max(n - 1, 0) for _, _, n in batch.spans), 1)
+    model.zero_grad(set_to_none=True)
+    with torch.set_grad_enabled(grads):
+        out = model(**inputs, **extra)
+        pieces = [out.logits[r, s : s + n] for r, s, n in batch.spans]
+        loss = sum(_token_loss_sum(p, seq) for p, seq in zip(pieces, batch.sequences)) / denom
+        if grads:
+            loss.backward()
+    model_loss = None
+    if any(n > 1 for _, _, n in batch.spans):
+        with torch.no_grad():
+            model_loss = float(model(**inputs, labels=batch.labels, **extra).loss)
+    return Run([p.detach().float() for p in pieces], float(loss.detach()), model_loss, _grads(model) if grads else {})
+
+
+def max_logits_error(a: Run, b: Run) -> float:
+    return max(float((x - y).abs().max()) for x, y in zip(a.logits, b.logits))
+
+
+def max_grad_error(a: Run, b: Run) -> tuple[float, str]:
+    """Largest gradient difference and the parameter it is in (inf if one run lacks a gradient)."""
+    if set(a.grads) != set(b.grads):
+        return float("inf"), sorted(set(a.grads) ^ set(b.grads))[0]
+    worst, name = 0.0, ""
+    for key in a.grads:
+        err = float((a.grads[key] - b.grads[key]).abs().max())
+        if err > worst or not math.isfinite(err):
+            worst, name = err, key
+    return worst, name
+
+
 def compare_packed(
     model: torch.nn.Module,
     batch: PackedBatch,
@@ -180,79 +257,14 @@ def compare_packed(
     """
     was_training = model.training
     model.train(train)
-    extra = {} if use_cache is None else {"use_cache": use_cache}
-    count = sum(max(n - 1, 0) for _, _, n in batch.spans)
-    denom = max(count, 1)
-    device = next(model.parameters()).device
-    batch = batch.to(device)
     try:
-        model.zero_grad(set_to_none=True)
-        ref_logits, ref_loss = [], 0.0
-        for seq in batch.sequences:
-            with torch.set_grad_enabled(grads):
-                logits = model(input_ids=seq[None], use_cache=False).logits[0]
-                loss = _token_loss_sum(logits, seq) / denom
-                if grads:
-                    loss.backward()
-            ref_logits.append(logits.detach().float())
-            ref_loss += float(loss.detach())
-        ref_grads = _grads(model) if grads else {}
-
-        model.zero_grad(set_to_none=True)
-        with torch.set_grad_enabled(grads):
-            out = model(
-                input_ids=batch.input_ids,
-                position_ids=batch.position_ids,
-                attention_mask=batch.attention_mask,
-                **extra,
-            )
-            packed_loss = (
-                sum(
-                    _token_loss_sum(out.logits[r, s : s + n], seq)
-                    for (r, s, n), seq in zip(batch.spans, batch.sequences)
-                )
-                / denom
-            )
-            if grads:
-                packed_loss.backward()
-        packed_grads = _grads(model) if grads else {}
-        logits_err = max(
-            float((out.logits[r, s : s + n].detach().float() - ref).abs().max())
-            for (r, s, n), ref in zip(batch.spans, ref_logits)
-        )
-
-        with torch.no_grad():
-            model_loss_err = 0.0
-            if count:
-                ref_model_loss = 0.0
-                for seq in batch.sequences:
-                    if seq.numel() > 1:
-                        ref_model_loss += float(model(input_ids=seq[None], labels=seq[None], use_cache=False).loss) * (
-                            seq.numel() - 1
-                        )
-                packed_model_loss = float(
-                    model(
-                        input_ids=batch.input_ids,
-                        position_ids=batch.position_ids,
-                        attention_mask=batch.attention_mask,
-                        labels=batch.labels,
-                        **extra,
-                    ).loss
-                )
-                model_loss_err = abs(packed_model_loss - ref_model_loss / count)
-
-        grad_err, worst = 0.0, ""
-        for name, ref in ref_grads.items():
-            got = packed_grads.get(name)
-            err = float("inf") if got is None else float((got - ref).abs().max())
-            if err > grad_err or not math.isfinite(err):
-                grad_err, worst = err, name
-        missing = set(packed_grads) - set(ref_grads)
-        if missing:
-            grad_err, worst = float("inf"), sorted(missing)[0]
+        separate = run_separate(model, batch, grads=grads)
+        packed = run_packed(model, batch, grads=grads, use_cache=use_cache)
+        grad_err, worst = max_grad_error(packed, separate) if grads else (0.0, "")
+        model_loss_err = 0.0 if packed.model_loss is None else abs(packed.model_loss - separate.model_loss)
         return Comparison(
-            logits=logits_err,
-            loss=abs(float(packed_loss.detach()) - ref_loss),
+            logits=max_logits_error(packed, separate),
+            loss=abs(packed.loss - separate.loss),
             model_loss=model_loss_err,
             grads=grad_err,
             worst_grad=worst,

@@ -67,8 +67,11 @@ def test_collator_kwargs(model_type, variant):
 @pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen2_moe"])
 def test_gradient_checkpointing(model_type):
     model = tiny_model(model_type)
-    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
-    enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     hf_varlen_patch.apply(model)
     batch = make_packed_batch([[5, 9, 3], [12, 7]], model.config.vocab_size, seed=2)
     result = compare_packed(model, batch, use_cache=False, train=True)
