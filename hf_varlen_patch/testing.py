@@ -27,6 +27,7 @@ __all__ = [
     "compare_packed",
     "run_separate",
     "run_packed",
+    "relative_errors",
     "Run",
     "packed_layouts",
 ]
@@ -238,6 +239,20 @@ def max_grad_error(a: Run, b: Run) -> tuple[float, str]:
         if err > worst or not math.isfinite(err):
             worst, name = err, key
     return worst, name
+
+
+def relative_errors(a: Run, b: Run) -> tuple[float, float]:
+    """(logits, gradients) differences relative to ``b``: ||a - b|| / ||b||, the gradient one the
+    worst parameter tensor's. Unlike max-abs errors these do not jump by whole bf16 ulps."""
+    la, lb = torch.cat([x.flatten() for x in a.logits]), torch.cat([x.flatten() for x in b.logits])
+    logits = float((la - lb).norm() / lb.norm().clamp_min(1e-12))
+    grads = 0.0
+    for key, ref in b.grads.items():
+        got = a.grads.get(key)
+        if got is None:
+            return logits, float("inf")
+        grads = max(grads, float((got - ref).norm() / ref.norm().clamp_min(1e-12)))
+    return logits, grads
 
 
 def compare_packed(

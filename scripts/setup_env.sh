@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Create (or reuse) a virtual environment with the project installed, on a CPU machine.
+# torch is pinned to the CPU build first, so no requirement pulls a multi-GB CUDA build.
+#   VENV=.venv TRANSFORMERS_VERSION=5.23.0 TORCH_VERSION=2.13.0 bash scripts/setup_env.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}"
+TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
+TRANSFORMERS_VERSION="${TRANSFORMERS_VERSION:-5.23.0}"
+PY="${PYTHON:-python3}"
+if [ ! -x "${VENV}/bin/python" ]; then
+  "${PY}" -m venv "${VENV}"
+fi
+pip_q() { "${VENV}/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+"${VENV}/bin/python" -c "import torch" 2>/dev/null || pip_q "torch==${TORCH_VERSION}"
+pip_q "transformers==${TRANSFORMERS_VERSION}"
+pip_q -e ".[dev]"
+"${VENV}/bin/python" - <<'PY'
+import torch, transformers, hf_varlen_patch
+print(f"torch {torch.__version__}, transformers {transformers.__version__}, hf_varlen_patch {hf_varlen_patch.__version__}")
+PY

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The test command (README, CI): set up the environment if needed, lint, run the tests.
+#   bash scripts/test.sh [pytest args]        (TRANSFORMERS_VERSION=4.57.6 for the other CI leg)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV="${VENV:-.venv}" bash scripts/setup_env.sh
+VENV="${VENV:-.venv}"
+"${VENV}/bin/ruff" check hf_varlen_patch patches tests scripts
+"${VENV}/bin/python" -m pytest -q "$@"
