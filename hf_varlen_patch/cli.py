@@ -174,6 +174,29 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if all(r.verdict == "PASS" for r in rows) else 1
 
 
+def architecture_table() -> str:
+    """The supported-architecture table of the README, generated from the registry."""
+    from .registry import REGISTRY
+
+    lines = [
+        "| model_type | entry | what carries the boundaries | verified on transformers |",
+        "| --- | --- | --- | --- |",
+    ]
+    for model_type in supported_model_types():
+        entry = REGISTRY[model_type]
+        variants = ", ".join(test_variants(model_type))
+        lines.append(
+            f"| `{model_type}` | `patches/{entry.family}.py` | {entry.notes} (tested: {variants}) | "
+            f"{', '.join(entry.verified)} |"
+        )
+    return "\n".join(lines)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    print(architecture_table())
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-varlen-patch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -191,12 +214,13 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
         p.add_argument("--device", default="cpu")
         p.add_argument("--tol", type=float, default=1e-5)
+    sub.add_parser("list", help="print the supported-architecture table (markdown)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    return {"scan": cmd_scan, "check": cmd_check}[args.command](args)
+    return {"scan": cmd_scan, "check": cmd_check, "list": cmd_list}[args.command](args)
 
 
 if __name__ == "__main__":
