@@ -11,7 +11,14 @@ PY="${PYTHON:-python3}"
 if [ ! -x "${VENV}/bin/python" ]; then
   "${PY}" -m venv "${VENV}"
 fi
-pip_q() { "${VENV}/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+pip_q() {  # quiet install; on failure show pip's output and stop
+  local log
+  log="$(mktemp)"
+  if ! "${VENV}/bin/python" -m pip install -q --disable-pip-version-check "$@" >"${log}" 2>&1; then
+    cat "${log}"; rm -f "${log}"; echo "pip install $* failed" >&2; exit 1
+  fi
+  rm -f "${log}"
+}
 "${VENV}/bin/python" -c "import torch" 2>/dev/null || pip_q "torch==${TORCH_VERSION}"
 pip_q "transformers==${TRANSFORMERS_VERSION}"
 pip_q -e ".[dev]"
