@@ -5,25 +5,11 @@ from __future__ import annotations
 
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._common import VERIFIED
+from ._common import VERIFIED, tiny_config
 
 
 def _configs(model_type: str) -> dict:
-    from transformers import AutoConfig
-
-    return {
-        "default": AutoConfig.for_model(
-            "gpt2",
-            vocab_size=128,
-            n_embd=64,
-            n_layer=2,
-            n_head=4,
-            n_positions=512,
-            resid_pdrop=0.0,
-            embd_pdrop=0.0,
-            attn_pdrop=0.0,
-        )
-    }
+    return {"default": tiny_config("gpt2", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)}
 
 
 register(

@@ -5,27 +5,11 @@ from __future__ import annotations
 
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._common import VERIFIED
+from ._common import VERIFIED, tiny_config
 
 
 def _configs(model_type: str) -> dict:
-    from transformers import AutoConfig
-
-    return {
-        "default": AutoConfig.for_model(
-            "gpt_neox",
-            vocab_size=128,
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=512,
-            rotary_pct=0.5,
-            attention_dropout=0.0,
-            hidden_dropout=0.0,
-            tie_word_embeddings=False,
-        )
-    }
+    return {"default": tiny_config("gpt_neox", rotary_pct=0.5, hidden_dropout=0.0)}
 
 
 register(

@@ -214,3 +214,20 @@ def test_labels_are_masked_at_sequence_starts():
         sums = [model(input_ids=s[None], labels=s[None]).loss * (len(s) - 1) for s in batch.sequences]
     assert abs(float(packed) - float(sum(sums)) / (17 - 3)) < 1e-5
     assert batch.input_ids.min() >= 1  # the caller's labels were not modified in place
+
+
+def test_attention_dropout_runs_through_a_backend_that_has_it():
+    """p > 0 in train mode: the reference applies dropout (runs differ); eval mode is exact."""
+    model = tiny_model("llama")
+    model.config.attention_dropout = 0.5
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    hf_varlen_patch.apply(model)
+    batch = make_packed_batch([[5, 9, 3]], model.config.vocab_size)
+    inputs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids)
+    model.train()
+    with torch.no_grad():
+        a, b = model(**inputs).logits, model(**inputs).logits
+    assert (a - b).abs().max() > 1e-4
+    model.eval()
+    assert torch.isfinite(model(**inputs).logits).all()

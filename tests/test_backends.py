@@ -79,6 +79,7 @@ def test_features_change_the_result():
         assert (reference_attention(q, k, v, b, SPECS[name]) - base).abs().max() > 1e-3, name
 
 
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @pytest.mark.parametrize("name", list(SPECS))
 def test_flex_backend_forward_matches(name):
     q, k, v = _inputs(1)
