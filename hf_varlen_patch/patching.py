@@ -6,8 +6,10 @@ Everything `apply` changes goes through a :class:`Patcher`, which records how to
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import inspect
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -191,6 +193,56 @@ def boundaries_for_positions(position_ids: Any) -> Boundaries | None:
     return _BY_POSITIONS.get(position_ids)
 
 
+_CURRENT: contextvars.ContextVar[Boundaries | None] = contextvars.ContextVar("hf_varlen_boundaries", default=None)
+_BY_LAYER_INPUT = WeakIdKeyDictionary()
+_LAST_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def current_boundaries() -> Boundaries | None:
+    """The boundaries of the packed forward running now (None outside one, or when unpacked).
+
+    For layers that receive neither keyword arguments nor ``position_ids``. Such a layer must be
+    registered with :func:`track_layer` so that gradient-checkpoint recomputation, which runs
+    outside the forward, sees the same boundaries.
+    """
+    return _CURRENT.get()
+
+
+def track_layer(patcher: Patcher, layer: torch.nn.Module) -> None:
+    """Make :func:`current_boundaries` valid inside ``layer`` during checkpoint recomputation.
+
+    On the forward, the boundaries are remembered against the layer's first tensor argument;
+    non-reentrant recomputation passes that same tensor again and gets them back. Reentrant
+    recomputation passes a detached copy: then, if the layer's last forward was packed, it
+    raises instead of silently running unpacked attention.
+    """
+
+    def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
+        boundaries = _CURRENT.get()
+        if boundaries is not None:
+            if first is not None:
+                _BY_LAYER_INPUT[first] = boundaries
+            _LAST_PACKED[instance] = True
+            return wrapped(*args, **kwargs)
+        found = _BY_LAYER_INPUT.get(first) if first is not None else None
+        if found is None:
+            if _LAST_PACKED.get(instance, False) and torch._C._current_graph_task_id() != -1:
+                raise VarlenPatchError(
+                    f"{type(instance).__name__} is recomputed by reentrant gradient checkpointing, which "
+                    "hides the packing boundaries; enable checkpointing with use_reentrant=False."
+                )
+            _LAST_PACKED[instance] = False
+            return wrapped(*args, **kwargs)
+        token = _CURRENT.set(found)
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            _CURRENT.reset(token)
+
+    patcher.wrap_method(layer, "forward", wrapper)
+
+
 def make_entry_wrapper(*, check_inputs: bool, is_base: bool, is_top: bool, passes_kwargs: bool) -> Callable:
     """The wrapt wrapper around a patched model's ``forward``.
 
@@ -221,7 +273,11 @@ def make_entry_wrapper(*, check_inputs: bool, is_base: bool, is_top: bool, passe
             call["attention_mask"] = (
                 packed_mask_placeholder(batch, length, boundaries.device) if passes_kwargs else None
             )
-        return wrapped(**call)
+        token = _CURRENT.set(boundaries)
+        try:
+            return wrapped(**call)
+        finally:
+            _CURRENT.reset(token)
 
     return entry
 

@@ -1,6 +1,12 @@
 """Per-architecture entries of the hf_varlen_patch registry, one module per family.
 
-Importing this package registers every entry. Installed as ``hf_varlen_patch.patches``.
+Importing this package imports every module in it (except ``_private`` ones), which registers
+its entries. Installed as ``hf_varlen_patch.patches``.
 """
 
-from . import gemma, gpt2, gpt_neox, llama, qwen2_moe  # noqa: F401
+import importlib
+import pkgutil
+
+for _module in pkgutil.iter_modules(__path__):
+    if not _module.name.startswith("_"):
+        importlib.import_module(f"{__name__}.{_module.name}")
