@@ -144,8 +144,6 @@ def select_backend(name: str, device: torch.device, dtype: torch.dtype, needed: 
         backend = BACKENDS.get(candidate)
         if backend is None or backend.availability(device, dtype) is not None:
             continue
-        if name == "auto" and candidate == "flex" and not torch.compiler.is_compiling():
-            continue  # FlexAttention is only fast compiled; eager it would be slower than sdpa.
         missing = needed - backend.features()
         if missing:
             skipped.append(f"{candidate} (lacks {', '.join(sorted(missing))})")

@@ -1,10 +1,11 @@
 """FlexAttention with a document-causal ``BlockMask`` over the flattened tokens.
 
 Softcap and ALiBi are score modifications; attention sinks are applied afterwards from the
-log-sum-exp (``out * sigmoid(lse - sink)`` is exactly softmax with one extra key). Fast only
-under ``torch.compile``; ``auto`` therefore picks it only while compiling. The block mask
-depends on the boundaries and the layer's window, so it is built once per forward and kind of
-layer and cached on the boundaries.
+log-sum-exp (``out * sigmoid(lse - sink)`` is exactly softmax with one extra key). FlexAttention
+is only fast compiled, so in an eager model the kernel itself is compiled once
+(``torch.compile(flex_attention, dynamic=True)``, as transformers does); inside a compiled model
+the plain function is traced. The block mask depends on the boundaries and the layer's window,
+so it is built once per forward and kind of layer and cached on the boundaries.
 """
 
 from __future__ import annotations
@@ -28,8 +29,24 @@ def _flex():
 
 
 @functools.cache
+def _compiled_kernel():
+    return torch.compile(_flex()[0], dynamic=True)
+
+
+def _kernel(device: torch.device):
+    if device.type == "cuda" and not torch.compiler.is_compiling():
+        return _compiled_kernel()
+    return _flex()[0]
+
+
+@functools.cache
 def _takes_return_aux() -> bool:
     return "return_aux" in inspect.signature(_flex()[0]).parameters
+
+
+@functools.cache
+def _mask_takes_compile() -> bool:
+    return "_compile" in inspect.signature(_flex()[1]).parameters
 
 
 def _availability(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -63,14 +80,15 @@ def _block_mask(boundaries: Boundaries, spec: AttentionSpec):
             return keep
 
         n = boundaries.total_tokens
-        cache[key] = create_block_mask(document_mask, None, None, n, n, device=seq.device)
+        extra = {"_compile": True} if seq.device.type == "cuda" and _mask_takes_compile() else {}
+        cache[key] = create_block_mask(document_mask, None, None, n, n, device=seq.device, **extra)
     return cache[key]
 
 
 def flex_varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, boundaries: Boundaries, spec: AttentionSpec
 ) -> torch.Tensor:
-    flex_attention, _ = _flex()
+    flex_attention = _kernel(q.device)
     softcap, slopes = spec.softcap, spec.alibi_slopes
     score_mod = None
     if softcap or slopes is not None:
