@@ -252,13 +252,14 @@ def make_entry_wrapper(*, check_inputs: bool, is_base: bool, is_top: bool, passe
     Unpacked calls go through untouched.
     """
 
-    def entry(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        call = call_as_kwargs(wrapped, args, kwargs)
+    @torch.compiler.disable  # host-side bookkeeping: keep it out of compiled graphs
+    def prepare(call: dict) -> Boundaries | None:
+        """Edit ``call`` for a packed forward and return its boundaries (None: not packed)."""
         boundaries = call.pop(BOUNDARIES_KWARG, None) or boundaries_for_positions(call.get("position_ids"))
         if boundaries is None:
             boundaries = boundaries_for_call(call, check_inputs=check_inputs)
             if boundaries is None:
-                return wrapped(*args, **kwargs)
+                return None
             for name in COLLATOR_KWARGS:
                 call.pop(name, None)
         if call.get("position_ids") is None:
@@ -273,6 +274,13 @@ def make_entry_wrapper(*, check_inputs: bool, is_base: bool, is_top: bool, passe
             call["attention_mask"] = (
                 packed_mask_placeholder(batch, length, boundaries.device) if passes_kwargs else None
             )
+        return boundaries
+
+    def entry(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        call = call_as_kwargs(wrapped, args, kwargs)
+        boundaries = prepare(call)
+        if boundaries is None:
+            return wrapped(*args, **kwargs)
         token = _CURRENT.set(boundaries)
         try:
             return wrapped(**call)

@@ -1,0 +1,122 @@
+"""Shared pieces of the benchmark scripts: timing, memory, compile counters, table/JSON/PNG output."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+
+@dataclass
+class Result:
+    row: str
+    median_ms: float
+    peak_gb: float
+    steps: int
+    tokens_per_step: float = 0.0
+    tokens_per_s: float = 0.0
+    recompiles_after_warmup: int | None = None
+    note: str = ""
+    all_ms: list[float] = field(default_factory=list)
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def graphs_compiled() -> int:
+    """How many graphs dynamo has compiled so far (grows by one per (re)compilation)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def time_steps(
+    step: Callable[[int], float], *, steps: int, warmup: int, row: str, compiled: bool = False, note: str = ""
+) -> Result:
+    """Run warm-up then timed steps; ``step(i)`` runs batch ``i`` and returns its real-token count."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    for i in range(warmup):
+        step(i)
+    sync()
+    graphs_before = graphs_compiled() if compiled else None
+    times, tokens = [], []
+    for i in range(warmup, warmup + steps):
+        sync()
+        t0 = time.perf_counter()
+        tokens.append(step(i))
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+    med = statistics.median(times)
+    tok = statistics.mean(tokens)
+    return Result(
+        row=row,
+        median_ms=med,
+        peak_gb=peak,
+        steps=steps,
+        tokens_per_step=tok,
+        tokens_per_s=tok / (med / 1e3),
+        recompiles_after_warmup=None if graphs_before is None else graphs_compiled() - graphs_before,
+        note=note,
+        all_ms=times,
+    )
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    return "cpu"
+
+
+def write_outputs(results: list[Result], out: Path, name: str, title: str, meta: dict, baseline: str) -> str:
+    """Print and save a markdown table (with ratios to ``baseline``), JSON and a PNG bar chart."""
+    out.mkdir(parents=True, exist_ok=True)
+    base = next((r for r in results if r.row == baseline), results[0])
+    lines = [
+        f"### {title}",
+        "",
+        f"device: {meta.get('device')}; torch {meta.get('torch')}; transformers {meta.get('transformers')}",
+        "",
+        "| row | median ms/step | speed-up vs " + baseline + " | tokens/s | peak GB | recompiles after warm-up |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        rec = "-" if r.recompiles_after_warmup is None else str(r.recompiles_after_warmup)
+        lines.append(
+            f"| {r.row} | {r.median_ms:.1f} | {base.median_ms / r.median_ms:.2f}x | {r.tokens_per_s:,.0f} | "
+            f"{r.peak_gb:.1f} | {rec} |"
+        )
+    table = "\n".join(lines)
+    print(table, flush=True)
+    (out / f"{name}.md").write_text(table + "\n")
+    (out / f"{name}.json").write_text(json.dumps({"meta": meta, "results": [asdict(r) for r in results]}, indent=1))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(results) + 2))
+        labels = [r.row for r in results]
+        axes[0].barh(labels, [r.median_ms for r in results], color="tab:blue")
+        axes[0].set_xlabel("median ms / training step (lower is better)")
+        axes[1].barh(labels, [r.peak_gb for r in results], color="tab:orange")
+        axes[1].set_xlabel("peak GPU memory, GB")
+        axes[1].set_yticks([])
+        for ax in axes:
+            ax.invert_yaxis()
+        fig.suptitle(f"{title} - {meta.get('device')}")
+        fig.tight_layout()
+        fig.savefig(out / f"{name}.png", dpi=110)
+    except ImportError:
+        print("matplotlib not installed: no PNG")
+    return table
