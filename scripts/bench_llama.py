@@ -3,7 +3,7 @@
 Two synthetic length distributions, shaped like the published experiments:
   FLAN-like     short and widely varying: lognormal, median 200 tokens, sigma 1.0, clipped to [8, 2048]
   OrcaMath-like longer and narrow:        normal, mean 600, sd 150, clipped to [200, 1100]
-Each step trains on the same 16 sequences either padded to the batch's longest (SDPA with an
+Each step trains on the same 8 sequences either padded to the batch's longest (SDPA with an
 attention_mask, upstream) or packed into one row (hf_varlen_patch.apply, backend `torch`).
 Reports tokens/s (real tokens) and peak memory, as a table + JSON + PNG.
 
@@ -106,7 +106,7 @@ def run(dist: str, mode: str, args):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dists", default="flan,orcamath")
-    parser.add_argument("--batch", type=int, default=16, help="sequences per step")
+    parser.add_argument("--batch", type=int, default=8, help="sequences per step")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
