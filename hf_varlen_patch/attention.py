@@ -124,6 +124,11 @@ def varlen_attention(
         raise VarlenPatchError(
             f"the boundaries describe {boundaries.shape} tokens but attention sees {(batch, length)}."
         )
+    if query.dtype == torch.float32 and torch.is_autocast_enabled(query.device.type):
+        # rotary embeddings in fp32 lift q/k out of the autocast dtype; half-precision kernels
+        # need them back in it (as transformers' flash path does).
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
     q = query.transpose(1, 2).reshape(batch * length, num_heads, -1)
     k = key.transpose(1, 2).reshape(batch * length, key.shape[1], -1)
     v = value.transpose(1, 2).reshape(batch * length, value.shape[1], -1)

@@ -231,3 +231,22 @@ def test_attention_dropout_runs_through_a_backend_that_has_it():
     assert (a - b).abs().max() > 1e-4
     model.eval()
     assert torch.isfinite(model(**inputs).logits).all()
+
+
+def test_autocast_puts_fp32_rotary_outputs_back_in_the_autocast_dtype(monkeypatch):
+    """Under bf16 autocast, rotary leaves q/k in fp32; half-precision kernels must get bf16."""
+    from hf_varlen_patch import attention
+
+    seen = []
+    real = attention.select_backend
+
+    def spy(name, device, dtype, needed):
+        seen.append(dtype)
+        return real(name, device, dtype, needed)
+
+    monkeypatch.setattr(attention, "select_backend", spy)
+    model = hf_varlen_patch.apply(tiny_model("llama"))
+    batch = make_packed_batch([[5, 9, 3]], model.config.vocab_size)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(input_ids=batch.input_ids, position_ids=batch.position_ids)
+    assert seen and all(d == torch.bfloat16 for d in seen)
