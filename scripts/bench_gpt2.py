@@ -141,15 +141,6 @@ def main() -> None:
     import transformers
 
     results = []
-    for key in args.rows.split(","):
-        print(f"running {ROWS[key]} ...", flush=True)
-        try:
-            results.append(run_row(key, args))
-        except torch.OutOfMemoryError as err:
-            print(f"  {key}: out of memory ({err})", flush=True)
-        print(f"  {results[-1].median_ms:.1f} ms, {results[-1].peak_gb:.1f} GB", flush=True)
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
     meta = dict(
         device=device_name(),
         torch=torch.__version__,
@@ -160,7 +151,17 @@ def main() -> None:
         steps=args.steps,
         warmup=args.warmup,
     )
-    write_outputs(results, Path(args.out), "gpt2_packing", "GPT-2 packing experiment", meta, ROWS["a_padded_eager"])
+    for key in args.rows.split(","):
+        print(f"running {ROWS[key]} ...", flush=True)
+        try:
+            results.append(run_row(key, args))
+            print(f"  {results[-1].median_ms:.1f} ms, {results[-1].peak_gb:.1f} GB", flush=True)
+        except torch.OutOfMemoryError as err:
+            print(f"  {key}: out of memory ({err})", flush=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        # written after every row, so a run cut short still leaves its results
+        write_outputs(results, Path(args.out), "gpt2_packing", "GPT-2 packing experiment", meta, ROWS["a_padded_eager"])
 
 
 if __name__ == "__main__":
