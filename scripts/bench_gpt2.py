@@ -107,8 +107,7 @@ def run_row(key: str, args) -> object:
             batch = oracle_batch(lengths, vocab, args.device)
         else:
             batch = packed_batch(lengths, vocab, args.device, cu="_cu_" in key)
-        if key.startswith("b_") or key.startswith("c_"):
-            batch["use_cache"] = False
+        batch["use_cache"] = False  # every row: no KV cache in training
         with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
             loss = fn(**batch).loss
         loss.backward()
