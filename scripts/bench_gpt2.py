@@ -117,6 +117,14 @@ def run_row(key: str, args) -> object:
 
     warmup = args.warmup + (args.compile_warmup if compiled else 0)
     result = time_steps(step, steps=args.steps, warmup=warmup, row=ROWS[key], compiled=compiled)
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            step(warmup + args.steps)
+            torch.cuda.synchronize()
+        print(f"--- profile of one step: {ROWS[key]}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile))
     return result
 
 
@@ -133,6 +141,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model (smoke test)")
     parser.add_argument("--out", default="benchmarks")
+    parser.add_argument("--profile", type=int, default=0, help="print the top-N kernels of one extra step per row")
     args = parser.parse_args()
     if args.tiny:
         args.max_len = min(args.max_len, 64)
