@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+SHOW_STACKS = False
+
 
 def count_syncs(fn) -> tuple[int, int]:
     """Host-device synchronisations while ``fn`` runs, counted two ways.
@@ -31,9 +33,13 @@ def count_syncs(fn) -> tuple[int, int]:
 
     blocking = {"cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy"}
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=SHOW_STACKS) as prof:
         fn()
-    traced = sum(1 for e in prof.events() if e.name in blocking)
+    hits = [e for e in prof.events() if e.name in blocking]
+    traced = len(hits)
+    if SHOW_STACKS:
+        for e in hits:
+            print(f"  blocking {e.name} from:", " <- ".join(reversed([f for f in e.stack if ".py" in f][-6:])))
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -62,7 +68,10 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=1023)
     parser.add_argument("--backend", default="torch")
     parser.add_argument("--out", default="benchmarks")
+    parser.add_argument("--stacks", action="store_true", help="print where each blocking call comes from")
     args = parser.parse_args()
+    global SHOW_STACKS
+    SHOW_STACKS = args.stacks
 
     import transformers
     from transformers import GPT2Config, GPT2LMHeadModel
