@@ -212,9 +212,14 @@ def track_layer(patcher: Patcher, layer: torch.nn.Module) -> None:
     """Make :func:`current_boundaries` valid inside ``layer`` during checkpoint recomputation.
 
     On the forward, the boundaries are remembered against the layer's first tensor argument;
-    non-reentrant recomputation passes that same tensor again and gets them back. Reentrant
-    recomputation passes a detached copy: then, if the layer's last forward was packed, it
-    raises instead of silently running unpacked attention.
+    non-reentrant recomputation that goes through the instance's ``forward`` passes that same
+    tensor again and gets them back. Reentrant recomputation passes a detached copy: then, if the
+    layer's last forward was packed, it raises instead of silently running unpacked attention.
+
+    Limitation: transformers 5.x's ``GradientCheckpointingLayer`` recomputes the *class*
+    ``forward`` (bypassing this instance wrapper). Entries for 5.x models should pass the
+    boundaries as a keyword argument, or look them up from an object the layer's call replays
+    (see ``patches/gpt_neo.py``).
     """
 
     def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
