@@ -134,7 +134,7 @@ def main() -> None:
         steps=args.steps,
         warmup=args.warmup,
     )
-    write_outputs(
+    table = write_outputs(
         results,
         Path(args.out),
         "llama_padding_vs_packing",
@@ -142,11 +142,13 @@ def main() -> None:
         meta,
         results[0].row,
     )
-    print("\n| mix | packed/padded tokens/s | packed/padded peak memory |\n| --- | --- | --- |")
-    for i in range(0, len(results), 2):
-        pad, pack = results[i], results[i + 1]
+    ratios = ["", "| mix | packed / padded tokens/s | packed / padded peak memory |", "| --- | --- | --- |"]
+    for k in range(0, len(results) - 1, 2):
+        pad, pack = results[k], results[k + 1]
         mem = pack.peak_gb / pad.peak_gb if pad.peak_gb else float("nan")
-        print(f"| {pad.row.split(':')[0]} | {pack.tokens_per_s / pad.tokens_per_s:.2f}x | {mem:.2f}x |")
+        ratios.append(f"| {pad.row.split(':')[0]} | {pack.tokens_per_s / pad.tokens_per_s:.2f}x | {mem:.2f}x |")
+    print("\n".join(ratios))
+    (Path(args.out) / "llama_padding_vs_packing.md").write_text(table + "\n" + "\n".join(ratios) + "\n")
 
 
 if __name__ == "__main__":
