@@ -136,7 +136,8 @@ def varlen_attention(
     if not torch.compiler.is_compiling():
         BACKEND_USAGE[chosen.name] += 1
     out = chosen.fn(q, k, v, boundaries, spec)
-    return out.view(batch, length, num_heads, -1)
+    # contiguous: callers .view() the result, and kernels may return strided outputs for B=1
+    return out.contiguous().view(batch, length, num_heads, -1)
 
 
 def _make_attention_function(backend: str, original: str) -> Callable:

@@ -2,22 +2,18 @@
 
 On 5.x it is a plain AttentionInterface model. On 4.57 its attention classes are picked by name
 at construction (``QWEN2MOE_ATTENTION_CLASSES``) and no keyword arguments travel down, so the
-attention modules' ``forward`` is wrapped on this instance: in a packed forward it projects,
-applies rotary and calls the varlen backend with the boundaries found by ``position_ids``;
-otherwise it runs the original class's forward.
+attention modules' ``forward`` is wrapped on this instance (``_legacy_attention.packed_attention``):
+in a packed forward it projects, applies rotary and calls the varlen backend with the boundaries
+found by ``position_ids``; otherwise it runs the original class's forward.
 """
 
 from __future__ import annotations
 
-import sys
-from functools import partial
-
-from hf_varlen_patch.attention import varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
-from hf_varlen_patch.patching import boundaries_for_positions, call_as_kwargs
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._common import VERIFIED, tiny_config
+from ._legacy_attention import modeling_module, packed_attention
 
 
 def _configs(model_type: str) -> dict:
@@ -34,7 +30,7 @@ def _configs(model_type: str) -> dict:
 
 
 def _legacy(model) -> bool:
-    return hasattr(sys.modules[type(model).__module__], "QWEN2MOE_ATTENTION_CLASSES")
+    return hasattr(modeling_module(model), "QWEN2MOE_ATTENTION_CLASSES")
 
 
 def _refuse(config) -> str | None:
@@ -48,35 +44,25 @@ def _refuse(config) -> str | None:
     return None
 
 
-def _packed_attention_forward(wrapped, instance, args, kwargs, *, backend: str):
-    call = call_as_kwargs(wrapped, args, kwargs)
-    boundaries = boundaries_for_positions(call.get("position_ids"))
-    if boundaries is None:
-        return wrapped(*args, **kwargs)
-    if call.get("output_attentions"):
-        raise NotImplementedError("output_attentions=True is not available with packed inputs.")
-    modeling = sys.modules[type(instance).__module__]
+def _packed_attention_forward(self, call: dict, attend):
     hidden = call["hidden_states"]
     batch, length, _ = hidden.shape
-    q = instance.q_proj(hidden).view(batch, length, -1, instance.head_dim).transpose(1, 2)
-    k = instance.k_proj(hidden).view(batch, length, -1, instance.head_dim).transpose(1, 2)
-    v = instance.v_proj(hidden).view(batch, length, -1, instance.head_dim).transpose(1, 2)
+    q = self.q_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
+    k = self.k_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
+    v = self.v_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
     cos, sin = call["position_embeddings"]
-    q, k = modeling.apply_rotary_pos_emb(q, k, cos, sin)
-    past = call.get("past_key_values")
-    if past is not None:
-        cache_kwargs = {"sin": sin, "cos": cos, "cache_position": call.get("cache_position")}
-        k, v = past.update(k, v, instance.layer_idx, cache_kwargs)
-    spec = AttentionSpec(causal=True, dropout=instance.attention_dropout if instance.training else 0.0)
-    out = varlen_attention(backend, q, k, v, boundaries, spec)
-    return instance.o_proj(out.reshape(batch, length, -1)), None
+    q, k = modeling_module(self).apply_rotary_pos_emb(q, k, cos, sin)
+    cache_kwargs = {"sin": sin, "cos": cos, "cache_position": call.get("cache_position")}
+    spec = AttentionSpec(causal=True, dropout=self.attention_dropout if self.training else 0.0)
+    out = attend(q, k, v, spec, cache_kwargs)
+    return self.o_proj(out.reshape(batch, length, -1)), None
 
 
 def _patch(model, patcher, options) -> None:
     if not _legacy(model):
         return
     for layer in model.base_model.layers:
-        patcher.wrap_method(layer.self_attn, "forward", partial(_packed_attention_forward, backend=options.backend))
+        packed_attention(patcher, layer.self_attn, _packed_attention_forward, backend=options.backend)
 
 
 register(

@@ -250,3 +250,17 @@ def test_autocast_puts_fp32_rotary_outputs_back_in_the_autocast_dtype(monkeypatc
     with torch.autocast("cpu", dtype=torch.bfloat16):
         model(input_ids=batch.input_ids, position_ids=batch.position_ids)
     assert seen and all(d == torch.bfloat16 for d in seen)
+
+
+@pytest.mark.parametrize(
+    "model_type, rope",
+    [("llama", {"rope_type": "dynamic", "factor": 2.0}), ("qwen2", {"rope_type": "dynamic", "factor": 2.0})],
+)
+def test_length_dependent_rope_is_refused(model_type, rope):
+    """Dynamic NTK scaling picks frequencies from the whole row's length: packing would change them."""
+    from hf_varlen_patch.patches._common import tiny_config
+
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(model_type, rope_scaling=rope))
+    with pytest.raises(UnsupportedArchitectureError, match="dynamic"):
+        hf_varlen_patch.apply(model)
+    assert not hf_varlen_patch.is_patched(model)

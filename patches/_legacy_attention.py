@@ -1,0 +1,175 @@
+"""Instance-level wrappers for attention modules that the generic route cannot reach.
+
+Two cases, both keyed on ``position_ids``: a patched forward registers its boundaries against
+that very tensor, and every decoder layer hands it on to its attention module, also during
+gradient-checkpoint recomputation (:func:`~hf_varlen_patch.patching.boundaries_for_positions`).
+
+- :func:`pass_boundaries`: the module calls transformers' AttentionInterface, but its decoder
+  layer drops the keyword arguments (so ``varlen_boundaries`` never arrives). The wrapper adds
+  them back (plus any attention kwargs the module forgets, such as a sliding window).
+- :func:`packed_attention`: a 4.57 legacy attention class (eager/sdpa/flash picked by name at
+  construction) that computes attention itself. In a packed forward the wrapper runs a short
+  model-specific re-implementation (projections, rotary, output) whose attention call goes
+  through the varlen backend; otherwise it runs the original forward untouched.
+
+And :func:`keep_packed_mask` for 4.57 base models that take ``**kwargs`` but still build their
+mask with the legacy ``_update_causal_mask``; :func:`refuse_length_dependent_rope` for rotary
+scalings whose frequencies depend on the whole batch's length.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from hf_varlen_patch.attention import BOUNDARIES_KWARG, is_packed_mask_placeholder, varlen_attention
+from hf_varlen_patch.backends import AttentionSpec
+from hf_varlen_patch.errors import VarlenPatchError
+from hf_varlen_patch.patching import Patcher, boundaries_for_positions, call_as_kwargs
+
+__all__ = [
+    "Attend",
+    "PackedOutputAttentionsError",
+    "modeling_module",
+    "pass_boundaries",
+    "packed_attention",
+    "keep_packed_mask",
+    "rope_types",
+    "refuse_length_dependent_rope",
+]
+
+#: Rotary scalings that pick their frequencies from the input's length (``max(position_ids) + 1``,
+#: or the row length): a packed row would give every sequence the longest one's frequencies.
+LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
+
+#: ``attend(q, k, v, spec, cache_kwargs)``: q (B, Hq, T, D), k/v (B, Hk, T, D) after rotary and
+#: before the cache; updates the cache if the call has one; returns (B, T, Hq, Dv).
+Attend = Callable[..., torch.Tensor]
+
+
+class PackedOutputAttentionsError(VarlenPatchError, NotImplementedError):
+    """output_attentions=True in a packed forward: the varlen kernels build no attention matrix."""
+
+
+def modeling_module(instance: torch.nn.Module):
+    """The ``modeling_*`` module that defines ``instance``'s class (for its rotary helpers)."""
+    return sys.modules[type(instance).__module__]
+
+
+def _past(call: dict) -> Any:
+    past = call.get("past_key_values")
+    return call.get("past_key_value") if past is None else past
+
+
+def pass_boundaries(
+    patcher: Patcher,
+    module: torch.nn.Module,
+    extra: Callable[[torch.nn.Module], dict] | None = None,
+) -> None:
+    """Wrap ``module.forward`` so a packed call carries ``varlen_boundaries`` (and ``extra(module)``).
+
+    The boundaries come from the kwargs if the caller passed them, else from ``position_ids``.
+    Unpacked calls are passed through unchanged.
+    """
+
+    def wrapper(wrapped, instance, args, kwargs):
+        boundaries = kwargs.get(BOUNDARIES_KWARG)
+        if boundaries is None:
+            boundaries = boundaries_for_positions(call_as_kwargs(wrapped, args, kwargs).get("position_ids"))
+            if boundaries is None:
+                return wrapped(*args, **kwargs)
+        kwargs = {**kwargs, BOUNDARIES_KWARG: boundaries}
+        if extra is not None:
+            kwargs.update(extra(instance))
+        return wrapped(*args, **kwargs)
+
+    patcher.wrap_method(module, "forward", wrapper)
+
+
+def packed_attention(
+    patcher: Patcher,
+    module: torch.nn.Module,
+    forward: Callable[[torch.nn.Module, dict, Attend], Any],
+    *,
+    backend: str,
+    layer_idx: str = "layer_idx",
+) -> None:
+    """Wrap a legacy attention module: packed calls run ``forward(instance, call, attend)``.
+
+    ``call`` holds the original call's arguments by name; ``forward`` projects q/k/v exactly as the
+    upstream class does, calls ``attend`` and returns what the upstream forward returns.
+    ``layer_idx`` names the instance attribute that indexes the cache.
+    """
+
+    def wrapper(wrapped, instance, args, kwargs):
+        call = call_as_kwargs(wrapped, args, kwargs)
+        boundaries = boundaries_for_positions(call.get("position_ids"))
+        if boundaries is None:
+            return wrapped(*args, **kwargs)
+        if call.get("output_attentions"):
+            raise PackedOutputAttentionsError(
+                "output_attentions=True is not available with packed inputs (the varlen kernels build no "
+                "attention matrix); unpack the batch to inspect attention weights."
+            )
+        past = _past(call)
+
+        def attend(q, k, v, spec: AttentionSpec, cache_kwargs: dict | None = None) -> torch.Tensor:
+            if past is not None:
+                k, v = past.update(k, v, getattr(instance, layer_idx), cache_kwargs)
+            return varlen_attention(backend, q, k, v, boundaries, spec)
+
+        return forward(instance, call, attend)
+
+    patcher.wrap_method(module, "forward", wrapper)
+
+
+def keep_packed_mask(patcher: Patcher, base: torch.nn.Module) -> None:
+    """Let the packed mask placeholder through a 4.57 legacy ``_update_causal_mask`` untouched.
+
+    A base model that takes ``**kwargs`` gets the engine's zero-memory 4-D placeholder as its
+    ``attention_mask``. The legacy mask builders (copied from GPT-J) process it: with sdpa on
+    CUDA ``AttentionMaskConverter._unmask_unattended`` raises on a bool mask, and with
+    flash_attention_2 ``(mask == 0.0).any()`` materialises B x T x T. Packed attention ignores the
+    mask anyway, so in a packed forward the placeholder is returned as the layers' mask.
+    """
+    if not callable(getattr(base, "_update_causal_mask", None)):
+        return
+
+    def wrapper(wrapped, instance, args, kwargs):
+        mask = call_as_kwargs(wrapped, args, kwargs).get("attention_mask")
+        if is_packed_mask_placeholder(mask):
+            return mask
+        return wrapped(*args, **kwargs)
+
+    patcher.wrap_method(base, "_update_causal_mask", wrapper)
+
+
+def rope_types(config: Any) -> set[str]:
+    """The rotary types ``config`` uses (``rope_scaling`` on 4.57, ``rope_parameters`` on 5.x,
+    also per layer type)."""
+    found = set()
+    for name in ("rope_scaling", "rope_parameters"):
+        params = getattr(config, name, None)
+        if not isinstance(params, dict):
+            continue
+        nested = [p for p in params.values() if isinstance(p, dict)]
+        for p in nested or [params]:
+            rope_type = p.get("rope_type", p.get("type"))
+            if rope_type:
+                found.add(rope_type)
+    return found
+
+
+def refuse_length_dependent_rope(config: Any, allowed: tuple[str, ...] = ()) -> str | None:
+    """A refusal reason when ``config`` uses a length-dependent rotary scaling not in ``allowed``."""
+    bad = sorted((rope_types(config) & set(LENGTH_DEPENDENT_ROPE)) - set(allowed))
+    if bad:
+        return (
+            f"rope type {bad[0]!r} derives its frequencies from the length of the whole input, so a "
+            "packed row would give each sequence other frequencies than it gets alone; use a static "
+            "rotary scaling (default, linear, yarn, llama3) for packed training."
+        )
+    return None
