@@ -242,17 +242,19 @@ def max_grad_error(a: Run, b: Run) -> tuple[float, str]:
 
 
 def relative_errors(a: Run, b: Run) -> tuple[float, float]:
-    """(logits, gradients) differences relative to ``b``: ||a - b|| / ||b||, the gradient one the
-    worst parameter tensor's. Unlike max-abs errors these do not jump by whole bf16 ulps."""
+    """(logits, gradients) differences relative to ``b``: ||a - b|| / ||b|| over all logits, and
+    over all parameter gradients taken as one vector. Unlike max-abs errors these do not jump by
+    whole bf16 ulps, and a near-zero gradient tensor (an unused embedding row, a router) cannot
+    dominate them."""
     la, lb = torch.cat([x.flatten() for x in a.logits]), torch.cat([x.flatten() for x in b.logits])
     logits = float((la - lb).norm() / lb.norm().clamp_min(1e-12))
-    grads = 0.0
-    for key, ref in b.grads.items():
-        got = a.grads.get(key)
-        if got is None:
-            return logits, float("inf")
-        grads = max(grads, float((got - ref).norm() / ref.norm().clamp_min(1e-12)))
-    return logits, grads
+    if set(a.grads) != set(b.grads):
+        return logits, float("inf")
+    if not b.grads:
+        return logits, 0.0
+    diff = torch.cat([(a.grads[k] - b.grads[k]).flatten() for k in b.grads])
+    ref = torch.cat([b.grads[k].flatten() for k in b.grads])
+    return logits, float(diff.norm() / ref.norm().clamp_min(1e-12))
 
 
 def compare_packed(

@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import functools
 import inspect
+import logging
+from functools import partial
 
 import torch
 
 from ..boundaries import Boundaries
 from . import AttentionSpec, Backend, register_backend
+
+logger = logging.getLogger("hf_varlen_patch")
 
 
 @functools.cache
@@ -33,10 +37,26 @@ def _compiled_kernel():
     return torch.compile(_flex()[0], dynamic=True)
 
 
-def _kernel(device: torch.device):
-    if device.type == "cuda" and not torch.compiler.is_compiling():
-        return _compiled_kernel()
-    return _flex()[0]
+_NOT_COMPILABLE: set[tuple] = set()
+
+
+def _run(kernel_key: tuple, device: torch.device, *args, **kwargs):
+    """The compiled kernel on CUDA in eager models; the plain function inside torch.compile or
+    where inductor cannot build this configuration (e.g. head_dim < 16), with a one-time log."""
+    if device.type == "cuda" and not torch.compiler.is_compiling() and kernel_key not in _NOT_COMPILABLE:
+        from torch._dynamo.exc import TorchDynamoException
+        from torch._inductor.exc import InductorError
+
+        try:
+            return _compiled_kernel()(*args, **kwargs)
+        except (TorchDynamoException, InductorError) as err:
+            _NOT_COMPILABLE.add(kernel_key)
+            logger.warning(
+                "hf_varlen_patch: FlexAttention could not be compiled for %s (%s); running it unfused.",
+                kernel_key,
+                str(err).splitlines()[0][:200],
+            )
+    return _flex()[0](*args, **kwargs)
 
 
 @functools.cache
@@ -88,7 +108,16 @@ def _block_mask(boundaries: Boundaries, spec: AttentionSpec):
 def flex_varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, boundaries: Boundaries, spec: AttentionSpec
 ) -> torch.Tensor:
-    flex_attention = _kernel(q.device)
+    kernel_key = (
+        q.shape[-1],
+        v.shape[-1],
+        q.shape[1],
+        k.shape[1],
+        bool(spec.softcap),
+        slopes_key(spec),
+        spec.sinks is not None,
+    )
+    flex_attention = partial(_run, kernel_key, q.device)
     softcap, slopes = spec.softcap, spec.alibi_slopes
     score_mod = None
     if softcap or slopes is not None:
