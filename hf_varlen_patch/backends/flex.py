@@ -114,7 +114,7 @@ def flex_varlen_attention(
         q.shape[1],
         k.shape[1],
         bool(spec.softcap),
-        slopes_key(spec),
+        spec.alibi_slopes is not None,
         spec.sinks is not None,
     )
     flex_attention = partial(_run, kernel_key, q.device)
