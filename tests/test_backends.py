@@ -12,6 +12,10 @@ from hf_varlen_patch import BACKENDS, BackendUnavailableError, Boundaries, selec
 from hf_varlen_patch.backends import AUTO_ORDER, AttentionSpec, Backend, flash, flex, register_backend, torch_varlen
 from hf_varlen_patch.backends.reference import reference_attention
 
+#: fp32 kernels against the float64 definition (not packed vs separate, which is 1e-5 elsewhere):
+#: on this CPU, ~40% of processes take a tanh/exp path that is 3.4e-5 off for the softcap spec.
+FP64_TOL = 1e-4
+
 POS = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 0, 1, 2, 3, 4, 5, 6, 7, 8, 0], [0, 1, 2, 3, 0, 1, 2, 3, 4, 5] * 2])
 SPECS = {
     "causal": AttentionSpec(),
@@ -67,7 +71,7 @@ def test_reference_backend_is_exact(name):
     b = Boundaries.from_position_ids(POS)
     got = reference_attention(q, k, v, b, spec)
     expected = naive(q, k, v, list(b.cu_seqlens_host), spec)
-    assert (got.double() - expected).abs().max() < 1e-5
+    assert (got.double() - expected).abs().max() < FP64_TOL
 
 
 def test_features_change_the_result():
@@ -86,7 +90,7 @@ def test_flex_backend_forward_matches(name):
     b = Boundaries.from_position_ids(POS)
     with torch.no_grad():
         got = flex.flex_varlen_attention(q, k, v, b, SPECS[name])
-    assert (got.double() - naive(q, k, v, list(b.cu_seqlens_host), SPECS[name])).abs().max() < 1e-5
+    assert (got.double() - naive(q, k, v, list(b.cu_seqlens_host), SPECS[name])).abs().max() < FP64_TOL
 
 
 # ------------------------------------------------------------- adapters with fake kernels
@@ -198,7 +202,7 @@ def test_flash_adapter_maps_the_spec(fake, names):
             spec = SPECS[name]
             assert spec.features(4, 2) <= feats, name
             got = flash.flash_varlen_attention(q, k, v, b, spec)
-            assert (got.double() - naive(q, k, v, list(b.cu_seqlens_host), spec)).abs().max() < 1e-5, name
+            assert (got.double() - naive(q, k, v, list(b.cu_seqlens_host), spec)).abs().max() < FP64_TOL, name
     assert ("alibi" in feats) == (fake is fake_fa2) and ("sinks" in feats) == (fake is fake_fa4)
 
 
@@ -243,7 +247,7 @@ def test_torch_varlen_adapter_maps_the_spec(monkeypatch, fake, name):
     spec = SPECS[name]
     assert spec.features(4, 2) <= torch_varlen._features()
     got = torch_varlen.torch_varlen_attention(q, k, v, b, spec)
-    assert (got.double() - naive(q, k, v, list(b.cu_seqlens_host), spec)).abs().max() < 1e-5
+    assert (got.double() - naive(q, k, v, list(b.cu_seqlens_host), spec)).abs().max() < FP64_TOL
 
 
 def test_torch_varlen_on_this_torch_declares_its_real_signature():
