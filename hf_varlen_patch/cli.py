@@ -97,7 +97,8 @@ def _print_table(rows: list[Row], tol: float) -> None:
         "verdict",
     )
     widths = [max(len(h), 12) for h in header]
-    widths[0], widths[1] = 12, 16
+    widths[0] = max([12] + [len(r.model_type) for r in rows])
+    widths[1] = max([16] + [len(r.variant) for r in rows])
     print("  ".join(h.ljust(w) for h, w in zip(header, widths)))
     for r in rows:
         cells = (
