@@ -264,3 +264,14 @@ def test_length_dependent_rope_is_refused(model_type, rope):
     with pytest.raises(UnsupportedArchitectureError, match="dynamic"):
         hf_varlen_patch.apply(model)
     assert not hf_varlen_patch.is_patched(model)
+
+
+def test_falcon_alibi_with_many_heads_warns(caplog):
+    """Upstream rounds ALiBi products to bf16 above 8 heads; apply says so instead of hiding it."""
+    from hf_varlen_patch.patches._common import tiny_config
+
+    config = tiny_config("falcon", alibi=True, num_attention_heads=16, new_decoder_architecture=False)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    with caplog.at_level("WARNING", logger="hf_varlen_patch"):
+        hf_varlen_patch.apply(model)
+    assert any("bf16" in r.getMessage() and "16 heads" in r.getMessage() for r in caplog.records)
