@@ -38,8 +38,12 @@ def count_syncs(fn) -> tuple[int, int]:
     hits = [e for e in prof.events() if e.name in blocking]
     traced = len(hits)
     if SHOW_STACKS:
+        ops = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CPU and e.name not in blocking]
         for e in hits:
-            print(f"  blocking {e.name} from:", " <- ".join(reversed([f for f in e.stack if ".py" in f][-6:])))
+            start, end = e.time_range.start, e.time_range.end
+            enclosing = [o for o in ops if o.time_range.start <= start and o.time_range.end >= end]
+            names = [o.name for o in sorted(enclosing, key=lambda o: o.time_range.start)]
+            print(f"  blocking {e.name} inside: {' > '.join(names[-6:]) or '(no enclosing op)'}")
     torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
