@@ -190,7 +190,10 @@ def boundaries_for_positions(position_ids: Any) -> Boundaries | None:
     """
     if not isinstance(position_ids, torch.Tensor):
         return None
-    return _BY_POSITIONS.get(position_ids)
+    found = _BY_POSITIONS.get(position_ids)
+    if found is None or found[1] != position_ids._version:
+        return None  # never registered, or changed in place since (a reused buffer)
+    return found[0]
 
 
 _CURRENT: contextvars.ContextVar[Boundaries | None] = contextvars.ContextVar("hf_varlen_boundaries", default=None)
@@ -260,7 +263,9 @@ def make_entry_wrapper(*, check_inputs: bool, is_base: bool, is_top: bool, passe
     @torch.compiler.disable  # host-side bookkeeping: keep it out of compiled graphs
     def prepare(call: dict) -> Boundaries | None:
         """Edit ``call`` for a packed forward and return its boundaries (None: not packed)."""
-        boundaries = call.pop(BOUNDARIES_KWARG, None) or boundaries_for_positions(call.get("position_ids"))
+        # From an outer patched forward (kwarg or context), never from an earlier forward: a caller
+        # may reuse the same position_ids tensor with new contents.
+        boundaries = call.pop(BOUNDARIES_KWARG, None) or _CURRENT.get()
         if boundaries is None:
             boundaries = boundaries_for_call(call, check_inputs=check_inputs)
             if boundaries is None:
@@ -269,7 +274,7 @@ def make_entry_wrapper(*, check_inputs: bool, is_base: bool, is_top: bool, passe
                 call.pop(name, None)
         if call.get("position_ids") is None:
             call["position_ids"] = boundaries.position_ids()
-        _BY_POSITIONS[call["position_ids"]] = boundaries
+        _BY_POSITIONS[call["position_ids"]] = (boundaries, call["position_ids"]._version)
         if passes_kwargs:
             call[BOUNDARIES_KWARG] = boundaries
         if is_top and isinstance(call.get("labels"), torch.Tensor):

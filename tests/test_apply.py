@@ -275,3 +275,18 @@ def test_falcon_alibi_with_many_heads_warns(caplog):
     with caplog.at_level("WARNING", logger="hf_varlen_patch"):
         hf_varlen_patch.apply(model)
     assert any("bf16" in r.getMessage() and "16 heads" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2_moe", "falcon"])
+def test_a_reused_position_buffer_is_never_stale(model_type):
+    """Collators may refill one position_ids tensor in place: each forward derives fresh boundaries."""
+    model = hf_varlen_patch.apply(tiny_model(model_type)).eval()
+    first = make_packed_batch([[5, 9, 3]], model.config.vocab_size, seed=1)
+    second = make_packed_batch([[2, 8, 7]], model.config.vocab_size, seed=1)
+    buffer = first.position_ids.clone()
+    with torch.no_grad():
+        model(input_ids=first.input_ids, position_ids=buffer)
+        buffer.copy_(second.position_ids)
+        reused = model(input_ids=first.input_ids, position_ids=buffer).logits
+        fresh = model(input_ids=first.input_ids, position_ids=second.position_ids.clone()).logits
+    assert torch.equal(reused, fresh)
