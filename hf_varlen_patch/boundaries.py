@@ -29,8 +29,6 @@ class Boundaries:
         shape: (B, T) of the batch these boundaries describe.
         is_packed: whether some row holds more than one real sequence. When False the patched
             model runs exactly the upstream code path.
-        cu_seqlens_host: the same offsets as a tuple when they are known on the host without
-            a device sync (they are when built from position_ids), else None.
     """
 
     cu_seqlens: torch.Tensor
@@ -38,7 +36,6 @@ class Boundaries:
     seq_idx: torch.Tensor
     shape: tuple[int, int]
     is_packed: bool = True
-    cu_seqlens_host: tuple[int, ...] | None = None
     #: per-forward memo for backends (e.g. FlexAttention's block masks), never compared.
     cache: dict = field(default_factory=dict, repr=False)
 
@@ -119,7 +116,6 @@ class Boundaries:
             seq_idx=_to_device(seq_idx_host, device),
             shape=(batch, length),
             is_packed=is_packed,
-            cu_seqlens_host=tuple(cu_host.tolist()),
         )
 
     @classmethod
@@ -153,14 +149,12 @@ class Boundaries:
         cu = cu_seqlens.to(torch.int32)
         flat = torch.arange(total, device=cu.device, dtype=torch.int32)
         seq_idx = (torch.searchsorted(cu[1:], flat, right=True)).to(torch.int32)
-        host = tuple(cu.tolist()) if cu.device.type == "cpu" else None
         return cls(
             cu_seqlens=cu,
             max_seqlen=int(max_seqlen),
             seq_idx=seq_idx,
             shape=(batch, length),
             is_packed=True,
-            cu_seqlens_host=host,
         )
 
 

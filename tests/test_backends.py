@@ -70,7 +70,7 @@ def test_reference_backend_is_exact(name):
     q, k, v = _inputs()
     b = Boundaries.from_position_ids(POS)
     got = reference_attention(q, k, v, b, spec)
-    expected = naive(q, k, v, list(b.cu_seqlens_host), spec)
+    expected = naive(q, k, v, b.cu_seqlens.tolist(), spec)
     assert (got.double() - expected).abs().max() < FP64_TOL
 
 
@@ -90,7 +90,7 @@ def test_flex_backend_forward_matches(name):
     b = Boundaries.from_position_ids(POS)
     with torch.no_grad():
         got = flex.flex_varlen_attention(q, k, v, b, SPECS[name])
-    assert (got.double() - naive(q, k, v, list(b.cu_seqlens_host), SPECS[name])).abs().max() < FP64_TOL
+    assert (got.double() - naive(q, k, v, b.cu_seqlens.tolist(), SPECS[name])).abs().max() < FP64_TOL
 
 
 # ------------------------------------------------------------- adapters with fake kernels
@@ -202,7 +202,7 @@ def test_flash_adapter_maps_the_spec(fake, names):
             spec = SPECS[name]
             assert spec.features(4, 2) <= feats, name
             got = flash.flash_varlen_attention(q, k, v, b, spec)
-            assert (got.double() - naive(q, k, v, list(b.cu_seqlens_host), spec)).abs().max() < FP64_TOL, name
+            assert (got.double() - naive(q, k, v, b.cu_seqlens.tolist(), spec)).abs().max() < FP64_TOL, name
     assert ("alibi" in feats) == (fake is fake_fa2) and ("sinks" in feats) == (fake is fake_fa4)
 
 
@@ -247,7 +247,7 @@ def test_torch_varlen_adapter_maps_the_spec(monkeypatch, fake, name):
     spec = SPECS[name]
     assert spec.features(4, 2) <= torch_varlen._features()
     got = torch_varlen.torch_varlen_attention(q, k, v, b, spec)
-    assert (got.double() - naive(q, k, v, list(b.cu_seqlens_host), spec)).abs().max() < FP64_TOL
+    assert (got.double() - naive(q, k, v, b.cu_seqlens.tolist(), spec)).abs().max() < FP64_TOL
 
 
 def test_torch_varlen_on_this_torch_declares_its_real_signature():

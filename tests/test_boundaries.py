@@ -79,7 +79,7 @@ def test_from_cu_seqlens():
     b = Boundaries.from_cu_seqlens(cu, 3, shape=(1, 8))
     assert b.seq_idx.tolist() == [0, 0, 0, 1, 1, 2, 2, 2]
     assert b.position_ids().tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
-    assert b.max_seqlen == 3 and b.cu_seqlens_host == (0, 3, 5, 8)
+    assert b.max_seqlen == 3 and b.cu_seqlens.tolist() == [0, 3, 5, 8]
 
 
 @pytest.mark.parametrize(
