@@ -13,7 +13,7 @@ from .backends import BACKENDS
 from .errors import BackendUnavailableError, UnsupportedArchitectureError
 from .patching import Patcher, accepts_var_kwargs, make_entry_wrapper, nested_configs, own_config
 from .registry import PatchEntry, PatchOptions, lookup
-from .versions import check_versions, is_verified
+from .versions import check_versions, is_tested, tested_range_text
 
 __all__ = ["apply", "unapply", "is_patched", "find_hf_model"]
 
@@ -91,17 +91,7 @@ def apply(model: M, backend: str = "auto", *, check_inputs: bool = True) -> M:
         reason = entry.refuse(hf_model.config)
         if reason:
             raise UnsupportedArchitectureError(f"hf_varlen_patch cannot patch this {model_type} model: {reason}")
-    if not is_verified(entry.verified):
-        import transformers
-
-        logger.warning(
-            "hf_varlen_patch: the %s entry was verified on transformers %s, not %s; run "
-            "`hf-varlen-patch check %s` to confirm equivalence here.",
-            model_type,
-            ", ".join(entry.verified),
-            transformers.__version__,
-            model_type,
-        )
+    _warn_untested(model_type)
 
     patcher = Patcher()
     try:
@@ -111,6 +101,25 @@ def apply(model: M, backend: str = "auto", *, check_inputs: bool = True) -> M:
         raise
     patcher.set_attr(hf_model, STATE_ATTR, PatchState(entry, options, patcher))
     return model
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_untested(model_type: str) -> None:
+    """One line per model_type and process when transformers lies outside what CI tests."""
+    import transformers
+
+    if is_tested() or model_type in _WARNED:
+        return
+    _WARNED.add(model_type)
+    logger.warning(
+        "hf_varlen_patch: CI tests transformers %s, not %s; run `hf-varlen-patch check %s` to confirm "
+        "packed == separate here.",
+        tested_range_text(),
+        transformers.__version__,
+        model_type,
+    )
 
 
 def _patch(hf_model: torch.nn.Module, entry: PatchEntry, options: PatchOptions, patcher: Patcher) -> None:
@@ -138,7 +147,11 @@ def _patch(hf_model: torch.nn.Module, entry: PatchEntry, options: PatchOptions, 
         entry.patch(hf_model, patcher, options)
     for module, is_top, is_base in targets:
         wrapper = make_entry_wrapper(
-            check_inputs=options.check_inputs, is_base=is_base, is_top=is_top, passes_kwargs=passes_kwargs[id(module)]
+            check_inputs=options.check_inputs,
+            is_base=is_base,
+            is_top=is_top,
+            passes_kwargs=passes_kwargs[id(module)],
+            shifts_labels=entry.shifts_labels,
         )
         patcher.wrap_method(module, "forward", wrapper)
 

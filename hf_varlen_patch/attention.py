@@ -117,8 +117,9 @@ def varlen_attention(
     batch, num_heads, length, _ = query.shape
     if key.shape[2] != length:
         raise VarlenPatchError(
-            f"packed inputs need an empty cache: the keys hold {key.shape[2]} tokens for "
-            f"{length} queries. Pass use_cache=False or past_key_values=None for packed batches."
+            f"the keys hold {key.shape[2]} tokens for {length} queries: packed inputs need self-attention "
+            "over an empty cache (pass use_cache=False or no cache; cross-attention inputs such as "
+            "encoder_hidden_states cannot be packed)."
         )
     if (batch, length) != boundaries.shape:
         raise VarlenPatchError(

@@ -26,6 +26,17 @@ _MISSING = object()
 
 #: kwargs of DataCollatorWithFlattening(return_flash_attn_kwargs=True).
 COLLATOR_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+#: What the KV cache argument is called: ``past_key_values`` up to 5.23, ``cache`` from 5.24;
+#: ``past_key_value`` in some 4.57 attention classes.
+CACHE_KWARGS = ("past_key_values", "cache", "past_key_value")
+
+
+def cache_of(call: dict) -> Any:
+    """The KV cache a call carries, whatever this transformers release names it."""
+    for name in CACHE_KWARGS:
+        if call.get(name) is not None:
+            return call[name]
+    return None
 
 
 @dataclass
@@ -149,8 +160,8 @@ def boundaries_for_call(call: dict, *, check_inputs: bool) -> Boundaries | None:
                 "attention_mask has padding but cu_seq_lens_q/k were given; describe padding as a "
                 "sequence of its own in cu_seq_lens (or pass position_ids and the mask instead)."
             )
-        if not _cache_is_empty(call.get("past_key_values")):
-            raise VarlenPatchError("packed inputs (cu_seq_lens_q/k) need an empty past_key_values.")
+        if not _cache_is_empty(cache_of(call)):
+            raise VarlenPatchError("packed inputs (cu_seq_lens_q/k) need an empty cache (past_key_values).")
         return Boundaries.from_cu_seqlens(cu, max_len, shape=shape, check=check_inputs)
 
     position_ids = call.get("position_ids")
@@ -161,7 +172,7 @@ def boundaries_for_call(call: dict, *, check_inputs: bool) -> Boundaries | None:
     boundaries = Boundaries.from_position_ids(position_ids, shape=shape, attention_mask=mask)
     if not boundaries.is_packed:
         return None
-    if not _cache_is_empty(call.get("past_key_values")):
+    if not _cache_is_empty(cache_of(call)):
         raise VarlenPatchError(
             "position_ids restart inside a row while past_key_values already holds tokens; packed "
             "batches need an empty cache (pass use_cache=False or a fresh cache)."
@@ -169,12 +180,15 @@ def boundaries_for_call(call: dict, *, check_inputs: bool) -> Boundaries | None:
     return boundaries
 
 
-def mask_boundary_labels(labels: torch.Tensor, boundaries: Boundaries) -> torch.Tensor:
-    """Labels with -100 at every sequence start, so no loss term predicts across a boundary."""
+def mask_boundary_labels(labels: torch.Tensor, boundaries: Boundaries, *, shifted_inside: bool = True) -> torch.Tensor:
+    """Labels with -100 where a loss term would predict across a boundary: at every sequence
+    start for models that shift labels inside their loss, at every sequence end for models whose
+    ``labels[t]`` is the target of ``logits[t]`` (a row shifted as a whole)."""
     if labels.shape != torch.Size(boundaries.shape):
         return labels
+    where = boundaries.sequence_starts() if shifted_inside else boundaries.cu_seqlens[1:].to(torch.int64) - 1
     masked = labels.clone()
-    masked.view(-1).index_fill_(0, boundaries.sequence_starts().to(labels.device), -100)
+    masked.view(-1).index_fill_(0, where.to(labels.device), -100)
     return masked
 
 
@@ -251,7 +265,39 @@ def track_layer(patcher: Patcher, layer: torch.nn.Module) -> None:
     patcher.wrap_method(layer, "forward", wrapper)
 
 
-def make_entry_wrapper(*, check_inputs: bool, is_base: bool, is_top: bool, passes_kwargs: bool) -> Callable:
+def index_positions_per_sequence(patcher: Patcher, module: torch.nn.Module) -> None:
+    """Make a position-embedding module that numbers a row's tokens 0..T-1 (an ``arange`` inside
+    the model, ignoring ``position_ids``) restart at every sequence start in packed forwards.
+
+    Its output for a row holds the embeddings of positions 0..T-1 along dim -2; a packed forward
+    gathers, for each token, the row of its position within its own sequence (never beyond its
+    flat index, so always present). Works for learned, sinusoidal and offset tables alike; the
+    module's output is unchanged in unpacked forwards.
+    """
+
+    def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        out = wrapped(*args, **kwargs)
+        boundaries = _CURRENT.get()
+        if boundaries is None or out.ndim < 2:
+            return out
+        batch, length = boundaries.shape
+        if out.shape[-2] != length:
+            raise VarlenPatchError(
+                f"{type(instance).__name__} returned {out.shape[-2]} positions for rows of {length} tokens in a "
+                "packed forward; packed inputs need an empty cache."
+            )
+        positions = boundaries.position_ids().to(out.device)
+        table = out.reshape(-1, length, out.shape[-1]) if out.ndim == 2 else out
+        table = table.expand(batch, length, out.shape[-1]) if table.shape[0] == 1 else table
+        index = positions.unsqueeze(-1).expand(batch, length, out.shape[-1])
+        return table.gather(1, index)
+
+    patcher.wrap_method(module, "forward", wrapper)
+
+
+def make_entry_wrapper(
+    *, check_inputs: bool, is_base: bool, is_top: bool, passes_kwargs: bool, shifts_labels: bool = True
+) -> Callable:
     """The wrapt wrapper around a patched model's ``forward``.
 
     It derives the boundaries once (or takes them from an outer patched forward) and passes them
@@ -278,7 +324,7 @@ def make_entry_wrapper(*, check_inputs: bool, is_base: bool, is_top: bool, passe
         if passes_kwargs:
             call[BOUNDARIES_KWARG] = boundaries
         if is_top and isinstance(call.get("labels"), torch.Tensor):
-            call["labels"] = mask_boundary_labels(call["labels"], boundaries)
+            call["labels"] = mask_boundary_labels(call["labels"], boundaries, shifted_inside=shifts_labels)
         if is_base:
             batch, length = boundaries.shape
             call["attention_mask"] = (

@@ -28,27 +28,40 @@ class PatchEntry:
 
     Attributes:
         family: the module under ``patches/`` that declares it.
-        model_types: the ``config.model_type`` values it covers.
-        verified: transformers versions the equivalence tests passed on.
+        model_types: the ``config.model_type`` values it covers. CI runs every one of them on the
+            oldest and newest transformers it supports (``versions.TESTED_RANGE``).
         test_configs: model_type -> {variant name: tiny config} for tests and ``scan``; each
-            variant exercises a code path (sliding window, softcap, ...).
+            variant exercises a code path (sliding window, softcap, ...). Default: the tiny twin
+            of the model_type's default config (``{"twin": tiny_config(model_type)}``).
         generic: route attention through the registered AttentionInterface function (a bool,
             or ``model -> bool`` where it depends on the transformers version).
         patch: extra instance-level changes ``(model, patcher, options) -> None`` where the
             generic route is not enough (positions, ALiBi, attention classes, ...).
         refuse: ``config -> reason`` for configurations the entry cannot make correct.
+        shifts_labels: the model shifts ``labels`` inside its loss (``labels[t]`` is the target of
+            ``logits[t-1]``), so each sequence start is masked; False for models whose
+            ``labels[t]`` is the target of ``logits[t]`` (``BartForCausalLM`` and kin): there
+            each sequence's last label is masked instead.
         notes: one line for the README table.
     """
 
     family: str
     model_types: tuple[str, ...]
-    verified: tuple[str, ...]
-    test_configs: Callable[[str], dict[str, Any]]
+    test_configs: Callable[[str], dict[str, Any]] | None = None
     generic: bool | Callable[[torch.nn.Module], bool] = True
     patch: Callable[[torch.nn.Module, Any, PatchOptions], None] | None = None
     refuse: Callable[[Any], str | None] | None = None
+    shifts_labels: bool = True
     notes: str = ""
     extra: dict = field(default_factory=dict)
+
+    def variants(self, model_type: str) -> dict[str, Any]:
+        """{variant name: tiny config} to test ``model_type`` with."""
+        if self.test_configs is not None:
+            return self.test_configs(model_type)
+        from .twins import tiny_config
+
+        return {"twin": tiny_config(model_type)}
 
 
 REGISTRY: dict[str, PatchEntry] = {}

@@ -28,6 +28,7 @@ __all__ = [
     "run_separate",
     "run_packed",
     "relative_errors",
+    "model_shifts_labels",
     "Run",
     "packed_layouts",
 ]
@@ -35,7 +36,7 @@ __all__ = [
 
 def test_variants(model_type: str) -> dict[str, Any]:
     """{variant name: tiny config} that the registry entry declares for ``model_type``."""
-    return lookup(model_type).test_configs(model_type)
+    return lookup(model_type).variants(model_type)
 
 
 test_variants.__test__ = False  # not a pytest test despite the name
@@ -82,6 +83,14 @@ class PackedBatch:
     labels: torch.Tensor
     spans: list[tuple[int, int, int]]
     sequences: list[torch.Tensor] = field(repr=False)
+
+    def shifted_labels(self) -> torch.Tensor:
+        """Labels for models that do not shift inside their loss (``labels[t]`` targets
+        ``logits[t]``): every sequence shifted on its own, its last token -100."""
+        labels = torch.full_like(self.input_ids, -100)
+        for (row, start, n), seq in zip(self.spans, self.sequences):
+            labels[row, start : start + n - 1] = seq[1:].to(labels.device)
+        return labels
 
     def to(self, device: str | torch.device) -> PackedBatch:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
@@ -182,9 +191,31 @@ def _model_device(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def model_shifts_labels(model: torch.nn.Module) -> bool:
+    """Whether ``model`` shifts ``labels`` inside its loss (most causal LMs); False for the
+    decoders whose ``labels[t]`` is the target of ``logits[t]`` (their registry entry says so)."""
+    from .api import STATE_ATTR, find_hf_model
+    from .registry import REGISTRY, _load_entries
+
+    hf_model = find_hf_model(model)
+    state = vars(hf_model).get(STATE_ATTR)
+    if state is not None:
+        return state.entry.shifts_labels
+    _load_entries()
+    entry = REGISTRY.get(getattr(hf_model.config, "model_type", None))
+    return True if entry is None else entry.shifts_labels
+
+
+def _own_labels(seq: torch.Tensor, shifts: bool) -> torch.Tensor:
+    if shifts:
+        return seq[None]
+    return torch.cat([seq[1:], seq.new_full((1,), -100)])[None]
+
+
 def run_separate(model: torch.nn.Module, batch: PackedBatch, *, grads: bool = True) -> Run:
     """Each sequence of ``batch`` alone (no cache), as the ground truth."""
     batch = batch.to(_model_device(model))
+    shifts = model_shifts_labels(model)
     denom = max(sum(max(n - 1, 0) for _, _, n in batch.spans), 1)
     model.zero_grad(set_to_none=True)
     logits_out, loss_sum, model_loss = [], 0.0, 0.0
@@ -198,7 +229,7 @@ def run_separate(model: torch.nn.Module, batch: PackedBatch, *, grads: bool = Tr
         loss_sum += float(loss.detach())
         if seq.numel() > 1:
             with torch.no_grad():
-                own = model(input_ids=seq[None], labels=seq[None], use_cache=False).loss
+                own = model(input_ids=seq[None], labels=_own_labels(seq, shifts), use_cache=False).loss
             model_loss += float(own) * (seq.numel() - 1) / denom
     return Run(logits_out, loss_sum, model_loss, _grads(model) if grads else {})
 
@@ -221,7 +252,8 @@ def run_packed(
     model_loss = None
     if any(n > 1 for _, _, n in batch.spans):
         with torch.no_grad():
-            model_loss = float(model(**inputs, labels=batch.labels, **extra).loss)
+            labels = batch.labels if model_shifts_labels(model) else batch.shifted_labels()
+            model_loss = float(model(**inputs, labels=labels, **extra).loss)
     return Run([p.detach().float() for p in pieces], float(loss.detach()), model_loss, _grads(model) if grads else {})
 
 

@@ -11,6 +11,9 @@ from .errors import UnsupportedVersionError
 #: (major, minor) pairs; a whole major is written (major, None).
 SUPPORTED_TRANSFORMERS = ((4, 57), (5, None))
 MIN_TORCH = Version("2.5")
+#: The oldest and newest transformers releases CI runs every registered entry on. A release
+#: between them (say 5.17) is covered; one outside gets a one-line warning.
+TESTED_RANGE = (Version("4.57.6"), Version("5.24.0"))
 
 
 def transformers_version() -> Version:
@@ -32,7 +35,13 @@ def check_versions() -> None:
         )
 
 
-def is_verified(verified: tuple[str, ...]) -> bool:
-    """Whether the installed transformers matches a verified version (exact, or a 'X.Y' prefix)."""
-    installed = transformers.__version__
-    return any(installed == v or installed.startswith(v + ".") for v in verified)
+def is_tested(version: str | None = None) -> bool:
+    """Whether ``version`` (default: the installed transformers) lies in :data:`TESTED_RANGE`."""
+    release = Version(Version(version or transformers.__version__).base_version)
+    low, high = TESTED_RANGE
+    return low <= release <= high
+
+
+def tested_range_text() -> str:
+    low, high = TESTED_RANGE
+    return f"{low} to {high}"

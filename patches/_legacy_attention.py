@@ -28,7 +28,7 @@ import torch
 from hf_varlen_patch.attention import BOUNDARIES_KWARG, is_packed_mask_placeholder, varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.errors import VarlenPatchError
-from hf_varlen_patch.patching import Patcher, boundaries_for_positions, call_as_kwargs
+from hf_varlen_patch.patching import Patcher, boundaries_for_positions, cache_of, call_as_kwargs
 
 __all__ = [
     "Attend",
@@ -57,11 +57,6 @@ class PackedOutputAttentionsError(VarlenPatchError, NotImplementedError):
 def modeling_module(instance: torch.nn.Module):
     """The ``modeling_*`` module that defines ``instance``'s class (for its rotary helpers)."""
     return sys.modules[type(instance).__module__]
-
-
-def _past(call: dict) -> Any:
-    past = call.get("past_key_values")
-    return call.get("past_key_value") if past is None else past
 
 
 def pass_boundaries(
@@ -114,7 +109,7 @@ def packed_attention(
                 "output_attentions=True is not available with packed inputs (the varlen kernels build no "
                 "attention matrix); unpack the batch to inspect attention weights."
             )
-        past = _past(call)
+        past = cache_of(call)
 
         def attend(q, k, v, spec: AttentionSpec, cache_kwargs: dict | None = None) -> torch.Tensor:
             if past is not None:

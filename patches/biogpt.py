@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._common import VERIFIED, tiny_config
+from ._common import tiny_config
 
 
 def _configs(model_type: str) -> dict:
@@ -30,7 +30,6 @@ register(
     PatchEntry(
         family="biogpt",
         model_types=("biogpt",),
-        verified=VERIFIED,
         test_configs=_configs,
         notes="scaled embeddings; learned positions (offset 2) from position_ids; attention via AttentionInterface",
     )

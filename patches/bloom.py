@@ -39,7 +39,6 @@ from ._alibi import (
     remember,
     update_cache,
 )
-from ._common import VERIFIED
 
 
 def _configs(model_type: str) -> dict:
@@ -137,7 +136,6 @@ register(
     PatchEntry(
         family="bloom",
         model_types=("bloom",),
-        verified=VERIFIED,
         test_configs=_configs,
         generic=False,
         patch=_patch,

@@ -20,7 +20,7 @@ from hf_varlen_patch.errors import VarlenPatchError
 from hf_varlen_patch.patching import call_as_kwargs, current_boundaries, track_layer
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._common import VERIFIED, tiny_config
+from ._common import tiny_config
 
 
 def _configs(model_type: str) -> dict:
@@ -76,7 +76,6 @@ register(
     PatchEntry(
         family="ctrl",
         model_types=("ctrl",),
-        verified=VERIFIED,
         test_configs=_configs,
         generic=lambda model: not _legacy(model),
         patch=_patch,

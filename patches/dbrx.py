@@ -13,7 +13,6 @@ from __future__ import annotations
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._common import VERIFIED
 from ._legacy_attention import keep_packed_mask, modeling_module, packed_attention, refuse_length_dependent_rope
 
 
@@ -73,7 +72,6 @@ register(
     PatchEntry(
         family="dbrx",
         model_types=("dbrx",),
-        verified=VERIFIED,
         test_configs=_configs,
         refuse=refuse_length_dependent_rope,
         generic=lambda model: not _legacy(model),

@@ -40,7 +40,6 @@ from hf_varlen_patch.patching import boundaries_for_positions, call_as_kwargs
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._alibi import SlopeCache, check_packed_call, update_cache
-from ._common import VERIFIED
 
 logger = logging.getLogger("hf_varlen_patch")
 
@@ -198,7 +197,6 @@ register(
     PatchEntry(
         family="falcon",
         model_types=("falcon",),
-        verified=VERIFIED,
         test_configs=_configs,
         generic=False,
         patch=_patch,

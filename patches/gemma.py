@@ -8,7 +8,7 @@ import logging
 from hf_varlen_patch.attention import parse_implementation
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._common import VERIFIED, tiny_config
+from ._common import tiny_config
 
 logger = logging.getLogger("hf_varlen_patch")
 
@@ -61,7 +61,6 @@ register(
     PatchEntry(
         family="gemma",
         model_types=("gemma", "gemma2", "gemma3_text"),
-        verified=VERIFIED,
         test_configs=_configs,
         patch=_warn_sdpa_softcap,
         notes="rotary; softcap (gemma2) and sliding-window layers (gemma2, gemma3)",

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._common import VERIFIED, tiny_config
+from ._common import tiny_config
 
 
 def _configs(model_type: str) -> dict:
@@ -16,7 +16,6 @@ register(
     PatchEntry(
         family="gpt2",
         model_types=("gpt2",),
-        verified=VERIFIED,
         test_configs=_configs,
         notes="learned positions from position_ids; attention via AttentionInterface",
     )

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._common import VERIFIED, tiny_config
+from ._common import tiny_config
 
 _NO_DROPOUT = dict(attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, n_inner=96, bos_token_id=1, eos_token_id=2)
 
@@ -35,7 +35,6 @@ register(
     PatchEntry(
         family="gpt_bigcode",
         model_types=("gpt_bigcode",),
-        verified=VERIFIED,
         test_configs=_configs,
         refuse=_refuse,
         notes="learned positions; multi-query or multi-head attention via AttentionInterface",

@@ -20,7 +20,7 @@ from hf_varlen_patch.boundaries import Boundaries
 from hf_varlen_patch.patching import current_boundaries, track_layer
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._common import VERIFIED, tiny_config
+from ._common import tiny_config
 from .gptj import patch_attn_method
 
 
@@ -83,7 +83,6 @@ register(
     PatchEntry(
         family="gpt_neo",
         model_types=("gpt_neo",),
-        verified=VERIFIED,
         test_configs=_configs,
         generic=False,
         patch=_patch,

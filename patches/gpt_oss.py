@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._common import VERIFIED, tiny_config
+from ._common import tiny_config
 from ._legacy_attention import refuse_length_dependent_rope
 
 
@@ -34,7 +34,6 @@ register(
     PatchEntry(
         family="gpt_oss",
         model_types=("gpt_oss",),
-        verified=VERIFIED,
         test_configs=_configs,
         refuse=refuse_length_dependent_rope,
         notes="rotary; attention sinks and alternating sliding-window layers via AttentionInterface; MoE",

@@ -1,7 +1,8 @@
 """GPT-J and CodeGen: rotary (partial, ``rotary_dim``) from ``position_ids``, attention in the
-module's own ``_attn`` method.
+module's own ``_attn`` method up to transformers 5.23; from 5.24 through the AttentionInterface
+(the generic route).
 
-On both transformers lines (4.57, 5.x) the attention classes are picked by name at construction
+Up to 5.23 the attention classes are picked by name at construction
 (``GPTJ_ATTENTION_CLASSES``; CodeGen has one class) and never call the AttentionInterface, and
 the 4.57 GPT-J base model takes no ``**kwargs``. What does reach every attention module is the
 ``position_ids`` tensor the patched forward registered, so on this instance:
@@ -32,7 +33,7 @@ from hf_varlen_patch.errors import VarlenPatchError
 from hf_varlen_patch.patching import boundaries_for_positions, call_as_kwargs
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._common import VERIFIED, tiny_config
+from ._common import tiny_config
 
 #: (attention module, boundaries) of the packed attention forward running now.
 _PACKED: contextvars.ContextVar[tuple[torch.nn.Module, Boundaries] | None] = contextvars.ContextVar(
@@ -102,7 +103,15 @@ def _by_positions(call: dict) -> Boundaries | None:
     return boundaries_for_positions(call.get("position_ids"))
 
 
+def _legacy(model) -> bool:
+    """Up to 5.23 the attention computes itself in ``_attn``; from 5.24 it calls the
+    AttentionInterface (and the generic route is all it needs)."""
+    return hasattr(model.base_model.h[0].attn, "_attn")
+
+
 def _patch(model, patcher, options) -> None:
+    if not _legacy(model):
+        return
     for block in model.base_model.h:
         attn = block.attn
         patch_attn_method(
@@ -136,10 +145,10 @@ register(
     PatchEntry(
         family="gptj",
         model_types=("gptj", "codegen"),
-        verified=VERIFIED,
         test_configs=_configs,
-        generic=False,
+        generic=lambda model: not _legacy(model),
         patch=_patch,
-        notes="partial rotary from position_ids; attention modules' forward and _attn wrapped per instance",
+        notes="partial rotary from position_ids; up to 5.23 attention modules' forward and _attn wrapped per "
+        "instance, from 5.24 attention via AttentionInterface",
     )
 )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._common import VERIFIED, tiny_config
+from ._common import tiny_config
 from ._legacy_attention import keep_packed_mask, pass_boundaries, refuse_length_dependent_rope
 
 
@@ -43,7 +43,6 @@ register(
     PatchEntry(
         family="granitemoe",
         model_types=("granitemoe",),
-        verified=VERIFIED,
         test_configs=_configs,
         refuse=refuse_length_dependent_rope,
         patch=_patch,

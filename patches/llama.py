@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._common import VERIFIED, tiny_config
+from ._common import tiny_config
 from ._legacy_attention import refuse_length_dependent_rope
 
 WINDOW = 8  # shorter than the test sequences, so the window is exercised
@@ -44,7 +44,6 @@ register(
     PatchEntry(
         family="llama",
         model_types=("llama", "mistral", "mixtral", "qwen2", "qwen3", "phi3", "starcoder2"),
-        verified=VERIFIED,
         test_configs=_configs,
         refuse=refuse_length_dependent_rope,
         notes="rotary; attention via AttentionInterface (sliding window where configured)",

@@ -27,11 +27,10 @@ from functools import partial
 from hf_varlen_patch.attention import varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.errors import VarlenPatchError
-from hf_varlen_patch.patching import call_as_kwargs, current_boundaries
+from hf_varlen_patch.patching import cache_of, call_as_kwargs, current_boundaries
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._alibi import SlopeCache, check_packed_call, packed_mask_wrapper, recall, remember, update_cache
-from ._common import VERIFIED
 
 
 def _config(**attn_config):
@@ -92,7 +91,7 @@ def _packed_attention_forward(wrapped, instance, args, kwargs, *, backend: str, 
     query, key, value = (
         t.reshape(batch, length, instance.n_heads, instance.head_dim).transpose(1, 2) for t in mixed.chunk(3, dim=2)
     )
-    key, value = update_cache(call.get("past_key_values"), key, value, instance.layer_idx, call)
+    key, value = update_cache(cache_of(call), key, value, instance.layer_idx, call)
     spec = AttentionSpec(
         causal=True,
         scale=instance.softmax_scale,
@@ -123,7 +122,6 @@ register(
     PatchEntry(
         family="mpt",
         model_types=("mpt",),
-        verified=VERIFIED,
         test_configs=_configs,
         generic=False,
         patch=_patch,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._common import VERIFIED, tiny_config
+from ._common import tiny_config
 from ._legacy_attention import modeling_module, packed_attention, refuse_length_dependent_rope
 
 
@@ -54,7 +54,6 @@ register(
     PatchEntry(
         family="olmoe",
         model_types=("olmoe",),
-        verified=VERIFIED,
         test_configs=_configs,
         refuse=refuse_length_dependent_rope,
         generic=lambda model: not _legacy(model),

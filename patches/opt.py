@@ -15,7 +15,7 @@ from __future__ import annotations
 from hf_varlen_patch.patching import accepts_var_kwargs, make_entry_wrapper
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._common import VERIFIED, tiny_config
+from ._common import tiny_config
 
 
 def _configs(model_type: str) -> dict:
@@ -44,7 +44,6 @@ register(
     PatchEntry(
         family="opt",
         model_types=("opt",),
-        verified=VERIFIED,
         test_configs=_configs,
         patch=_patch,
         notes="learned positions (offset 2) from position_ids; attention via AttentionInterface",

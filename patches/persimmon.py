@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._common import VERIFIED, tiny_config
+from ._common import tiny_config
 from ._legacy_attention import keep_packed_mask, refuse_length_dependent_rope
 
 
@@ -27,7 +27,6 @@ register(
     PatchEntry(
         family="persimmon",
         model_types=("persimmon",),
-        verified=VERIFIED,
         test_configs=_configs,
         refuse=refuse_length_dependent_rope,
         patch=_patch,

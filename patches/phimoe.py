@@ -23,7 +23,7 @@ from hf_varlen_patch.boundaries import Boundaries
 from hf_varlen_patch.patching import boundaries_for_positions, call_as_kwargs
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._common import VERIFIED, tiny_config
+from ._common import tiny_config
 from ._legacy_attention import modeling_module, packed_attention, pass_boundaries, refuse_length_dependent_rope
 
 WINDOW = 8
@@ -158,7 +158,6 @@ register(
     PatchEntry(
         family="phimoe",
         model_types=("phimoe",),
-        verified=VERIFIED,
         test_configs=_configs,
         generic=lambda model: not _legacy(model),
         patch=_patch,

@@ -12,7 +12,7 @@ from __future__ import annotations
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._common import VERIFIED, tiny_config
+from ._common import tiny_config
 from ._legacy_attention import modeling_module, packed_attention
 
 
@@ -69,7 +69,6 @@ register(
     PatchEntry(
         family="qwen2_moe",
         model_types=("qwen2_moe",),
-        verified=VERIFIED,
         test_configs=_configs,
         generic=lambda model: not _legacy(model),
         patch=_patch,

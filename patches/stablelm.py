@@ -15,7 +15,7 @@ import torch
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._common import VERIFIED, tiny_config
+from ._common import tiny_config
 from ._legacy_attention import modeling_module, packed_attention, pass_boundaries, refuse_length_dependent_rope
 
 
@@ -67,7 +67,6 @@ register(
     PatchEntry(
         family="stablelm",
         model_types=("stablelm",),
-        verified=VERIFIED,
         test_configs=_configs,
         refuse=refuse_length_dependent_rope,
         generic=lambda model: not _legacy(model),

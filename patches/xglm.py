@@ -20,10 +20,10 @@ import torch
 from hf_varlen_patch.attention import BOUNDARIES_KWARG, varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.errors import VarlenPatchError
-from hf_varlen_patch.patching import call_as_kwargs, current_boundaries, track_layer
+from hf_varlen_patch.patching import cache_of, call_as_kwargs, current_boundaries, track_layer
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._common import VERIFIED, tiny_config
+from ._common import tiny_config
 
 
 def _configs(model_type: str) -> dict:
@@ -63,7 +63,7 @@ def _packed_attention_forward(wrapped, instance, args, kwargs, *, backend: str):
     q = (instance.q_proj(hidden) * instance.scaling).view(shape).transpose(1, 2)
     k = instance.k_proj(hidden).view(shape).transpose(1, 2)
     v = instance.v_proj(hidden).view(shape).transpose(1, 2)
-    past = call.get("past_key_values")
+    past = cache_of(call)
     if past is not None:
         past = getattr(past, "self_attention_cache", past)  # EncoderDecoderCache
         k, v = past.update(k, v, instance.layer_idx, {"cache_position": call.get("cache_position")})
@@ -84,7 +84,6 @@ register(
     PatchEntry(
         family="xglm",
         model_types=("xglm",),
-        verified=VERIFIED,
         test_configs=_configs,
         generic=False,
         patch=_patch,

@@ -1,0 +1,546 @@
+"""Tiny twins: shrink any causal-LM config to CPU-test size, keeping what changes the maths.
+
+A twin has the same config class, hence the same model classes, as the original; only sizes
+change (widths, heads, layers, experts, vocabulary, windows). Every flag that changes attention
+or positions survives: layer types, sliding windows (shrunk below the test lengths so they bite),
+softcaps, sinks, rope type and partial rotary, MLA ranks, MoE routing, q/k norms, ALiBi, parallel
+residuals, multipliers. Dropouts and router jitter are switched off (they would make two runs
+differ for reasons other than packing).
+
+Families whose config cannot be shrunk generically declare overrides in their ``patches/`` module
+with :func:`register_twin_overrides`; the twin applies them last.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "tiny_config",
+    "register_twin_overrides",
+    "twin_overrides",
+    "TwinError",
+    "config_fingerprint",
+    "dropped_flags",
+]
+
+#: Target sizes of a twin.
+HIDDEN = 64
+HEADS = 4
+HEAD_DIM = 16
+LAYERS = 2
+VOCAB = 128
+EXPERTS = 8
+TOP_K = 2
+WINDOW = 8  # shorter than the test sequences, so windows and chunks are exercised
+MAX_POSITIONS = 1024
+
+#: Widths that follow the hidden size (scaled by their ratio to it).
+HIDDEN_KEYS = ("hidden_size", "d_model", "n_embd", "dim", "emb_dim", "embed_dim", "model_dim", "embedding_dim")
+WIDTH_KEYS = (
+    "intermediate_size",
+    "moe_intermediate_size",
+    "shared_expert_intermediate_size",
+    "shared_intermediate_size",
+    "shared_experts_intermediate_size",
+    "moe_shared_expert_intermediate_size",
+    "dense_intermediate_size",
+    "intermediate_size_mlp",
+    "expert_ffn_hidden_size",
+    "ffn_hidden_size",
+    "decoder_ffn_dim",
+    "encoder_ffn_dim",
+    "ffn_dim",
+    "n_inner",
+    "d_ff",
+    "dim_ff",
+    "dff",
+    "d_inner",
+    "feed_forward_size",
+    "kv_lora_rank",
+    "q_lora_rank",
+    "o_lora_rank",
+    "embedding_size",
+    "word_embed_proj_dim",
+    "hidden_size_per_layer_input",
+    "backbone_hidden_size",
+    "attention_hidden_size",
+    "router_hidden_size",
+    "laurel_rank",
+    "gated_norm_rank",
+    "loop_gate_rank",
+    "input_embedding_size",
+    "output_embedding_size",
+    "lru_width",
+    "pronunciation_embed_dim",
+    "shape_embed_dim",
+    "ple_embed_dim",
+)
+#: Per-head widths (scaled by their ratio to the original head dim).
+HEAD_DIM_KEYS = (
+    "head_dim",
+    "qk_rope_head_dim",
+    "qk_nope_head_dim",
+    "qk_head_dim",
+    "v_head_dim",
+    "index_head_dim",
+    "swa_head_dim",
+    "kv_channels",
+    "d_head",
+    "dim_head",
+    "attention_head_dim",
+    "attention_head_size",
+    "linear_key_head_dim",
+    "linear_value_head_dim",
+    "linear_head_dim",
+    "mamba_d_head",
+    "mamba_head_dim",
+    "mamba_headdim",
+    "rotary_dim",
+)
+HEAD_KEYS = ("num_attention_heads", "n_head", "n_heads", "num_heads", "decoder_attention_heads", "attention_heads")
+KV_HEAD_KEYS = ("num_key_value_heads", "num_kv_heads", "multi_query_group_num", "num_query_groups", "n_kv_heads")
+SECONDARY_HEAD_KEYS = (
+    "swa_num_attention_heads",
+    "swa_num_key_value_heads",
+    "index_n_heads",
+    "linear_num_key_heads",
+    "linear_num_value_heads",
+    "linear_num_heads",
+    "mamba_n_heads",
+    "mamba_num_heads",
+    "n_mamba_heads",
+    "encoder_attention_heads",
+)
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers", "encoder_layers")
+VOCAB_KEYS = ("vocab_size",)
+EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "moe_k", "num_experts_per_token", "top_k")
+WINDOW_KEYS = (
+    "sliding_window",
+    "sliding_window_size",
+    "attention_window_size",
+    "local_attention_window_len",
+    "attention_chunk_size",
+    "window_size",
+)
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_target_positions")
+ZERO_KEYS = ("router_jitter_noise", "input_jitter_noise", "layerdrop", "decoder_layerdrop", "encoder_layerdrop")
+
+#: Keys that a twin changes on purpose (sizes); any other difference is a dropped flag.
+SIZE_KEYS = frozenset(
+    HIDDEN_KEYS
+    + WIDTH_KEYS
+    + HEAD_DIM_KEYS
+    + HEAD_KEYS
+    + KV_HEAD_KEYS
+    + SECONDARY_HEAD_KEYS
+    + LAYER_KEYS
+    + VOCAB_KEYS
+    + EXPERT_KEYS
+    + TOP_K_KEYS
+    + WINDOW_KEYS
+    + POSITION_KEYS
+    + ZERO_KEYS
+    + (
+        "layer_types",
+        "n_group",
+        "num_expert_group",
+        "topk_group",
+        "first_k_dense_replace",
+        "n_shared_experts",
+        "num_shared_experts",
+        "moe_num_shared_experts",
+        "num_nextn_predict_layers",
+        "mlp_only_layers",
+        "max_window_layers",
+        "num_dense_layers",
+        "initializer_range",
+        "_attn_implementation_autoset",
+        "transformers_version",
+    )
+)
+
+_OVERRIDES: dict[str, Callable[[Any], dict[str, Any]]] = {}
+
+
+class TwinError(ValueError):
+    """A config that cannot be shrunk to a twin (the message says why)."""
+
+
+def register_twin_overrides(model_types: Iterable[str], overrides: dict[str, Any] | Callable[[Any], dict]) -> None:
+    """Declare what generic shrinking gets wrong for ``model_types``: a dict of config values, or
+    ``original_config -> dict``. Applied after the generic shrink."""
+    fn = overrides if callable(overrides) else (lambda _config, _o=dict(overrides): dict(_o))
+    for model_type in model_types:
+        _OVERRIDES[model_type] = fn
+
+
+def twin_overrides(model_type: str) -> Callable[[Any], dict[str, Any]] | None:
+    _load_entries()
+    return _OVERRIDES.get(model_type)
+
+
+def _load_entries() -> None:
+    from .registry import _load_entries as load
+
+    load()
+
+
+def _even(x: float, minimum: int = 2) -> int:
+    return max(minimum, 2 * round(x / 2))
+
+
+def _multiple_of_8(x: float) -> int:
+    return max(8, 8 * math.ceil(x / 8))
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _first(d: dict, keys: Iterable[str]) -> tuple[str | None, Any]:
+    for k in keys:
+        if _is_int(d.get(k)):
+            return k, d[k]
+    return None, None
+
+
+#: Layer patterns given by a formula over the layer index: a twin keeps a prefix that holds one
+#: full period (plus offset), since selected layers would change their index.
+PERIOD_KEYS = (
+    "decoder_sparse_step",
+    "interleave_moe_layer_step",
+    "moe_layer_interval",
+    "expert_layer_period",
+    "attn_layer_period",
+    "sliding_window_pattern",
+    "_sliding_window_pattern",
+    "no_rope_layer_interval",
+    "global_attn_every_n_layers",
+)
+OFFSET_KEYS = ("expert_layer_offset", "attn_layer_offset", "moe_layer_start_index")
+
+
+def _per_layer_lists(d: dict, layers: int) -> list[str]:
+    return [k for k, v in d.items() if isinstance(v, list) and len(v) == layers and layers > 1]
+
+
+def _per_layer_dicts(d: dict, layers: int) -> list[str]:
+    out = []
+    for k, v in d.items():
+        if isinstance(v, dict) and v and all(str(i).isdigit() and int(i) < layers for i in v):
+            out.append(k)
+    return out
+
+
+def _layer_id_lists(d: dict, layers: int, skip: list[str]) -> list[str]:
+    out = []
+    for k, v in d.items():
+        if k in skip or "layer" not in k or not isinstance(v, list) or not v:
+            continue
+        if all(_is_int(i) and 0 <= i < layers for i in v) and v == sorted(set(v)):
+            out.append(k)
+    return out
+
+
+def _kept_layers(d: dict, layers: int) -> list[int]:
+    """Original indices of the layers a twin keeps: the first of each distinct kind, at least
+    ``LAYERS``; a contiguous prefix when a formula over the index decides the kind."""
+    lists = _per_layer_lists(d, layers)
+    dicts = _per_layer_dicts(d, layers)
+    ids = _layer_id_lists(d, layers, lists)
+    dense = max((d[k] for k in ("first_k_dense_replace", "num_dense_layers") if _is_int(d.get(k))), default=0)
+
+    def kind(i: int) -> tuple:
+        return (
+            tuple(str(d[k][i]) for k in lists),
+            tuple(str(d[k].get(str(i), d[k].get(f"{i:02d}", d[k].get(i)))) for k in dicts),
+            tuple(i in d[k] for k in ids),
+            i < dense,
+        )
+
+    kept, seen = [], set()
+    for i in range(layers):
+        if kind(i) not in seen:
+            seen.add(kind(i))
+            kept.append(i)
+    for i in range(layers):
+        if len(kept) >= LAYERS:
+            break
+        if i not in kept:
+            kept.append(i)
+    kept.sort()
+    period = max((d[k] for k in PERIOD_KEYS if _is_int(d.get(k))), default=0)
+    offset = max((d[k] for k in OFFSET_KEYS if _is_int(d.get(k))), default=0)
+    if period > 1:
+        prefix = max(period + offset, kept[-1] + 1)
+        kept = list(range(min(layers, prefix)))
+    return kept
+
+
+def _select_layers(d: dict, out: dict, layers: int, kept: list[int], scale: _Scale) -> None:
+    """Rewrite every per-layer list, dict and index list of ``d`` into ``out`` for ``kept``."""
+    lists = _per_layer_lists(d, layers)
+    for k in lists:
+        values = [out[k][i] if isinstance(out.get(k), list) and len(out[k]) == layers else d[k][i] for i in kept]
+        out[k] = values
+    for k in _per_layer_dicts(d, layers):
+        remapped = {}
+        for new, old in enumerate(kept):
+            for key in (str(old), f"{old:02d}", old):
+                if key in d[k]:
+                    width = len(key) if isinstance(key, str) else 0
+                    name = f"{new:0{width}d}" if width else new
+                    value = d[k][key]
+                    remapped[name] = _shrink_dict(value, top=False, context=scale) if isinstance(value, dict) else value
+                    break
+        out[k] = remapped
+    for k in _layer_id_lists(d, layers, lists):
+        out[k] = [new for new, old in enumerate(kept) if old in d[k]]
+
+
+@dataclass(frozen=True)
+class _Scale:
+    """The original sizes that proportional rules scale from."""
+
+    hidden: int | None
+    heads: int | None
+    head_dim: int | None
+
+    @classmethod
+    def of(cls, d: dict, parent: _Scale | None = None) -> _Scale:
+        _, hidden = _first(d, HIDDEN_KEYS)
+        _, heads = _first(d, HEAD_KEYS)
+        head_dim = d.get("head_dim") if _is_int(d.get("head_dim")) else None
+        hidden = hidden or (parent.hidden if parent else None)
+        heads = heads or (parent.heads if parent else None)
+        if head_dim is None and parent and parent.head_dim:
+            head_dim = parent.head_dim
+        elif head_dim is None and hidden and heads:
+            head_dim = hidden // heads
+        return cls(hidden, heads, head_dim)
+
+
+def _shrink_value(key: str, value: Any, scale: _Scale) -> Any:
+    """The twin's value for one size key (lists element-wise); other keys come back unchanged."""
+    if isinstance(value, list):
+        return [_shrink_value(key, v, scale) for v in value]
+    if isinstance(value, float) and ("dropout" in key or "pdrop" in key or key in ZERO_KEYS):
+        return 0.0
+    if not _is_int(value):
+        return value
+    if key in ZERO_KEYS:
+        return 0
+    if key in HIDDEN_KEYS:
+        return HIDDEN if value > HIDDEN else value
+    if key in WIDTH_KEYS and scale.hidden and scale.hidden > HIDDEN and value > 8:
+        return _multiple_of_8(value * HIDDEN / scale.hidden)
+    if key in HEAD_KEYS or "num_attention_heads" in key:
+        return HEADS if value > HEADS else value
+    if key in KV_HEAD_KEYS or "key_value_heads" in key:
+        if value <= 0 or not scale.heads or scale.heads <= HEADS:
+            return value
+        return HEADS if value >= scale.heads else (1 if value == 1 else 2)
+    if key in SECONDARY_HEAD_KEYS:
+        return value if value <= HEADS else (HEADS if scale.heads and value >= scale.heads else 2)
+    if key in HEAD_DIM_KEYS and scale.head_dim and scale.head_dim > HEAD_DIM and value > 4:
+        return _even(value * HEAD_DIM / scale.head_dim, 4)
+    if key in EXPERT_KEYS:
+        return min(value, EXPERTS)
+    if key in TOP_K_KEYS:
+        return min(value, TOP_K)
+    if key in ("n_group", "num_expert_group"):
+        return min(value, 2)
+    if key == "topk_group":
+        return min(value, 1)
+    if key in ("n_shared_experts", "num_shared_experts", "moe_num_shared_experts") and value > 2:
+        return 1
+    if key == "num_nextn_predict_layers":
+        return min(value, 1)
+    if key in VOCAB_KEYS or "vocab" in key or key == "zero_expert_num":
+        return min(value, VOCAB if "vocab" in key else EXPERTS)
+    if key in WINDOW_KEYS:
+        return min(value, WINDOW)
+    if key in POSITION_KEYS:
+        return min(value, MAX_POSITIONS)
+    return value
+
+
+def _fill_missing(d: dict, out: dict) -> None:
+    """Values a default config leaves None that its model cannot run without (real checkpoints set
+    them): an MoE top-k, the expert count, the key/value heads, the head dim."""
+    has_experts = any(k in d for k in EXPERT_KEYS)
+    if has_experts and any(k in d and d[k] is None for k in TOP_K_KEYS):
+        for k in TOP_K_KEYS:
+            if k in d and d[k] is None:
+                out[k] = TOP_K
+        for k in EXPERT_KEYS:
+            if k in d and d[k] is None:
+                out[k] = EXPERTS
+    heads = next((out[k] for k in HEAD_KEYS if _is_int(out.get(k))), None)
+    for k in KV_HEAD_KEYS[:1]:
+        if k in d and d[k] is None and heads:
+            out[k] = heads
+    hidden = next((out[k] for k in HIDDEN_KEYS if _is_int(out.get(k))), None)
+    if "head_dim" in d and d["head_dim"] is None and hidden and heads:
+        out["head_dim"] = hidden // heads
+
+
+#: (expand, heads, head dim) of SSM mixers, which must satisfy expand * hidden == heads * head_dim.
+SSM_TRIPLES = (
+    ("mamba_expand", "mamba_n_heads", "mamba_d_head"),
+    ("mamba_expand", "mamba_num_heads", "mamba_head_dim"),
+    ("mamba_expand", "n_mamba_heads", "mamba_headdim"),
+    ("expand", "num_heads", "head_dim"),
+)
+
+
+def _keep_ssm_consistent(d: dict, out: dict) -> None:
+    hidden = next((out[k] for k in HIDDEN_KEYS if _is_int(out.get(k))), None)
+    for expand, heads, head_dim in SSM_TRIPLES:
+        if all(_is_int(out.get(k)) or isinstance(out.get(k), float) for k in (expand, heads)) and head_dim in out:
+            if expand == "expand" and "state_size" not in d:
+                continue
+            width = int(out[expand] * hidden) if hidden else None
+            if width and out[heads] and width % out[heads] == 0:
+                out[head_dim] = width // out[heads]
+
+
+def _shrink_dict(d: dict, *, top: bool, context: _Scale | None = None) -> dict:
+    """Shrink one config dict (sub-configs recursively); ``top``: the causal LM's own config."""
+    scale = _Scale.of(d, context)
+    out = {k: _shrink_value(k, v, scale) for k, v in d.items()}
+    for k, v in d.items():
+        if isinstance(v, dict) and ("model_type" in v or k.endswith("_config")):
+            out[k] = _shrink_dict(v, top=False)
+    _fill_missing(d, out)
+    new_hidden = next((out[k] for k in HIDDEN_KEYS if _is_int(out.get(k))), None)
+    new_heads = next((out[k] for k in HEAD_KEYS if _is_int(out.get(k))), None)
+    if new_hidden and new_heads and "head_dim" not in d and new_hidden % new_heads:
+        raise TwinError(f"hidden size {new_hidden} is not divisible by {new_heads} heads")
+
+    # ---- layers: one of each kind of layer (by every per-layer list, dict and formula)
+    _, layers = _first(d, LAYER_KEYS)
+    if layers:
+        kept = _kept_layers(d, layers)
+        if len(kept) < layers:
+            for k in LAYER_KEYS:
+                if _is_int(d.get(k)) and d[k] == layers:
+                    out[k] = len(kept)
+            _select_layers(d, out, layers, kept, scale)
+        for k in ("first_k_dense_replace", "num_dense_layers"):
+            if _is_int(d.get(k)) and d[k] > 1:
+                out[k] = 1
+        if _is_int(d.get("max_window_layers")) and d["max_window_layers"] >= len(kept):
+            out["max_window_layers"] = max(1, len(kept) // 2)
+
+    # ---- token ids must index the shrunk vocabulary
+    vocab = out.get("vocab_size")
+    if _is_int(vocab):
+        taken: set[int] = set()
+        for k, v in d.items():
+            if not (k.endswith("token_id") or k.endswith("token_index")):
+                continue
+            if _is_int(v) and v >= vocab:
+                out[k] = vocab - 1 - len(taken)
+                taken.add(out[k])
+            elif isinstance(v, list) and any(_is_int(x) and x >= vocab for x in v):
+                out[k] = [x if not _is_int(x) or x < vocab else vocab - 1 for x in v]
+    _keep_ssm_consistent(d, out)
+    # rope sections (mRoPE) must still add up to half the head dim
+    head_dim = out.get("head_dim") if _is_int(out.get("head_dim")) else None
+    if head_dim is None and new_hidden and new_heads:
+        head_dim = new_hidden // new_heads
+    for rkey in ("rope_parameters", "rope_scaling"):
+        rope = out.get(rkey)
+        if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list) and head_dim:
+            out[rkey] = {**rope, "mrope_section": _scale_sections(rope["mrope_section"], head_dim // 2)}
+    return out
+
+
+def _scale_sections(sections: list[int], total: int) -> list[int]:
+    old = sum(sections)
+    scaled = [max(1, s * total // old) for s in sections]
+    scaled[0] += total - sum(scaled)
+    return scaled
+
+
+def _base_config(model_type_or_config: Any) -> Any:
+    from transformers import CONFIG_MAPPING, PretrainedConfig
+
+    if isinstance(model_type_or_config, PretrainedConfig):
+        return model_type_or_config
+    if not isinstance(model_type_or_config, str):
+        raise TypeError(f"tiny_config takes a model_type or a config, not {type(model_type_or_config).__name__}")
+    if model_type_or_config not in CONFIG_MAPPING:
+        raise TwinError(f"transformers has no config for model_type {model_type_or_config!r}")
+    try:
+        return CONFIG_MAPPING[model_type_or_config]()
+    except Exception as err:  # transformers' own default does not validate
+        reason = f"{type(err).__name__}: {err}"
+        raise TwinError(f"the default {model_type_or_config} config does not build: {reason}") from err
+
+
+def tiny_config(model_type_or_config: Any, **overrides: Any) -> Any:
+    """A tiny twin of ``model_type_or_config`` (a model_type, or any config object).
+
+    Sizes shrink (hidden 64, 4 heads of 16, 2 layers or as many as the layer pattern needs,
+    8 experts choosing 2, vocabulary 128, windows of 8); every other value is kept. Family
+    overrides declared with :func:`register_twin_overrides`, then ``overrides``, are applied last.
+    Raises :class:`TwinError` when the config cannot be shrunk.
+    """
+    config = _base_config(model_type_or_config)
+    cls = type(config)
+    source = config.to_dict()
+    shrunk = _shrink_dict(source, top=True)
+    family = twin_overrides(config.model_type)
+    if family is not None:
+        shrunk.update(family(config))
+    shrunk.update(overrides)
+    attn = shrunk.pop("_attn_implementation", None) or getattr(config, "_attn_implementation_internal", None)
+    for key in ("transformers_version", "_attn_implementation_autoset", "model_type"):
+        shrunk.pop(key, None)
+    try:
+        twin = cls.from_dict(shrunk)
+    except Exception as err:
+        raise TwinError(f"the shrunk {config.model_type} config does not build: {type(err).__name__}: {err}") from err
+    if attn:
+        twin._attn_implementation = attn
+    return twin
+
+
+def _comparable(config: Any) -> dict:
+    d = config.to_dict()
+    return {k: v for k, v in d.items() if k not in SIZE_KEYS and not k.endswith("token_id")}
+
+
+def dropped_flags(original: Any, twin: Any) -> dict[str, tuple[Any, Any]]:
+    """Non-size config values that differ between ``original`` and its ``twin`` (should be none).
+
+    A family override that changes a flag to make the twin build shows up here; a self-check on
+    such a twin could miss what that flag does."""
+    a, b = _comparable(original), _comparable(twin)
+    out = {}
+    for k in sorted(set(a) | set(b)):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            continue  # sub-configs are shrunk recursively
+        if va != vb:
+            out[k] = (va, vb)
+    return out
+
+
+def config_fingerprint(config: Any) -> str:
+    """A short hash of the config's values (what a cached self-check verdict is keyed on)."""
+    import hashlib
+    import json
+
+    d = config.to_dict()
+    for key in ("transformers_version", "_name_or_path", "architectures", "_attn_implementation_autoset"):
+        d.pop(key, None)
+    text = json.dumps(d, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -1,0 +1,60 @@
+"""RoBERTa-style decoders (``RobertaForCausalLM`` and kin): positions count from
+``padding_idx + 1`` and skip padding tokens.
+
+Alone, a sequence gets positions ``padding_idx + 1 + (number of non-pad tokens so far)`` (a pad
+token gets ``padding_idx``), computed from ``input_ids``. In a packed forward the embeddings get
+the same numbering restarted at every sequence start; attention goes through the
+AttentionInterface.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hf_varlen_patch.boundaries import Boundaries
+from hf_varlen_patch.patching import call_as_kwargs, current_boundaries
+from hf_varlen_patch.registry import PatchEntry, register
+
+
+def roberta_positions(input_ids: torch.Tensor | None, boundaries: Boundaries, padding_idx: int) -> torch.Tensor:
+    """Per-sequence RoBERTa positions for a packed (B, T) batch."""
+    if input_ids is None:
+        return boundaries.position_ids() + padding_idx + 1
+    real = input_ids.ne(padding_idx).reshape(-1).long()
+    counted = real.cumsum(0)
+    before_start = (counted - real)[boundaries.sequence_starts()]
+    within = counted - before_start[boundaries.seq_idx.long()]
+    return (within * real + padding_idx).view(boundaries.shape)
+
+
+def _packed_embeddings(wrapped, instance, args, kwargs):
+    boundaries = current_boundaries()
+    if boundaries is None:
+        return wrapped(*args, **kwargs)
+    call = call_as_kwargs(wrapped, args, kwargs)
+    call["position_ids"] = roberta_positions(call.get("input_ids"), boundaries, instance.padding_idx)
+    return wrapped(**call)
+
+
+def _patch(model, patcher, options) -> None:
+    for module in model.modules():
+        if hasattr(module, "padding_idx") and hasattr(module, "create_position_ids_from_input_ids"):
+            patcher.wrap_method(module, "forward", _packed_embeddings)
+
+
+register(
+    PatchEntry(
+        family="roberta",
+        model_types=(
+            "roberta",
+            "roberta-prelayernorm",
+            "camembert",
+            "data2vec-text",
+            "xlm-roberta",
+            "xlm-roberta-xl",
+        ),
+        patch=_patch,
+        notes="positions from padding_idx + 1, skipping pad tokens, restarted per sequence; attention via "
+        "AttentionInterface",
+    )
+)
