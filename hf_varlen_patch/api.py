@@ -15,7 +15,7 @@ from .patching import Patcher, accepts_var_kwargs, make_entry_wrapper, nested_co
 from .registry import PatchEntry, PatchOptions, lookup
 from .versions import check_versions, is_tested, tested_range_text
 
-__all__ = ["apply", "unapply", "is_patched", "find_hf_model"]
+__all__ = ["apply", "unapply", "is_patched", "find_hf_model", "apply_entry"]
 
 logger = logging.getLogger("hf_varlen_patch")
 STATE_ATTR = "_hf_varlen_patch"
@@ -59,7 +59,11 @@ def is_patched(model: torch.nn.Module) -> bool:
     return STATE_ATTR in vars(find_hf_model(model))
 
 
-def apply(model: M, backend: str = "auto", *, check_inputs: bool = True) -> M:
+#: What ``apply`` does about self-checks (see :mod:`hf_varlen_patch.selfcheck`).
+SELF_CHECK_MODES = ("auto", "always", "never")
+
+
+def apply(model: M, backend: str = "auto", *, check_inputs: bool = True, self_check: str = "auto") -> M:
     """Make ``model`` treat packed batches exactly like separate sequences; returns ``model``.
 
     Args:
@@ -70,6 +74,10 @@ def apply(model: M, backend: str = "auto", *, check_inputs: bool = True) -> M:
             layer raises instead of falling back.
         check_inputs: validate collator-provided ``cu_seq_lens_*`` (one device sync per forward
             when they live on the GPU). ``False`` trusts them: zero syncs.
+        self_check: for a model_type without a registry entry, ``"auto"`` checks packed ==
+            separate on a tiny twin of this model's config (CPU, float32, about a second, cached)
+            and patches through the generic route only if it passes; ``"always"`` runs that check
+            for registered types too, ignoring the cache; ``"never"`` refuses unregistered types.
 
     Packed means: some row of ``position_ids`` restarts (``pos[t] != pos[t-1] + 1``), or the
     forward gets ``cu_seq_lens_q/k``. Anything else runs the upstream code unchanged.
@@ -77,6 +85,8 @@ def apply(model: M, backend: str = "auto", *, check_inputs: bool = True) -> M:
     check_versions()
     if backend != "auto" and backend not in BACKENDS:
         raise BackendUnavailableError(f"unknown backend {backend!r}; choose 'auto' or one of {sorted(BACKENDS)}.")
+    if self_check not in SELF_CHECK_MODES:
+        raise ValueError(f"self_check must be one of {SELF_CHECK_MODES}, not {self_check!r}")
     hf_model = find_hf_model(model)
     options = PatchOptions(backend=backend, check_inputs=check_inputs)
     state: PatchState | None = vars(hf_model).get(STATE_ATTR)
@@ -86,13 +96,55 @@ def apply(model: M, backend: str = "auto", *, check_inputs: bool = True) -> M:
         unapply(hf_model)
 
     model_type = getattr(hf_model.config, "model_type", None)
-    entry = lookup(model_type)
+    entry = _entry_for(hf_model, model_type, self_check)
     if entry.refuse is not None:
         reason = entry.refuse(hf_model.config)
         if reason:
             raise UnsupportedArchitectureError(f"hf_varlen_patch cannot patch this {model_type} model: {reason}")
     _warn_untested(model_type)
+    apply_entry(hf_model, entry, backend=backend, check_inputs=check_inputs)
+    return model
 
+
+def _entry_for(hf_model: torch.nn.Module, model_type: str, self_check: str) -> PatchEntry:
+    """The registry entry, or (self-check permitting) the generic route vouched for by a twin."""
+    from .registry import REGISTRY, _load_entries
+    from .selfcheck import GENERIC_FAMILY
+    from .selfcheck import self_check as run_self_check
+
+    _load_entries()
+    entry = REGISTRY.get(model_type)
+    if entry is None and self_check == "never":
+        return lookup(model_type)  # raises, listing what is supported
+    if entry is not None and self_check != "always":
+        return entry
+    candidate = entry or PatchEntry(family=GENERIC_FAMILY, model_types=(model_type,))
+    if candidate.refuse is not None and candidate.refuse(hf_model.config):
+        return candidate  # apply() raises with the entry's reason
+    result = run_self_check(
+        hf_model.config, entry=candidate, model_class=type(hf_model), use_cache=self_check != "always"
+    )
+    if not result.passed:
+        what = f"the {entry.family} entry" if entry is not None else "no registry entry; the generic route"
+        raise UnsupportedArchitectureError(
+            f"hf_varlen_patch cannot patch this {model_type} model: {what} failed its self-check on a tiny "
+            f"twin of this config: {result.reason}. Packing it unpatched may leak across sequences."
+        )
+    if entry is None:
+        logger.warning(
+            "hf_varlen_patch: %s has no registry entry; patched through the generic route after a self-check "
+            "on a tiny twin of this config (packed == separate, max error %.1e).",
+            model_type,
+            result.error,
+        )
+    return candidate
+
+
+def apply_entry(
+    hf_model: torch.nn.Module, entry: PatchEntry, *, backend: str = "auto", check_inputs: bool = True
+) -> None:
+    """Patch ``hf_model`` with ``entry`` (no lookup, no refusal check, no self-check)."""
+    options = PatchOptions(backend=backend, check_inputs=check_inputs)
     patcher = Patcher()
     try:
         _patch(hf_model, entry, options, patcher)
@@ -100,7 +152,6 @@ def apply(model: M, backend: str = "auto", *, check_inputs: bool = True) -> M:
         patcher.undo()
         raise
     patcher.set_attr(hf_model, STATE_ATTR, PatchState(entry, options, patcher))
-    return model
 
 
 _WARNED: set[str] = set()

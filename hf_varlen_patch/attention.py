@@ -23,6 +23,7 @@ from .errors import BoundariesLostError, VarlenPatchError
 
 __all__ = [
     "BOUNDARIES_KWARG",
+    "CHUNK_KWARG",
     "implementation_name",
     "parse_implementation",
     "register_implementation",
@@ -33,6 +34,9 @@ __all__ = [
 
 #: The keyword under which the boundaries travel from the model's entry to every layer.
 BOUNDARIES_KWARG = "varlen_boundaries"
+#: Chunked attention (a token attends within its chunk of this many tokens from its sequence's
+#: start): an entry adds it to the kwargs of the layers that use it.
+CHUNK_KWARG = "varlen_attention_chunk"
 PREFIX = "hf_varlen"
 
 #: How many packed attention calls each backend served (eager calls only; for reports).
@@ -153,6 +157,9 @@ def _make_attention_function(backend: str, original: str) -> Callable:
                 )
             return _original_function(original, module)(module, query, key, value, attention_mask, **kwargs)
         spec = spec_from_kwargs(module, kwargs)
+        chunk = kwargs.get(CHUNK_KWARG)
+        if chunk:
+            boundaries = boundaries.chunked(chunk)
         return varlen_attention(backend, query, key, value, boundaries, spec), None
 
     hf_varlen_attention_forward.__qualname__ = f"hf_varlen_attention_forward[{backend}:{original}]"

@@ -61,6 +61,24 @@ class Boundaries:
         """Flat indices of the first token of every sequence (int64, on the device)."""
         return self.cu_seqlens[:-1].to(torch.int64)
 
+    def chunked(self, size: int) -> Boundaries:
+        """These boundaries with every sequence cut into chunks of ``size`` tokens from its start:
+        chunked attention (a token sees only its own chunk) is causal attention within chunks.
+        Computed once per forward and size (one device sync), then memoised."""
+        key = ("chunked", int(size))
+        if key not in self.cache:
+            positions = self.position_ids().reshape(-1)
+            starts = (positions % size == 0).nonzero().reshape(-1)
+            cu = torch.cat([starts, starts.new_tensor([self.total_tokens])]).to(torch.int32)
+            self.cache[key] = Boundaries(
+                cu_seqlens=cu,
+                max_seqlen=min(self.max_seqlen, int(size)),
+                seq_idx=((positions % size == 0).cumsum(0) - 1).to(torch.int32),
+                shape=self.shape,
+                is_packed=self.is_packed,
+            )
+        return self.cache[key]
+
     # ------------------------------------------------------------------ builders
 
     @classmethod

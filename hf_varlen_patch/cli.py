@@ -113,7 +113,69 @@ def _print_table(rows: list[Row], tol: float) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(cells, widths)))
 
 
+def _fmt_cell(x) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1e}"
+
+
+def scan_all_report(rows, version: str) -> dict:
+    """What ``scan --all --json`` writes: the versions, the counts and the rows."""
+    return {
+        "transformers": version,
+        "torch": torch.__version__,
+        "counts": dict(Counter(r.verdict for r in rows)),
+        "rows": [asdict(r) for r in rows],
+    }
+
+
+def cmd_scan_all(args: argparse.Namespace) -> int:
+    import transformers
+
+    from .coverage import scan_all, terminal_progress
+
+    start = time.perf_counter()
+    rows = scan_all(args.model_types or None, backend=args.backend, tol=args.tol, progress=terminal_progress())
+    report = scan_all_report(rows, transformers.__version__)
+    if args.json == "-":
+        print(json.dumps(report, indent=1))
+    else:
+        header = (
+            "model_type",
+            "kind",
+            "upstream(use_cache=False)",
+            "upstream(default)",
+            "patched",
+            "backend",
+            "verdict",
+        )
+        table = [header] + [
+            (
+                r.model_type,
+                r.kind,
+                _fmt_cell(r.upstream_no_cache),
+                _fmt_cell(r.upstream_default),
+                _fmt_cell(r.patched),
+                r.backend,
+                r.verdict + (f" ({r.reason})" if r.reason else ""),
+            )
+            for r in rows
+        ]
+        widths = [max(len(row[i]) for row in table) for i in range(len(header) - 1)]
+        print(
+            f"hf_varlen_patch scan --all - transformers {transformers.__version__}, torch {torch.__version__}; "
+            f"max |packed - separate| over logits, loss and gradients (tolerance {args.tol:g})"
+        )
+        for row in table:
+            print("  ".join(c.ljust(w) for c, w in zip(row[:-1], widths)) + "  " + row[-1])
+        print(f"\n{report['counts']} over {len(rows)} model_types in {time.perf_counter() - start:.0f}s")
+        if args.json:
+            with open(args.json, "w") as fh:
+                json.dump(report, fh, indent=1)
+    return 1 if report["counts"].get("FAIL") else 0
+
+
 def cmd_scan(args: argparse.Namespace) -> int:
+    if args.all:
+        return cmd_scan_all(args)
     dtype = getattr(torch, args.dtype)
     model_types = args.model_types or supported_model_types()
     rows = []
@@ -198,6 +260,22 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_coverage_doc(args: argparse.Namespace) -> int:
+    from .coverage_doc import render
+
+    reports = []
+    for path in args.reports:
+        with open(path) as fh:
+            reports.append(json.load(fh))
+    text = render(reports)
+    if args.output:
+        with open(args.output, "w") as fh:
+            fh.write(text)
+    else:
+        print(text, end="")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hf-varlen-patch", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -208,7 +286,15 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=helptext)
         if name == "scan":
             p.add_argument("model_types", nargs="*", help="restrict to these model_types")
-            p.add_argument("--json", help="also write the rows as JSON here")
+            p.add_argument(
+                "--all",
+                action="store_true",
+                help="every causal-LM model_type of the installed transformers: PASS, FAIL, REFUSED, NO-ENTRY or "
+                "UNBUILDABLE",
+            )
+            p.add_argument(
+                "--json", nargs="?", const="-", help="write the rows as JSON to this file ('-' or none: stdout)"
+            )
         else:
             p.add_argument("model", help="a model_type or a directory with config.json")
         p.add_argument("--backend", default="auto")
@@ -216,12 +302,16 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--device", default="cpu")
         p.add_argument("--tol", type=float, default=1e-5)
     sub.add_parser("list", help="print the supported-architecture table (markdown)")
+    doc = sub.add_parser("coverage-doc", help="render docs/coverage.md from `scan --all --json` reports")
+    doc.add_argument("reports", nargs="+", help="JSON reports, one per transformers release (oldest first)")
+    doc.add_argument("--output", "-o", help="write here instead of stdout")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    return {"scan": cmd_scan, "check": cmd_check, "list": cmd_list}[args.command](args)
+    commands = {"scan": cmd_scan, "check": cmd_check, "list": cmd_list, "coverage-doc": cmd_coverage_doc}
+    return commands[args.command](args)
 
 
 if __name__ == "__main__":

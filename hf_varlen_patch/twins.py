@@ -240,7 +240,7 @@ def _per_layer_dicts(d: dict, layers: int) -> list[str]:
 def _layer_id_lists(d: dict, layers: int, skip: list[str]) -> list[str]:
     out = []
     for k, v in d.items():
-        if k in skip or "layer" not in k or not isinstance(v, list) or not v:
+        if k in skip or ("layer" not in k and "idx" not in k) or not isinstance(v, list) or not v:
             continue
         if all(_is_int(i) and 0 <= i < layers for i in v) and v == sorted(set(v)):
             out.append(k)
@@ -381,6 +381,9 @@ def _fill_missing(d: dict, out: dict) -> None:
         for k in EXPERT_KEYS:
             if k in d and d[k] is None:
                 out[k] = EXPERTS
+        for k in ("n_shared_experts", "num_shared_experts"):
+            if k in d and d[k] is None:
+                out[k] = 1
     heads = next((out[k] for k in HEAD_KEYS if _is_int(out.get(k))), None)
     for k in KV_HEAD_KEYS[:1]:
         if k in d and d[k] is None and heads:

@@ -32,7 +32,6 @@ register(
             "plbart",
             "pegasus",
             "marian",
-            "blenderbot",
             "blenderbot-small",
         ),
         patch=_patch,

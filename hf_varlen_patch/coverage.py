@@ -1,0 +1,215 @@
+"""Coverage of the installed transformers: one verdict per causal-LM model_type.
+
+``scan_all()`` builds each type's tiny twin, measures upstream's packed-vs-separate error (with
+``use_cache=False`` and with the default cache), then patches it and measures again:
+
+- PASS: the registry entry makes packed == separate (logits, loss, gradients);
+- FAIL: the entry is registered but the twin is not exact (a bug);
+- REFUSED: the entry refuses this configuration, with its reason;
+- NO-ENTRY: no entry; what it would need (hybrid/recurrent layers, a multimodal model, attention
+  outside the AttentionInterface, ...) or, where the generic route passes its self-check, that
+  `apply` patches it after that check;
+- UNBUILDABLE: no twin can be built or run upstream, with the reason.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .errors import VarlenPatchError
+
+__all__ = ["CoverageRow", "causal_lm_types", "scan_type", "scan_all", "kind_of", "VERDICTS"]
+
+VERDICTS = ("PASS", "REFUSED", "NO-ENTRY", "UNBUILDABLE", "FAIL")
+#: Module class names of state that runs along the sequence outside attention.
+RECURRENT_MODULES = re.compile(
+    r"mamba|ssm|mixer|deltanet|gateddelta|linearattention|linearattn|kda|recurrent|rglru|rg_lru|rwkv|lstm|"
+    r"shortconv|hybrid",
+    re.IGNORECASE,
+)
+#: Sub-configs that make a config multimodal.
+MODALITY_CONFIGS = ("vision_config", "audio_config", "vq_config", "audio_encoder", "vision_tower", "speech_config")
+PATCHED_LAYOUTS = (
+    dict(rows=[[5, 9, 3]]),
+    dict(rows=[[5, 9, 3, 11], [12, 7]], extra_padding=3, seed=1),
+)
+
+
+@dataclass
+class CoverageRow:
+    model_type: str
+    kind: str  # text | hybrid | multimodal | ?
+    upstream_no_cache: float | None
+    upstream_default: float | None
+    patched: float | None
+    backend: str
+    verdict: str
+    reason: str = ""
+
+
+def causal_lm_types() -> list[str]:
+    """Every model_type of the installed ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
+
+
+def kind_of(config: Any, model: torch.nn.Module | None = None) -> str:
+    """ "multimodal" (a vision/audio sub-config), "hybrid" (conv/SSM/recurrent modules) or "text"."""
+    if any(getattr(config, name, None) is not None for name in MODALITY_CONFIGS):
+        return "multimodal"
+    if model is not None:
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv1d) or RECURRENT_MODULES.search(type(module).__name__):
+                return "hybrid"
+    return "text"
+
+
+def _err(err: BaseException) -> str:
+    return f"{type(err).__name__}: {err}".replace("\n", " ")[:200]
+
+
+def _upstream(model: torch.nn.Module, vocab: int) -> tuple[float, float]:
+    from .testing import compare_packed, make_packed_batch
+
+    batch = make_packed_batch([[5, 9, 3]], vocab)
+    no_cache = compare_packed(model, batch, grads=False, use_cache=False).logits
+    try:
+        default = compare_packed(model, batch, grads=False, use_cache=None).logits
+    except Exception:  # upstream's own cache path may crash on packed inputs; the no-cache one ran
+        default = math.nan
+    return no_cache, default
+
+
+def _patched(model: torch.nn.Module, vocab: int) -> float:
+    from .testing import compare_packed, make_packed_batch
+
+    return max(
+        compare_packed(model, make_packed_batch(vocab_size=vocab, **layout), use_cache=use_cache).max_error
+        for layout in PATCHED_LAYOUTS
+        for use_cache in (None, False)
+    )
+
+
+def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, config: Any = None) -> CoverageRow:
+    """The coverage row of one model_type (its twin, or a twin of ``config``)."""
+    from transformers import AutoModelForCausalLM
+
+    from . import api
+    from .attention import BACKEND_USAGE
+    from .registry import REGISTRY, _load_entries
+    from .selfcheck import self_check
+    from .twins import TwinError, tiny_config
+
+    _load_entries()
+    nan = math.nan
+    try:
+        twin = tiny_config(config if config is not None else model_type)
+    except TwinError as err:
+        return CoverageRow(model_type, "?", nan, nan, nan, "-", "UNBUILDABLE", str(err)[:200])
+    kind = kind_of(twin)
+    try:
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(twin).float()
+    except Exception as err:
+        return CoverageRow(model_type, kind, nan, nan, nan, "-", "UNBUILDABLE", f"twin does not build: {_err(err)}")
+    kind = kind_of(twin, model)
+    vocab = getattr(model.config.get_text_config(), "vocab_size", None)
+    if not vocab:
+        return CoverageRow(model_type, kind, nan, nan, nan, "-", "UNBUILDABLE", "the config has no vocab_size")
+    try:
+        up_nc, up_def = _upstream(model, vocab)
+    except Exception as err:
+        reason = f"the twin does not run upstream: {_err(err)}"
+        return CoverageRow(model_type, kind, nan, nan, nan, "-", "UNBUILDABLE", reason)
+
+    entry = REGISTRY.get(model_type)
+    if entry is None:
+        if kind == "hybrid":
+            need = "boundaries for conv/SSM/recurrent layers (hybrid issue)"
+        elif kind == "multimodal":
+            need = "packed image/text samples (multimodal issue)"
+        else:
+            result = self_check(twin, use_cache=False, tol=tol)
+            if result.passed:
+                need = f"the generic route passes its self-check ({result.error:.1e}): apply patches it after that"
+            elif "never reached" in result.reason:
+                need = "attention outside the AttentionInterface: a dedicated patch"
+            else:
+                need = f"a dedicated patch: {result.reason}"
+        return CoverageRow(model_type, kind, up_nc, up_def, nan, "-", "NO-ENTRY", need[:200])
+    reason = entry.refuse(model.config) if entry.refuse is not None else None
+    if reason:
+        return CoverageRow(model_type, kind, up_nc, up_def, nan, "-", "REFUSED", reason[:200])
+    try:
+        api.apply_entry(model, entry, backend=backend)
+        BACKEND_USAGE.clear()
+        patched = _patched(model, vocab)
+    except VarlenPatchError as err:
+        return CoverageRow(model_type, kind, up_nc, up_def, nan, "-", "REFUSED", str(err)[:200])
+    except Exception as err:
+        return CoverageRow(model_type, kind, up_nc, up_def, nan, "-", "FAIL", _err(err))
+    used = ",".join(sorted(BACKEND_USAGE)) or "upstream"
+    verdict = "PASS" if math.isfinite(patched) and patched <= tol else "FAIL"
+    return CoverageRow(model_type, kind, up_nc, up_def, patched, used, verdict)
+
+
+def scan_all(
+    model_types: Iterable[str] | None = None,
+    *,
+    backend: str = "sdpa",
+    tol: float = 1e-5,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> list[CoverageRow]:
+    """One :class:`CoverageRow` per model_type (default: every causal LM of the installed release)."""
+    import logging
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    types = list(model_types) if model_types else causal_lm_types()
+    rows = []
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    logging.getLogger("hf_varlen_patch").setLevel(logging.ERROR)
+    try:
+        for i, model_type in enumerate(types):
+            if progress is not None:
+                progress(i, len(types), model_type)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                try:
+                    rows.append(scan_type(model_type, backend=backend, tol=tol))
+                except Exception as err:  # a crash is that row's verdict, not the scan's
+                    nan = math.nan
+                    rows.append(CoverageRow(model_type, "?", nan, nan, nan, "-", "FAIL", _err(err)))
+        if progress is not None:
+            progress(len(types), len(types), "")
+    finally:
+        hf_logging.set_verbosity(level)
+    return rows
+
+
+def terminal_progress(stream=sys.stderr) -> Callable[[int, int, str], None] | None:
+    """A one-line progress bar when ``stream`` is a terminal, else None."""
+    if not stream.isatty():
+        return None
+    start = time.perf_counter()
+
+    def show(done: int, total: int, current: str) -> None:
+        width = 30
+        filled = int(width * done / max(total, 1))
+        bar = "#" * filled + "." * (width - filled)
+        text = f"\r[{bar}] {done}/{total} {time.perf_counter() - start:5.0f}s {current:<28}"
+        stream.write(text if done < total else text + "\n")
+        stream.flush()
+
+    return show

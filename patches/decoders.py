@@ -1,0 +1,118 @@
+"""Text decoders for which the generic route is all packing needs.
+
+Their attention goes through transformers' AttentionInterface with the kwargs passed down to
+every layer, and their positions come from ``position_ids`` (rotary, learned or absolute tables
+indexed by them, or none), so the registered attention function with the boundaries makes them
+pack correctly. Each is tested on its tiny twin (``hf_varlen_patch.twins.tiny_config``) in CI
+on both transformers lines; a type that exists on one line only is tested there.
+
+Per-type refusals cover what the generic route cannot do on a given line (legacy attention
+classes on 4.57) or configuration (length-dependent rotary scaling).
+"""
+
+from __future__ import annotations
+
+import transformers
+
+from hf_varlen_patch.registry import PatchEntry, register
+
+from ._legacy_attention import refuse_length_dependent_rope
+
+#: Decoders whose AttentionInterface route is complete on every supported line.
+DECODERS = (
+    "afmoe",
+    "apertus",
+    "apertus1p5_text",
+    "arcee",
+    "aria_text",
+    "axk1",
+    "bitnet",
+    "code_llama",
+    "cohere",
+    "cohere2",
+    "cwm",
+    "deepseek_v3",
+    "emu3",
+    "ernie4_5",
+    "ernie4_5_moe",
+    "exaone",
+    "exaone4",
+    "flex_olmo",
+    "flint",
+    "glm",
+    "glm4",
+    "glm4_moe",
+    "glm4_moe_lite",
+    "gpt-sw3",
+    "granite",
+    "granite_swa",
+    "granitemoe_swa",
+    "helium",
+    "hy_v3",
+    "hyperclovax",
+    "internlm3",
+    "iquestcoder",
+    "jais2",
+    "kolibri1",
+    "minicpm3",
+    "minimax_m2",
+    "ministral3",
+    "modernbert-decoder",
+    "nanochat",
+    "olmo",
+    "olmo2",
+    "olmo3",
+    "phi",
+    "qwen3_moe",
+    "sarvam_mla",
+    "sarvam_moe",
+    "seed_oss",
+    "smollm3",
+    "solar_open",
+    "vaultgemma",
+    "youtu",
+    "axk2",
+    "beam",
+    "cohere2_moe",
+    "deepseek_v2",
+    "deepseek_v32",
+    "dots1",
+    "dots3_note_text",
+    "exaone_moe",
+    "gemma4_unified_text",
+    "glm_moe_dsa",
+    "hunyuan_v1_dense",
+    "hunyuan_v1_moe",
+    "hy_v4",
+    "laguna",
+    "mellum",
+    "mimo_v2_flash",
+    "minimax_m3_vl_text",
+    "ministral",
+)
+
+#: BERT-style decoders (``is_decoder``): absolute positions from ``position_ids``. On 4.57 their
+#: base models take no ``**kwargs`` and compute attention in their own classes.
+BERT_LIKE = ("bert", "bert-generation", "electra", "ernie", "roc_bert")
+
+#: Decoders whose 4.57 code computes attention in legacy classes the generic route cannot reach.
+NEEDS_5X = BERT_LIKE + ("diffllama", "longcat_flash", "moshi", "granitemoeshared", "mllama", "phi4_multimodal")
+
+
+def _refuse(config) -> str | None:
+    if config.model_type in NEEDS_5X and transformers.__version__.startswith("4."):
+        return (
+            f"on transformers 4.57 {config.model_type} computes attention in its own classes (or takes no "
+            "**kwargs), which the generic route cannot reach; upgrade to transformers 5.x, where it is supported."
+        )
+    return refuse_length_dependent_rope(config)
+
+
+register(
+    PatchEntry(
+        family="decoders",
+        model_types=DECODERS + NEEDS_5X,
+        refuse=_refuse,
+        notes="positions from position_ids; attention via AttentionInterface (tested on the tiny twin)",
+    )
+)
