@@ -31,12 +31,19 @@ __all__ = ["CoverageRow", "causal_lm_types", "scan_type", "scan_all", "kind_of",
 VERDICTS = ("PASS", "REFUSED", "NO-ENTRY", "UNBUILDABLE", "FAIL")
 #: Module class names of state that runs along the sequence outside attention.
 RECURRENT_MODULES = re.compile(
-    r"mamba|ssm|mixer|deltanet|gateddelta|linearattention|linearattn|kda|recurrent|rglru|rg_lru|rwkv|lstm|"
-    r"shortconv|hybrid",
-    re.IGNORECASE,
+    r"Mamba|SSM|Ssm[A-Z]|Mixer|DeltaNet|GatedDelta|LinearAttention|LinearAttn|Kda|KDA|Recurrent|RgLru|RGLRU|"
+    r"Rwkv|RWKV|Lstm|LSTM|ShortConv|Hybrid|Lightning"
 )
 #: Sub-configs that make a config multimodal.
-MODALITY_CONFIGS = ("vision_config", "audio_config", "vq_config", "audio_encoder", "vision_tower", "speech_config")
+MODALITY_CONFIGS = (
+    "vision_config",
+    "audio_config",
+    "vq_config",
+    "audio_encoder",
+    "vision_tower",
+    "speech_config",
+    "text_config",  # a composite config: the text model is one part of a multimodal one
+)
 PATCHED_LAYOUTS = (
     dict(rows=[[5, 9, 3]]),
     dict(rows=[[5, 9, 3, 11], [12, 7]], extra_padding=3, seed=1),
@@ -111,7 +118,10 @@ def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, conf
 
     _load_entries()
     nan = math.nan
+    entry = REGISTRY.get(model_type)
     try:
+        if config is None and entry is not None and entry.test_configs is not None:
+            config = next(iter(entry.variants(model_type).values()))  # the entry's own first variant
         twin = tiny_config(config if config is not None else model_type)
     except TwinError as err:
         return CoverageRow(model_type, "?", nan, nan, nan, "-", "UNBUILDABLE", str(err)[:200])
@@ -131,7 +141,6 @@ def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, conf
         reason = f"the twin does not run upstream: {_err(err)}"
         return CoverageRow(model_type, kind, nan, nan, nan, "-", "UNBUILDABLE", reason)
 
-    entry = REGISTRY.get(model_type)
     if entry is None:
         if kind == "hybrid":
             need = "boundaries for conv/SSM/recurrent layers (hybrid issue)"

@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 
 from .registry import lookup
+from .twins import TwinError, tiny_config
 
 __all__ = [
+    "tiny_config",
     "PackedBatch",
     "Comparison",
     "tiny_model",
@@ -42,11 +44,30 @@ def test_variants(model_type: str) -> dict[str, Any]:
 test_variants.__test__ = False  # not a pytest test despite the name
 
 
-def registered_variants() -> list[tuple[str, str]]:
-    """(model_type, variant) for every test config of every registry entry."""
+def registered_variants(*, refused: bool = False) -> list[tuple[str, str]]:
+    """(model_type, variant) for every test config of every registry entry whose model_type the
+    installed transformers has; with ``refused=True`` the ones the entry refuses instead."""
+    from transformers import CONFIG_MAPPING
+
     from .registry import supported_model_types
 
-    return [(mt, v) for mt in supported_model_types() for v in test_variants(mt)]
+    out = []
+    for mt in supported_model_types():
+        if mt not in CONFIG_MAPPING:
+            continue  # a model_type of another transformers release
+        entry = lookup(mt)
+        try:
+            variants = test_variants(mt)
+        except TwinError:
+            # no twin on this release: only acceptable where the entry refuses the type here anyway
+            if entry.refuse is not None and entry.refuse(CONFIG_MAPPING[mt]()):
+                continue
+            raise
+        for variant, config in variants.items():
+            reason = entry.refuse(config) if entry.refuse is not None else None
+            if bool(reason) == refused:
+                out.append((mt, variant))
+    return out
 
 
 def tiny_model(

@@ -516,24 +516,32 @@ def tiny_config(model_type_or_config: Any, **overrides: Any) -> Any:
     return twin
 
 
-def _comparable(config: Any) -> dict:
-    d = config.to_dict()
-    return {k: v for k, v in d.items() if k not in SIZE_KEYS and not k.endswith("token_id")}
+def _deliberate(key: str, value: Any) -> bool:
+    """Whether shrinking changes ``key`` on purpose (a size, a dropout, a vocabulary)."""
+    if key in SIZE_KEYS or key.endswith("token_id") or key.endswith("token_index"):
+        return True
+    if "vocab" in key or "dropout" in key or "pdrop" in key:
+        return True
+    return _shrink_value(key, value, _Scale(None, None, None)) != value
 
 
 def dropped_flags(original: Any, twin: Any) -> dict[str, tuple[Any, Any]]:
     """Non-size config values that differ between ``original`` and its ``twin`` (should be none).
 
-    A family override that changes a flag to make the twin build shows up here; a self-check on
-    such a twin could miss what that flag does."""
-    a, b = _comparable(original), _comparable(twin)
+    Per-layer lists may be shorter in the twin but must keep every distinct value. A family
+    override that changes a flag shows up here; a self-check on such a twin could miss what that
+    flag does."""
+    a, b = original.to_dict(), twin.to_dict()
     out = {}
     for k in sorted(set(a) | set(b)):
         va, vb = a.get(k), b.get(k)
-        if isinstance(va, dict) and isinstance(vb, dict):
-            continue  # sub-configs are shrunk recursively
-        if va != vb:
-            out[k] = (va, vb)
+        if va == vb or _deliberate(k, va) or isinstance(va, dict) and isinstance(vb, dict):
+            continue  # sub-configs and per-layer dicts are shrunk recursively
+        if isinstance(va, list) and isinstance(vb, list) and {str(x) for x in va} == {str(x) for x in vb}:
+            continue
+        if isinstance(va, list) and isinstance(vb, list) and all(_is_int(x) for x in va + vb):
+            continue  # layer indices, remapped to the kept layers
+        out[k] = (va, vb)
     return out
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._legacy_attention import pass_boundaries, refuse_length_dependent_rope
+from ._common import on_transformers_4
+from ._legacy_attention import pass_boundaries
 
 
 def _patch(model, patcher, options) -> None:
@@ -20,8 +21,8 @@ register(
     PatchEntry(
         family="nemotron",
         model_types=("nemotron",),
-        refuse=refuse_length_dependent_rope,
         patch=_patch,
+        refuse=on_transformers_4("Nemotron's base model takes no **kwargs"),
         notes="partial rotary; boundaries re-attached to attention (its layer drops the kwargs)",
     )
 )

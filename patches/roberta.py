@@ -15,6 +15,8 @@ from hf_varlen_patch.boundaries import Boundaries
 from hf_varlen_patch.patching import call_as_kwargs, current_boundaries
 from hf_varlen_patch.registry import PatchEntry, register
 
+from ._common import on_transformers_4
+
 
 def roberta_positions(input_ids: torch.Tensor | None, boundaries: Boundaries, padding_idx: int) -> torch.Tensor:
     """Per-sequence RoBERTa positions for a packed (B, T) batch."""
@@ -54,6 +56,7 @@ register(
             "xlm-roberta-xl",
         ),
         patch=_patch,
+        refuse=on_transformers_4("the RoBERTa models take no **kwargs"),
         notes="positions from padding_idx + 1, skipping pad tokens, restarted per sequence; attention via "
         "AttentionInterface",
     )

@@ -14,6 +14,8 @@ from __future__ import annotations
 from hf_varlen_patch.patching import index_positions_per_sequence
 from hf_varlen_patch.registry import PatchEntry, register
 
+from ._common import on_transformers_4
+
 
 def _patch(model, patcher, options) -> None:
     tables = [m for name, m in model.named_modules() if name.endswith("embed_positions")]
@@ -35,7 +37,18 @@ register(
             "blenderbot-small",
         ),
         patch=_patch,
+        refuse=on_transformers_4("these causal LMs take no position_ids or **kwargs"),
         shifts_labels=False,
         notes="learned/sinusoidal positions re-indexed per sequence; attention via AttentionInterface",
+    )
+)
+
+register(
+    PatchEntry(
+        family="seq2seq_decoders",
+        model_types=("whisper",),
+        refuse=on_transformers_4("WhisperForCausalLM takes no position_ids or **kwargs"),
+        shifts_labels=False,
+        notes="learned positions indexed by position_ids; attention via AttentionInterface; labels not shifted",
     )
 )

@@ -1,0 +1,70 @@
+"""Tiny twins: every causal LM of the installed transformers shrinks (or says why not), keeping the
+flags that change attention and positions."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from hf_varlen_patch.coverage import causal_lm_types
+from hf_varlen_patch.testing import tiny_config
+from hf_varlen_patch.twins import TwinError, dropped_flags
+
+
+@pytest.mark.parametrize("model_type", causal_lm_types())
+def test_every_causal_lm_builds_a_small_twin_or_says_why(model_type):
+    try:
+        twin = tiny_config(model_type)
+    except TwinError as err:
+        assert str(err), model_type
+        return
+    default = AutoConfig.for_model(model_type)
+    assert twin.model_type == default.model_type
+    from hf_varlen_patch.twins import twin_overrides
+
+    if twin_overrides(model_type) is None:
+        assert dropped_flags(default, twin) == {}, model_type
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(twin)
+    except Exception:
+        return  # recorded as UNBUILDABLE by the scan, with the reason
+    assert sum(p.numel() for p in model.parameters()) < 20_000_000, model_type
+
+
+def test_flags_that_change_attention_survive():
+    gemma2 = tiny_config(AutoConfig.for_model("gemma2", attn_logit_softcapping=30.0, final_logit_softcapping=20.0))
+    assert gemma2.attn_logit_softcapping == 30.0 and gemma2.final_logit_softcapping == 20.0
+    assert gemma2.sliding_window == 8 and gemma2.hidden_size == 64
+    gemma3 = tiny_config("gemma3_text")
+    assert set(gemma3.layer_types) == {"sliding_attention", "full_attention"}
+    assert len(gemma3.layer_types) == gemma3.num_hidden_layers <= 6  # one period of its 5:1 pattern
+    ds = tiny_config("deepseek_v3")
+    assert ds.kv_lora_rank < 512 and ds.q_lora_rank < 1536 and ds.qk_rope_head_dim % 2 == 0
+    assert ds.n_routed_experts == 8 and ds.num_experts_per_tok == 2 and ds.topk_group <= ds.n_group
+    mixtral = tiny_config(AutoConfig.for_model("mixtral", router_jitter_noise=0.1))
+    assert mixtral.router_jitter_noise == 0.0
+    gptj = tiny_config("gptj")
+    assert 0 < gptj.rotary_dim < gptj.n_embd // gptj.n_head  # partial rotary kept partial
+    falcon = tiny_config(AutoConfig.for_model("falcon", alibi=True, parallel_attn=True))
+    assert falcon.alibi and falcon.parallel_attn
+    olmo2 = tiny_config("olmo2")
+    assert olmo2.num_hidden_layers <= 3 and olmo2.vocab_size == 128
+
+
+def test_a_users_config_keeps_its_sizes_relations():
+    config = AutoConfig.for_model(
+        "llama", hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336
+    )
+    twin = tiny_config(config)
+    assert (twin.hidden_size, twin.num_attention_heads, twin.num_key_value_heads) == (64, 4, 2)
+    assert twin.intermediate_size == 224  # 3.5 x hidden, as the original
+    assert twin.rope_parameters == config.rope_parameters if hasattr(config, "rope_parameters") else True
+
+
+def test_overrides_win():
+    assert tiny_config("llama", num_hidden_layers=3).num_hidden_layers == 3
+
+
+def test_unknown_model_type_is_a_twin_error():
+    with pytest.raises(TwinError, match="no config"):
+        tiny_config("not-a-model")
