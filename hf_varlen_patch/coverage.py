@@ -124,7 +124,7 @@ def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, conf
             config = next(iter(entry.variants(model_type).values()))  # the entry's own first variant
         twin = tiny_config(config if config is not None else model_type)
     except TwinError as err:
-        return CoverageRow(model_type, "?", nan, nan, nan, "-", "UNBUILDABLE", str(err)[:200])
+        return CoverageRow(model_type, "?", nan, nan, nan, "-", "UNBUILDABLE", " ".join(str(err).split())[:200])
     kind = kind_of(twin)
     try:
         torch.manual_seed(0)
@@ -159,6 +159,7 @@ def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, conf
     if reason:
         return CoverageRow(model_type, kind, up_nc, up_def, nan, "-", "REFUSED", reason[:200])
     try:
+        model = model.to(entry.test_dtype)
         api.apply_entry(model, entry, backend=backend)
         BACKEND_USAGE.clear()
         patched = _patched(model, vocab)

@@ -65,7 +65,7 @@ def render(reports: list[dict]) -> str:
         for version, r in zip(versions, rows):
             if r is not None and r.get("reason") and r["reason"] not in [x.split(": ", 1)[-1] for x in reasons]:
                 reasons.append(f"{version}: {r['reason']}" if len(versions) > 1 else r["reason"])
-        reason = "; ".join(reasons).replace("|", "/")
+        reason = " ".join("; ".join(reasons).replace("|", "/").split())
         lines.append(f"| `{mt}` | {kind} | " + " | ".join(cells) + f" | {reason} |")
     lines += ["<!-- coverage:end -->", ""]
     return "\n".join(lines)

@@ -42,6 +42,8 @@ class PatchEntry:
             ``logits[t-1]``), so each sequence start is masked; False for models whose
             ``labels[t]`` is the target of ``logits[t]`` (``BartForCausalLM`` and kin): there
             each sequence's last label is masked instead.
+        test_dtype: the dtype the equivalence tests and ``scan`` run the tiny models in (float32;
+            float64 where fp32 rounding alone exceeds the 1e-5 tolerance, say so in ``notes``).
         notes: one line for the README table.
     """
 
@@ -52,6 +54,7 @@ class PatchEntry:
     patch: Callable[[torch.nn.Module, Any, PatchOptions], None] | None = None
     refuse: Callable[[Any], str | None] | None = None
     shifts_labels: bool = True
+    test_dtype: torch.dtype = torch.float32
     notes: str = ""
     extra: dict = field(default_factory=dict)
 

@@ -76,10 +76,11 @@ def tiny_model(
     *,
     seed: int = 0,
     attn_implementation: str | None = None,
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> torch.nn.Module:
-    """A tiny, randomly initialised causal LM of ``model_type`` (one of its test variants)."""
+    """A tiny, randomly initialised causal LM of ``model_type`` (one of its test variants), in
+    ``dtype`` (default: the entry's ``test_dtype``, float32 for almost all)."""
     from transformers import AutoModelForCausalLM
 
     variants = test_variants(model_type)
@@ -87,7 +88,7 @@ def tiny_model(
     torch.manual_seed(seed)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_config(config, **kwargs)
-    return model.to(device=device, dtype=dtype)
+    return model.to(device=device, dtype=dtype or lookup(model_type).test_dtype)
 
 
 @dataclass

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import logging
 
+import torch
+
 from hf_varlen_patch.attention import parse_implementation
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._common import tiny_config
+from ._legacy_attention import refuse_length_dependent_rope
 
 logger = logging.getLogger("hf_varlen_patch")
 
@@ -64,5 +67,18 @@ register(
         test_configs=_configs,
         patch=_warn_sdpa_softcap,
         notes="rotary; softcap (gemma2) and sliding-window layers (gemma2, gemma3)",
+    )
+)
+
+
+register(
+    PatchEntry(
+        family="gemma",
+        model_types=("gemma4_text",),
+        refuse=refuse_length_dependent_rope,
+        # The twin's gradients reach 4.4 (scaled per-layer-input embeddings), where fp32 summation
+        # order alone moves them by 4e-5; in float64 packed and separate agree to 1e-7.
+        test_dtype=torch.float64,
+        notes="rotary; softcap (gemma2) and sliding-window layers (gemma2, gemma3, gemma4); gemma4 tested in float64",
     )
 )

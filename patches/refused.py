@@ -37,10 +37,6 @@ REASONS = {
     "varlen attention does not take",
     "deepseek_v4": "its compressed-KV attention appends extra keys per query block; varlen kernels cannot express "
     "that layout yet",
-    "gemma4": "the tiny twin's gradients differ by 4e-5 packed vs separate (logits 1.7e-6), not yet explained; "
-    "refused until it is",
-    "gemma4_text": "the tiny twin's gradients differ by 4e-5 packed vs separate (logits 1.7e-6), not yet explained; "
-    "refused until it is",
 }
 
 

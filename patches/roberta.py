@@ -4,7 +4,9 @@
 Alone, a sequence gets positions ``padding_idx + 1 + (number of non-pad tokens so far)`` (a pad
 token gets ``padding_idx``), computed from ``input_ids``. In a packed forward the embeddings get
 the same numbering restarted at every sequence start; attention goes through the
-AttentionInterface.
+AttentionInterface. After ``apply``, explicit ``position_ids`` are read as what collators emit
+(0-based per sequence) in unpacked batches too: upstream would index its table with them raw,
+off by ``padding_idx + 1`` from what the same sequence gets without them.
 """
 
 from __future__ import annotations
@@ -30,12 +32,17 @@ def roberta_positions(input_ids: torch.Tensor | None, boundaries: Boundaries, pa
 
 
 def _packed_embeddings(wrapped, instance, args, kwargs):
-    boundaries = current_boundaries()
-    if boundaries is None:
-        return wrapped(*args, **kwargs)
     call = call_as_kwargs(wrapped, args, kwargs)
-    call["position_ids"] = roberta_positions(call.get("input_ids"), boundaries, instance.padding_idx)
-    return wrapped(**call)
+    boundaries = current_boundaries()
+    if boundaries is not None:
+        call["position_ids"] = roberta_positions(call.get("input_ids"), boundaries, instance.padding_idx)
+        return wrapped(**call)
+    if call.get("position_ids") is not None and call.get("input_ids") is not None:
+        # 0-based positions, as packing collators emit them for a batch that happens to hold one
+        # sequence per row: number the tokens as the model does by itself
+        call["position_ids"] = None
+        return wrapped(**call)
+    return wrapped(*args, **kwargs)
 
 
 def _patch(model, patcher, options) -> None:

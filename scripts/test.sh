@@ -6,4 +6,5 @@ cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}" bash scripts/setup_env.sh
 VENV="${VENV:-.venv}"
 "${VENV}/bin/ruff" check hf_varlen_patch patches tests scripts
-"${VENV}/bin/python" -m pytest -q "$@"
+# two workers: CI machines have two cores (pytest-xdist; -p no:xdist to run in one process)
+"${VENV}/bin/python" -m pytest -q -n "${PYTEST_WORKERS:-2}" "$@"
