@@ -15,6 +15,7 @@ from __future__ import annotations
 import transformers
 
 from hf_varlen_patch.registry import PatchEntry, register
+from hf_varlen_patch.twins import tiny_config
 
 from ._legacy_attention import refuse_length_dependent_rope
 
@@ -108,10 +109,17 @@ def _refuse(config) -> str | None:
     return refuse_length_dependent_rope(config)
 
 
+def _variants(model_type: str) -> dict:
+    if model_type in BERT_LIKE:  # their default config is bidirectional; decoders are causal
+        return {"twin": tiny_config(model_type), "decoder": tiny_config(model_type, is_decoder=True)}
+    return {"twin": tiny_config(model_type)}
+
+
 register(
     PatchEntry(
         family="decoders",
         model_types=DECODERS + NEEDS_5X,
+        test_configs=_variants,
         refuse=_refuse,
         notes="positions from position_ids; attention via AttentionInterface (tested on the tiny twin)",
     )

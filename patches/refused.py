@@ -15,12 +15,9 @@ OWN_ATTENTION = (
 
 REASONS = {
     "big_bird": OWN_ATTENTION + " (and its block-sparse mode mixes blocks across the row)",
-    "megatron-bert": OWN_ATTENTION,
-    "rembert": OWN_ATTENTION,
     "roformer": OWN_ATTENTION + " (its sinusoidal rotary is computed from row positions)",
     "gpt_neox_japanese": OWN_ATTENTION,
     "mvp": OWN_ATTENTION + " (plus learned positions from an arange over the row)",
-    "trocr": OWN_ATTENTION + " (plus learned positions from an arange over the row)",
     "cpmant": OWN_ATTENTION + " (segment and relative-position buckets over the row)",
     "openai-gpt": OWN_ATTENTION,
     "xlm": OWN_ATTENTION + " (and language embeddings per row)",
