@@ -203,6 +203,7 @@ def _patch(hf_model: torch.nn.Module, entry: PatchEntry, options: PatchOptions, 
             is_top=is_top,
             passes_kwargs=passes_kwargs[id(module)],
             shifts_labels=entry.shifts_labels,
+            rows_are_sequences=bool(entry.rows_are_sequences and entry.rows_are_sequences(hf_model.config)),
         )
         patcher.wrap_method(module, "forward", wrapper)
 

@@ -133,8 +133,12 @@ def _cache_is_empty(past: Any) -> bool:
     return int(get_len()) == 0
 
 
-def boundaries_for_call(call: dict, *, check_inputs: bool) -> Boundaries | None:
-    """The boundaries of one forward, or None when the input is not packed (run upstream as is)."""
+def boundaries_for_call(call: dict, *, check_inputs: bool, rows_are_sequences: bool = False) -> Boundaries | None:
+    """The boundaries of one forward, or None when the input is not packed (run upstream as is).
+
+    ``rows_are_sequences``: also treat a batch of several rows, each one sequence (plus padding),
+    as packed when its cache is empty, for models whose upstream lets rows influence each other.
+    """
     shape = _batch_shape(call)
     cu_q, cu_k = call.get("cu_seq_lens_q"), call.get("cu_seq_lens_k")
     if shape is None:
@@ -171,6 +175,8 @@ def boundaries_for_call(call: dict, *, check_inputs: bool) -> Boundaries | None:
         return None  # a custom 4-D mask: the caller built the attention pattern, respect it.
     boundaries = Boundaries.from_position_ids(position_ids, shape=shape, attention_mask=mask)
     if not boundaries.is_packed:
+        if rows_are_sequences and shape[0] > 1 and _cache_is_empty(cache_of(call)):
+            return boundaries
         return None
     if not _cache_is_empty(cache_of(call)):
         raise VarlenPatchError(
@@ -296,7 +302,13 @@ def index_positions_per_sequence(patcher: Patcher, module: torch.nn.Module) -> N
 
 
 def make_entry_wrapper(
-    *, check_inputs: bool, is_base: bool, is_top: bool, passes_kwargs: bool, shifts_labels: bool = True
+    *,
+    check_inputs: bool,
+    is_base: bool,
+    is_top: bool,
+    passes_kwargs: bool,
+    shifts_labels: bool = True,
+    rows_are_sequences: bool = False,
 ) -> Callable:
     """The wrapt wrapper around a patched model's ``forward``.
 
@@ -313,7 +325,7 @@ def make_entry_wrapper(
         # may reuse the same position_ids tensor with new contents.
         boundaries = call.pop(BOUNDARIES_KWARG, None) or _CURRENT.get()
         if boundaries is None:
-            boundaries = boundaries_for_call(call, check_inputs=check_inputs)
+            boundaries = boundaries_for_call(call, check_inputs=check_inputs, rows_are_sequences=rows_are_sequences)
             if boundaries is None:
                 return None
             for name in COLLATOR_KWARGS:

@@ -42,6 +42,9 @@ class PatchEntry:
             ``logits[t-1]``), so each sequence start is masked; False for models whose
             ``labels[t]`` is the target of ``logits[t]`` (``BartForCausalLM`` and kin): there
             each sequence's last label is masked instead.
+        rows_are_sequences: ``config -> bool``: run multi-row batches with ``position_ids`` and an
+            empty cache through the packed path even when no row restarts (one sequence per row),
+            for models whose upstream lets one row change another (a batch-wide LongRoPE regime).
         test_dtype: the dtype the equivalence tests and ``scan`` run the tiny models in (float32;
             float64 where fp32 rounding alone exceeds the 1e-5 tolerance, say so in ``notes``).
         notes: one line for the README table.
@@ -55,6 +58,7 @@ class PatchEntry:
     refuse: Callable[[Any], str | None] | None = None
     shifts_labels: bool = True
     test_dtype: torch.dtype = torch.float32
+    rows_are_sequences: Callable[[Any], bool] | None = None
     notes: str = ""
     extra: dict = field(default_factory=dict)
 

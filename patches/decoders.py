@@ -100,7 +100,16 @@ BERT_LIKE = ("bert", "bert-generation", "electra", "ernie", "roc_bert")
 NEEDS_5X = BERT_LIKE + ("diffllama", "longcat_flash", "moshi", "granitemoeshared", "mllama", "phi4_multimodal")
 
 
+#: Types whose 4.57 causal LM takes a composite config, whose tiny twin does not run there.
+COMPOSITE_ON_4 = ("emu3",)
+
+
 def _refuse(config) -> str | None:
+    if config.model_type in COMPOSITE_ON_4 and transformers.__version__.startswith("4."):
+        return (
+            f"on transformers 4.57 {config.model_type}'s causal LM takes the composite (multimodal) config, "
+            "which no tiny twin exercises; upgrade to transformers 5.x, where it is supported."
+        )
     if config.model_type in NEEDS_5X and transformers.__version__.startswith("4."):
         return (
             f"on transformers 4.57 {config.model_type} computes attention in its own classes (or takes no "

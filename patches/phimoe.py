@@ -9,8 +9,9 @@ LongRoPE picks short or long frequencies (and mscale) from the length of the inp
 ``max(position_ids) + 1`` of the whole batch, 4.57 from the row length. A sequence alone uses its
 own length, so in a packed forward every token gets the regime of its own sequence
 (:func:`_long_tokens`): on 5.x by wrapping the model's rotary embedding, on 4.57 inside
-:func:`_packed_forward`. On 5.x a batch of several rows with ``position_ids`` gets the regime per
-row too (upstream would give every row the longest row's regime).
+:func:`_packed_forward`. With LongRoPE a batch of several rows with ``position_ids`` (and an empty
+cache) runs the packed path too, one sequence per row (``rows_are_sequences``): upstream would
+give every row the longest row's regime.
 """
 
 from __future__ import annotations
@@ -76,12 +77,6 @@ def _longrope_rotary(wrapped, instance, args, kwargs):
     call = call_as_kwargs(wrapped, args, kwargs)
     position_ids = call.get("position_ids")
     boundaries = boundaries_for_positions(position_ids)
-    if boundaries is None and isinstance(position_ids, torch.Tensor) and position_ids.ndim == 2:
-        if position_ids.shape[0] == 1 or position_ids.shape[1] <= 1:
-            return wrapped(*args, **kwargs)
-        # rows of one sequence each: upstream picks one regime from the whole batch's longest row,
-        # each row alone would use its own (the regime of a row cannot depend on its neighbours)
-        boundaries = Boundaries.from_position_ids(position_ids)
     if boundaries is None:
         return wrapped(*args, **kwargs)
     x = call["x"]
@@ -169,6 +164,7 @@ register(
         generic=lambda model: not _legacy(model),
         patch=_patch,
         refuse=lambda config: refuse_length_dependent_rope(config, allowed=("longrope",)),
+        rows_are_sequences=lambda config: _rope(config).get("rope_type") == "longrope",
         notes=(
             "sparsemixer MoE; sliding window passed to attention; LongRoPE regime per sequence; "
             "4.57: legacy attention classes wrapped per instance"
