@@ -217,18 +217,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
     dtype = getattr(torch, args.dtype)
+    from .twins import tiny_config
+
     if os.path.isdir(args.model):
         config = AutoConfig.from_pretrained(args.model)
-        configs = {"checkpoint-config": config}
+        configs = {"twin-of-checkpoint": tiny_config(config)}  # same classes and flags, CPU size
         model_type = config.model_type
     else:
         model_type = args.model
         try:
             configs = test_variants(model_type)
         except VarlenPatchError:
-            from hf_varlen_patch.patches._common import tiny_config
-
-            configs = {"tiny": tiny_config(model_type)}
+            configs = {"twin": tiny_config(model_type)}
     rows = [
         check_config(model_type, variant, config, backend=args.backend, tol=args.tol, dtype=dtype, device=args.device)
         for variant, config in configs.items()

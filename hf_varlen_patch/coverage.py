@@ -121,8 +121,9 @@ def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, conf
     entry = REGISTRY.get(model_type)
     try:
         if config is None and entry is not None and entry.test_configs is not None:
-            config = next(iter(entry.variants(model_type).values()))  # the entry's own first variant
-        twin = tiny_config(config if config is not None else model_type)
+            twin = next(iter(entry.variants(model_type).values()))  # the entry's own first variant
+        else:
+            twin = tiny_config(config if config is not None else model_type)
     except TwinError as err:
         return CoverageRow(model_type, "?", nan, nan, nan, "-", "UNBUILDABLE", " ".join(str(err).split())[:200])
     kind = kind_of(twin)
@@ -135,9 +136,12 @@ def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, conf
     vocab = getattr(model.config.get_text_config(), "vocab_size", None)
     if not vocab:
         return CoverageRow(model_type, kind, nan, nan, nan, "-", "UNBUILDABLE", "the config has no vocab_size")
+    refusal = entry.refuse(model.config) if entry is not None and entry.refuse is not None else None
     try:
         up_nc, up_def = _upstream(model, vocab)
     except Exception as err:
+        if refusal:
+            return CoverageRow(model_type, kind, nan, nan, nan, "-", "REFUSED", refusal[:200])
         reason = f"the twin does not run upstream: {_err(err)}"
         return CoverageRow(model_type, kind, nan, nan, nan, "-", "UNBUILDABLE", reason)
 
@@ -155,9 +159,8 @@ def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, conf
             else:
                 need = f"a dedicated patch: {result.reason}"
         return CoverageRow(model_type, kind, up_nc, up_def, nan, "-", "NO-ENTRY", need[:200])
-    reason = entry.refuse(model.config) if entry.refuse is not None else None
-    if reason:
-        return CoverageRow(model_type, kind, up_nc, up_def, nan, "-", "REFUSED", reason[:200])
+    if refusal:
+        return CoverageRow(model_type, kind, up_nc, up_def, nan, "-", "REFUSED", refusal[:200])
     try:
         model = model.to(entry.test_dtype)
         api.apply_entry(model, entry, backend=backend)

@@ -1,23 +1,29 @@
-"""BERT-style decoders whose self-attention still computes itself on 5.x (MegatronBERT, RemBERT).
+"""BERT-style self-attention that computes itself: MegatronBERT and RemBERT on every line, and
+on transformers 4.57 (whose BERT models take no ``**kwargs``) BERT, ELECTRA, ERNIE, RoCBERT,
+BertGeneration and the RoBERTa family.
 
 Positions come from ``position_ids`` (absolute table); the self-attention module (``query``,
 ``key``, ``value`` projections, scores / sqrt(head size), dropout on the probabilities) is
 wrapped per instance: a packed call projects as upstream does and attends through the varlen
 backend, causal when the model is a decoder (``is_decoder``) and bidirectional within each
-sequence otherwise. Cross-attention and ``output_attentions`` are refused in packed calls.
+sequence otherwise. The boundaries come from the call's kwargs, else from the packed forward's
+context; :func:`~hf_varlen_patch.patching.track_layer` keeps them for gradient-checkpoint
+recomputation. Cross-attention, ``head_mask``, ``output_attentions`` and relative position
+embeddings are refused in packed calls.
 """
 
 from __future__ import annotations
 
 import math
 
-from hf_varlen_patch.attention import BOUNDARIES_KWARG, varlen_attention
+import transformers
+
+from hf_varlen_patch.attention import BOUNDARIES_KWARG, is_packed_mask_placeholder, varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.errors import VarlenPatchError
-from hf_varlen_patch.patching import cache_of, call_as_kwargs, current_boundaries
+from hf_varlen_patch.patching import cache_of, call_as_kwargs, current_boundaries, track_layer
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._common import on_transformers_4
 from ._legacy_attention import PackedOutputAttentionsError
 
 
@@ -31,6 +37,8 @@ def _self_attention(backend: str):
             raise VarlenPatchError("cross-attention (encoder_hidden_states) cannot be packed.")
         if call.get("output_attentions"):
             raise PackedOutputAttentionsError("output_attentions=True is not available with packed inputs.")
+        if call.get("head_mask") is not None:
+            raise VarlenPatchError("head_mask is not supported with packed inputs; drop it or unpack.")
         hidden = call["hidden_states"]
         shape = (*hidden.shape[:-1], -1, instance.attention_head_size)
         q, k, v = (proj(hidden).view(shape).transpose(1, 2) for proj in (instance.query, instance.key, instance.value))
@@ -56,12 +64,43 @@ def decoder_variants(model_type: str) -> dict:
     return {"twin": tiny_config(model_type), "decoder": tiny_config(model_type, is_decoder=True)}
 
 
-def _patch(model, patcher, options) -> None:
+def _keep_placeholder(wrapped, instance, args, kwargs):
+    """4.57's ``get_extended_attention_mask`` rejects a 4-D mask; packed attention ignores it."""
+    mask = call_as_kwargs(wrapped, args, kwargs).get("attention_mask")
+    if is_packed_mask_placeholder(mask):
+        return mask
+    return wrapped(*args, **kwargs)
+
+
+def wrap_self_attention(model, patcher, options) -> None:
+    """Wrap every BERT-style self-attention module of ``model`` (packed calls only)."""
+    base = model.base_model
+    if callable(getattr(base, "get_extended_attention_mask", None)):
+        patcher.wrap_method(base, "get_extended_attention_mask", _keep_placeholder)
     found = [m for m in model.modules() if type(m).__name__.endswith("SelfAttention") and hasattr(m, "query")]
     if not found:
         raise NotImplementedError(f"{type(model).__name__} has no BERT-style self-attention to wrap")
     for module in found:
         patcher.wrap_method(module, "forward", _self_attention(options.backend))
+        track_layer(patcher, module)
+
+
+def on_4(model=None) -> bool:
+    return transformers.__version__.startswith("4.")
+
+
+def refuse_relative_positions(config) -> str | None:
+    kind = getattr(config, "position_embedding_type", "absolute") or "absolute"
+    if kind != "absolute":
+        return (
+            f"position_embedding_type={kind!r} adds position terms inside attention scores, which the packed "
+            "kernels do not take; use absolute positions for packed training."
+        )
+    return None
+
+
+def _patch(model, patcher, options) -> None:
+    wrap_self_attention(model, patcher, options)
 
 
 register(
@@ -71,7 +110,30 @@ register(
         test_configs=decoder_variants,
         generic=False,
         patch=_patch,
-        refuse=on_transformers_4("these models take no **kwargs"),
+        refuse=refuse_relative_positions,
         notes="absolute positions from position_ids; own self-attention wrapped per instance (causal for decoders)",
+    )
+)
+
+
+#: BERT-style decoders on the generic route on 5.x; on 4.57 their self-attention is wrapped.
+BERT_LIKE = ("bert", "bert-generation", "electra", "ernie", "roc_bert")
+
+
+def _bert_like_patch(model, patcher, options) -> None:
+    if on_4():
+        wrap_self_attention(model, patcher, options)
+
+
+register(
+    PatchEntry(
+        family="bert_legacy",
+        model_types=BERT_LIKE,
+        test_configs=decoder_variants,
+        generic=lambda model: not on_4(),
+        patch=_bert_like_patch,
+        refuse=refuse_relative_positions,
+        notes="absolute positions from position_ids; 5.x: attention via AttentionInterface; 4.57: own "
+        "self-attention wrapped per instance (causal for decoders)",
     )
 )

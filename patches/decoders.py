@@ -15,7 +15,6 @@ from __future__ import annotations
 import transformers
 
 from hf_varlen_patch.registry import PatchEntry, register
-from hf_varlen_patch.twins import tiny_config
 
 from ._legacy_attention import refuse_length_dependent_rope
 
@@ -92,12 +91,8 @@ DECODERS = (
     "ministral",
 )
 
-#: BERT-style decoders (``is_decoder``): absolute positions from ``position_ids``. On 4.57 their
-#: base models take no ``**kwargs`` and compute attention in their own classes.
-BERT_LIKE = ("bert", "bert-generation", "electra", "ernie", "roc_bert")
-
 #: Decoders whose 4.57 code computes attention in legacy classes the generic route cannot reach.
-NEEDS_5X = BERT_LIKE + ("diffllama", "longcat_flash", "moshi", "granitemoeshared", "mllama", "phi4_multimodal")
+NEEDS_5X = ("diffllama", "longcat_flash", "moshi", "granitemoeshared", "mllama", "phi4_multimodal")
 
 
 #: Types whose 4.57 causal LM takes a composite config, whose tiny twin does not run there.
@@ -118,17 +113,10 @@ def _refuse(config) -> str | None:
     return refuse_length_dependent_rope(config)
 
 
-def _variants(model_type: str) -> dict:
-    if model_type in BERT_LIKE:  # their default config is bidirectional; decoders are causal
-        return {"twin": tiny_config(model_type), "decoder": tiny_config(model_type, is_decoder=True)}
-    return {"twin": tiny_config(model_type)}
-
-
 register(
     PatchEntry(
         family="decoders",
         model_types=DECODERS + NEEDS_5X,
-        test_configs=_variants,
         refuse=_refuse,
         notes="positions from position_ids; attention via AttentionInterface (tested on the tiny twin)",
     )

@@ -17,7 +17,7 @@ from hf_varlen_patch.boundaries import Boundaries
 from hf_varlen_patch.patching import call_as_kwargs, current_boundaries
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._common import on_transformers_4
+from .bert_legacy import decoder_variants, on_4, refuse_relative_positions, wrap_self_attention
 
 
 def roberta_positions(input_ids: torch.Tensor | None, boundaries: Boundaries, padding_idx: int) -> torch.Tensor:
@@ -46,8 +46,10 @@ def _packed_embeddings(wrapped, instance, args, kwargs):
 
 
 def _patch(model, patcher, options) -> None:
+    if on_4():  # 4.57: no **kwargs, BERT-style attention classes
+        wrap_self_attention(model, patcher, options)
     for module in model.modules():
-        if hasattr(module, "padding_idx") and hasattr(module, "create_position_ids_from_input_ids"):
+        if type(module).__name__.endswith("Embeddings") and hasattr(module, "padding_idx"):
             patcher.wrap_method(module, "forward", _packed_embeddings)
 
 
@@ -62,8 +64,10 @@ register(
             "xlm-roberta",
             "xlm-roberta-xl",
         ),
+        test_configs=decoder_variants,
+        generic=lambda model: not on_4(),
         patch=_patch,
-        refuse=on_transformers_4("the RoBERTa models take no **kwargs"),
+        refuse=refuse_relative_positions,
         notes="positions from padding_idx + 1, skipping pad tokens, restarted per sequence; attention via "
         "AttentionInterface",
     )
