@@ -21,15 +21,13 @@ from . import api
 from .attention import BACKEND_USAGE
 from .errors import VarlenPatchError
 from .registry import supported_model_types
+from .selfcheck import LAYOUTS
 from .testing import compare_packed, make_packed_batch, test_variants
 
 #: The upstream measurement of ARCHITECTURE.md: three sequences (5, 9, 3) in one row, no mask.
 UPSTREAM_ROWS = [[5, 9, 3]]
 #: The patched check adds a second row and trailing padding (attention_mask) to the above.
-PATCHED_LAYOUTS = (
-    dict(rows=[[5, 9, 3]]),
-    dict(rows=[[5, 9, 3, 11], [12, 7]], extra_padding=3, seed=1),
-)
+PATCHED_LAYOUTS = LAYOUTS
 
 
 @dataclass

@@ -15,7 +15,9 @@ settings.register_profile(
 settings.register_profile("thorough", max_examples=200, deadline=None, suppress_health_check=list(HealthCheck))
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-torch.set_num_threads(max(1, min(4, os.cpu_count() or 1)))
+# one intra-op thread per pytest-xdist worker (more oversubscribes the cores and slows all of them)
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(4, (os.cpu_count() or 1) // _workers)))
 
 
 @pytest.fixture(autouse=True)
