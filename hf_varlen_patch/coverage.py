@@ -103,6 +103,18 @@ def _patched(model: torch.nn.Module, vocab: int) -> float:
     )
 
 
+def _refusal_of_default(entry: Any, model_type: str) -> str | None:
+    """A registered entry's refusal of the type's default config (when no twin can be built)."""
+    from transformers import CONFIG_MAPPING
+
+    if entry is None or entry.refuse is None:
+        return None
+    try:
+        return entry.refuse(CONFIG_MAPPING[model_type]())
+    except Exception:
+        return None
+
+
 def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, config: Any = None) -> CoverageRow:
     """The coverage row of one model_type (its twin, or a twin of ``config``)."""
     from transformers import AutoModelForCausalLM
@@ -122,12 +134,18 @@ def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, conf
         else:
             twin = tiny_config(config if config is not None else model_type)
     except TwinError as err:
+        refusal = _refusal_of_default(entry, model_type)
+        if refusal:
+            return CoverageRow(model_type, "?", nan, nan, nan, "-", "REFUSED", refusal[:200])
         return CoverageRow(model_type, "?", nan, nan, nan, "-", "UNBUILDABLE", " ".join(str(err).split())[:200])
     kind = kind_of(twin)
     try:
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(twin).float()
     except Exception as err:
+        refusal = _refusal_of_default(entry, model_type)
+        if refusal:
+            return CoverageRow(model_type, kind, nan, nan, nan, "-", "REFUSED", refusal[:200])
         return CoverageRow(model_type, kind, nan, nan, nan, "-", "UNBUILDABLE", f"twin does not build: {_err(err)}")
     kind = kind_of(twin, model)
     vocab = getattr(model.config.get_text_config(), "vocab_size", None)

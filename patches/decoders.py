@@ -92,7 +92,7 @@ DECODERS = (
 )
 
 #: Decoders whose 4.57 code computes attention in legacy classes the generic route cannot reach.
-NEEDS_5X = ("diffllama", "longcat_flash", "moshi", "granitemoeshared", "mllama", "phi4_multimodal")
+NEEDS_5X = ("diffllama", "longcat_flash", "moshi", "mllama", "phi4_multimodal")
 
 
 #: Types whose 4.57 causal LM takes a composite config, whose tiny twin does not run there.

@@ -49,3 +49,13 @@ register(
         notes="attention/embedding/residual/logits multipliers, MoE; 4.57: boundaries re-attached to attention",
     )
 )
+
+register(
+    PatchEntry(
+        family="granitemoe",
+        model_types=("granitemoeshared",),
+        refuse=refuse_length_dependent_rope,
+        patch=_patch,
+        notes="attention/embedding/residual/logits multipliers, MoE; 4.57: boundaries re-attached to attention",
+    )
+)
