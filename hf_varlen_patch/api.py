@@ -11,7 +11,7 @@ import torch
 from .attention import parse_implementation, register_implementation
 from .backends import BACKENDS
 from .errors import BackendUnavailableError, UnsupportedArchitectureError
-from .patching import Patcher, accepts_var_kwargs, make_entry_wrapper, nested_configs, own_config
+from .patching import Patcher, accepts_argument, accepts_var_kwargs, make_entry_wrapper, nested_configs, own_config
 from .registry import PatchEntry, PatchOptions, lookup
 from .versions import check_versions, is_tested, tested_range_text
 
@@ -178,9 +178,11 @@ def _patch(hf_model: torch.nn.Module, entry: PatchEntry, options: PatchOptions, 
     targets = [(hf_model, True, base is hf_model)]
     if base is not hf_model:
         targets.append((base, False, True))
-    passes_kwargs = {id(m): accepts_var_kwargs(m.forward) for m, _, _ in targets}
+    from_context = entry.boundaries_from_context
+    from_context = from_context(hf_model) if callable(from_context) else from_context
+    passes_kwargs = {id(m): accepts_var_kwargs(m.forward) and not from_context for m, _, _ in targets}
     generic = entry.generic(hf_model) if callable(entry.generic) else entry.generic
-    if generic and not passes_kwargs[id(base)]:
+    if generic and not passes_kwargs[id(base)] and not from_context:
         raise UnsupportedArchitectureError(
             f"{type(base).__name__}.forward takes no **kwargs on this transformers version, so the "
             f"boundaries cannot reach its attention; the {entry.family} entry needs a dedicated patch."
@@ -204,6 +206,7 @@ def _patch(hf_model: torch.nn.Module, entry: PatchEntry, options: PatchOptions, 
             passes_kwargs=passes_kwargs[id(module)],
             shifts_labels=entry.shifts_labels,
             rows_are_sequences=bool(entry.rows_are_sequences and entry.rows_are_sequences(hf_model.config)),
+            takes_position_ids=accepts_argument(module.forward, "position_ids"),
         )
         patcher.wrap_method(module, "forward", wrapper)
 

@@ -271,6 +271,34 @@ def track_layer(patcher: Patcher, layer: torch.nn.Module) -> None:
     patcher.wrap_method(layer, "forward", wrapper)
 
 
+def attach_boundaries(
+    patcher: Patcher, module: torch.nn.Module, extra: Callable[[torch.nn.Module], dict] | None = None
+) -> None:
+    """Wrap ``module.forward`` so a packed call carries ``varlen_boundaries`` (and ``extra(module)``).
+
+    For attention modules that call the AttentionInterface but whose callers drop the keyword
+    arguments. The boundaries come from the call's kwargs, else from its ``position_ids``
+    (:func:`boundaries_for_positions`, which also holds during checkpoint recomputation), else from
+    the packed forward running now (:func:`current_boundaries`; register the enclosing layers with
+    :func:`track_layer` so recomputation sees them too). Unpacked calls pass through unchanged.
+    """
+
+    def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        boundaries = kwargs.get(BOUNDARIES_KWARG)
+        if boundaries is None:
+            boundaries = boundaries_for_positions(call_as_kwargs(wrapped, args, kwargs).get("position_ids"))
+        if boundaries is None:
+            boundaries = _CURRENT.get()
+        if boundaries is None:
+            return wrapped(*args, **kwargs)
+        kwargs = {**kwargs, BOUNDARIES_KWARG: boundaries}
+        if extra is not None:
+            kwargs.update(extra(instance))
+        return wrapped(*args, **kwargs)
+
+    patcher.wrap_method(module, "forward", wrapper)
+
+
 def index_positions_per_sequence(patcher: Patcher, module: torch.nn.Module) -> None:
     """Make a position-embedding module that numbers a row's tokens 0..T-1 (an ``arange`` inside
     the model, ignoring ``position_ids``) restart at every sequence start in packed forwards.
@@ -309,13 +337,16 @@ def make_entry_wrapper(
     passes_kwargs: bool,
     shifts_labels: bool = True,
     rows_are_sequences: bool = False,
+    takes_position_ids: bool = True,
 ) -> Callable:
     """The wrapt wrapper around a patched model's ``forward``.
 
     It derives the boundaries once (or takes them from an outer patched forward) and passes them
     down as a keyword argument. In packed mode the base model gets a zero-memory 4-D mask (or,
     for models that take no kwargs, no mask), so transformers never builds a (T, T) mask.
-    Unpacked calls go through untouched.
+    A forward that takes no ``position_ids`` (older encoder-decoder causal LMs) still accepts
+    them, and the collator's kwargs, from the caller: the boundaries reach its layers through the
+    context instead. Unpacked calls go through untouched.
     """
 
     @torch.compiler.disable  # host-side bookkeeping: keep it out of compiled graphs
@@ -347,6 +378,10 @@ def make_entry_wrapper(
     def entry(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
         call = call_as_kwargs(wrapped, args, kwargs)
         boundaries = prepare(call)
+        if not takes_position_ids:
+            # the model numbers its tokens itself; in packed forwards the boundaries travel in the context
+            call.pop("position_ids", None)
+            kwargs.pop("position_ids", None)
         if boundaries is None:
             return wrapped(*args, **kwargs)
         token = _CURRENT.set(boundaries)
@@ -360,3 +395,8 @@ def make_entry_wrapper(
 
 def accepts_var_kwargs(fn: Callable) -> bool:
     return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+
+
+def accepts_argument(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` takes ``name`` (by name or through ``**kwargs``)."""
+    return name in inspect.signature(fn).parameters or accepts_var_kwargs(fn)

@@ -45,6 +45,12 @@ class PatchEntry:
         rows_are_sequences: ``config -> bool``: run multi-row batches with ``position_ids`` and an
             empty cache through the packed path even when no row restarts (one sequence per row),
             for models whose upstream lets one row change another (a batch-wide LongRoPE regime).
+        boundaries_from_context: ``model -> bool`` (or a bool): the model drops keyword arguments
+            on their way to attention (its forward or layers take no ``**kwargs``), so the engine
+            passes no ``varlen_boundaries`` kwarg and no packed mask placeholder down; the entry's
+            ``patch`` makes its attention modules read the boundaries with
+            :func:`~hf_varlen_patch.patching.attach_boundaries` (and registers the layers around
+            them with :func:`~hf_varlen_patch.patching.track_layer` for checkpointing).
         test_dtype: the dtype the equivalence tests and ``scan`` run the tiny models in (float32;
             float64 where fp32 rounding alone exceeds the 1e-5 tolerance, say so in ``notes``).
         notes: one line for the README table.
@@ -59,6 +65,7 @@ class PatchEntry:
     shifts_labels: bool = True
     test_dtype: torch.dtype = torch.float32
     rows_are_sequences: Callable[[Any], bool] | None = None
+    boundaries_from_context: bool | Callable[[torch.nn.Module], bool] = False
     notes: str = ""
     extra: dict = field(default_factory=dict)
 

@@ -256,6 +256,13 @@ def run_separate(model: torch.nn.Module, batch: PackedBatch, *, grads: bool = Tr
     return Run(logits_out, loss_sum, model_loss, _grads(model) if grads else {})
 
 
+def _takes_position_ids(model: torch.nn.Module) -> bool:
+    from .api import is_patched
+    from .patching import accepts_argument
+
+    return is_patched(model) or accepts_argument(model.forward, "position_ids")
+
+
 def run_packed(
     model: torch.nn.Module, batch: PackedBatch, *, grads: bool = True, use_cache: bool | None = False
 ) -> Run:
@@ -263,6 +270,8 @@ def run_packed(
     batch = batch.to(_model_device(model))
     extra = {} if use_cache is None else {"use_cache": use_cache}
     inputs = dict(input_ids=batch.input_ids, position_ids=batch.position_ids, attention_mask=batch.attention_mask)
+    if not _takes_position_ids(model):
+        del inputs["position_ids"]  # an unpatched model that numbers its tokens itself (4.57 BartForCausalLM)
     denom = max(sum(max(n - 1, 0) for _, _, n in batch.spans), 1)
     model.zero_grad(set_to_none=True)
     with torch.set_grad_enabled(grads):

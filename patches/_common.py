@@ -25,22 +25,3 @@ def tiny_config(model_type: str, **overrides: Any):
     kwargs = dict(TINY)
     kwargs.update(overrides)
     return AutoConfig.for_model(model_type, **kwargs)
-
-
-def on_transformers_4(model_type_reason: str):
-    """A ``refuse`` for entries that need transformers 5.x: on 4.57 the base model takes no
-    ``**kwargs`` (or the causal LM no ``position_ids``), so the boundaries cannot reach attention."""
-
-    def refuse(config: Any) -> str | None:
-        import transformers
-
-        if transformers.__version__.startswith("4."):
-            return (
-                f"on transformers 4.57 {model_type_reason}, so the packed boundaries cannot reach its attention; "
-                "upgrade to transformers 5.x, where this entry is tested."
-            )
-        from ._legacy_attention import refuse_length_dependent_rope
-
-        return refuse_length_dependent_rope(config)
-
-    return refuse

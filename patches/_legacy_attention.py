@@ -36,6 +36,7 @@ __all__ = [
     "modeling_module",
     "pass_boundaries",
     "packed_attention",
+    "llama_style_forward",
     "keep_packed_mask",
     "rope_types",
     "refuse_length_dependent_rope",
@@ -45,8 +46,9 @@ __all__ = [
 #: or the row length): a packed row would give every sequence the longest one's frequencies.
 LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
-#: ``attend(q, k, v, spec, cache_kwargs)``: q (B, Hq, T, D), k/v (B, Hk, T, D) after rotary and
-#: before the cache; updates the cache if the call has one; returns (B, T, Hq, Dv).
+#: ``attend(q, k, v, spec, cache_kwargs, after_cache=None)``: q (B, Hq, T, D), k/v (B, Hk, T, D)
+#: after rotary and before the cache; updates the cache if the call has one, then applies
+#: ``after_cache(k, v) -> (k, v)`` if given; returns (B, T, Hq, Dv).
 Attend = Callable[..., torch.Tensor]
 
 
@@ -111,14 +113,33 @@ def packed_attention(
             )
         past = cache_of(call)
 
-        def attend(q, k, v, spec: AttentionSpec, cache_kwargs: dict | None = None) -> torch.Tensor:
+        def attend(q, k, v, spec: AttentionSpec, cache_kwargs: dict | None = None, *, after_cache=None):
             if past is not None:
                 k, v = past.update(k, v, getattr(instance, layer_idx), cache_kwargs)
+            if after_cache is not None:  # what upstream does to k/v between the cache and attention
+                k, v = after_cache(k, v)
             return varlen_attention(backend, q, k, v, boundaries, spec)
 
         return forward(instance, call, attend)
 
     patcher.wrap_method(module, "forward", wrapper)
+
+
+def llama_style_forward(self: torch.nn.Module, call: dict, attend: Attend) -> Any:
+    """The packed forward of a 4.57 Llama-style legacy attention class (for :func:`packed_attention`):
+    q/k/v projections, the model's own ``apply_rotary_pos_emb`` (partial rotary included) on the
+    ``position_embeddings`` its layer passes, default scaling, ``o_proj``."""
+    hidden = call["hidden_states"]
+    batch, length, _ = hidden.shape
+    q = self.q_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
+    k = self.k_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
+    v = self.v_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
+    cos, sin = call["position_embeddings"]
+    q, k = modeling_module(self).apply_rotary_pos_emb(q, k, cos, sin)
+    cache_kwargs = {"sin": sin, "cos": cos, "cache_position": call.get("cache_position")}
+    spec = AttentionSpec(causal=True, dropout=self.attention_dropout if self.training else 0.0)
+    out = attend(q, k, v, spec, cache_kwargs)
+    return self.o_proj(out.reshape(batch, length, -1)), None
 
 
 def keep_packed_mask(patcher: Patcher, base: torch.nn.Module) -> None:

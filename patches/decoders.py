@@ -89,10 +89,16 @@ DECODERS = (
     "mimo_v2_flash",
     "minimax_m3_vl_text",
     "ministral",
+    "longcat_flash",
 )
 
 #: Decoders whose 4.57 code computes attention in legacy classes the generic route cannot reach.
-NEEDS_5X = ("diffllama", "longcat_flash", "moshi", "mllama", "phi4_multimodal")
+NEEDS_5X = ("moshi", "mllama", "phi4_multimodal")
+#: Why, where more than the legacy classes stands in the way.
+WHY_5X = {
+    "moshi": "MoshiModel builds no causal mask at all when no attention_mask is given (eager attention then "
+    "sees the whole row, sdpa drops the sliding window), so a sequence alone has no single reference result",
+}
 
 
 #: Types whose 4.57 causal LM takes a composite config, whose tiny twin does not run there.
@@ -105,6 +111,8 @@ def _refuse(config) -> str | None:
             f"on transformers 4.57 {config.model_type}'s causal LM takes the composite (multimodal) config, "
             "which no tiny twin exercises; upgrade to transformers 5.x, where it is supported."
         )
+    if config.model_type in WHY_5X and transformers.__version__.startswith("4."):
+        return f"on transformers 4.57 {WHY_5X[config.model_type]}; upgrade to transformers 5.x, where it is supported."
     if config.model_type in NEEDS_5X and transformers.__version__.startswith("4."):
         return (
             f"on transformers 4.57 {config.model_type} computes attention in its own classes (or takes no "

@@ -9,11 +9,10 @@ found by ``position_ids``; otherwise it runs the original class's forward.
 
 from __future__ import annotations
 
-from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._common import tiny_config
-from ._legacy_attention import modeling_module, packed_attention
+from ._legacy_attention import llama_style_forward, modeling_module, packed_attention
 
 
 def _configs(model_type: str) -> dict:
@@ -44,25 +43,11 @@ def _refuse(config) -> str | None:
     return None
 
 
-def _packed_attention_forward(self, call: dict, attend):
-    hidden = call["hidden_states"]
-    batch, length, _ = hidden.shape
-    q = self.q_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
-    k = self.k_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
-    v = self.v_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
-    cos, sin = call["position_embeddings"]
-    q, k = modeling_module(self).apply_rotary_pos_emb(q, k, cos, sin)
-    cache_kwargs = {"sin": sin, "cos": cos, "cache_position": call.get("cache_position")}
-    spec = AttentionSpec(causal=True, dropout=self.attention_dropout if self.training else 0.0)
-    out = attend(q, k, v, spec, cache_kwargs)
-    return self.o_proj(out.reshape(batch, length, -1)), None
-
-
 def _patch(model, patcher, options) -> None:
     if not _legacy(model):
         return
     for layer in model.base_model.layers:
-        packed_attention(patcher, layer.self_attn, _packed_attention_forward, backend=options.backend)
+        packed_attention(patcher, layer.self_attn, llama_style_forward, backend=options.backend)
 
 
 register(

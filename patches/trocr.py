@@ -7,7 +7,10 @@ projects as upstream does (queries pre-scaled) and attends through the varlen ba
 decoder layer calls its attention without keyword arguments, so the boundaries come from the
 packed forward's context; a call that carries the packed mask placeholder without them
 (gradient-checkpoint recomputation) raises instead of attending across sequences. TrOCR does not
-shift ``labels`` inside its loss.
+shift ``labels`` inside its loss. On transformers 4.57 its causal LM takes no ``position_ids``:
+the patched forward accepts them anyway, and the decoder layers are tracked
+(:func:`~hf_varlen_patch.patching.track_layer`) so that checkpoint recomputation, which runs
+outside the forward, finds the boundaries again.
 """
 
 from __future__ import annotations
@@ -15,10 +18,15 @@ from __future__ import annotations
 from hf_varlen_patch.attention import is_packed_mask_placeholder, varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.errors import BoundariesLostError, VarlenPatchError
-from hf_varlen_patch.patching import cache_of, call_as_kwargs, current_boundaries, index_positions_per_sequence
+from hf_varlen_patch.patching import (
+    cache_of,
+    call_as_kwargs,
+    current_boundaries,
+    index_positions_per_sequence,
+    track_layer,
+)
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._common import on_transformers_4
 from ._legacy_attention import PackedOutputAttentionsError
 
 
@@ -60,6 +68,8 @@ def _patch(model, patcher, options) -> None:
             index_positions_per_sequence(patcher, module)
         elif name.endswith("self_attn"):
             patcher.wrap_method(module, "forward", _self_attention(options.backend))
+        elif hasattr(module, "self_attn"):
+            track_layer(patcher, module)
 
 
 register(
@@ -68,7 +78,6 @@ register(
         model_types=("trocr",),
         generic=False,
         patch=_patch,
-        refuse=on_transformers_4("TrOCRForCausalLM takes no position_ids or **kwargs"),
         shifts_labels=False,
         notes="positions re-indexed per sequence; own self-attention wrapped per instance; labels not shifted",
     )

@@ -90,7 +90,7 @@ def test_collator_kwargs(model_type, variant):
     assert abs(float(full.loss) - float(sum(separate)) / count) <= TOL
 
 
-@pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen2_moe", "bert", "roberta"])
+@pytest.mark.parametrize("model_type", ["llama", "gpt2", "qwen2_moe", "bert", "roberta", "bart", "whisper"])
 def test_gradient_checkpointing(model_type):
     model = tiny_model(model_type)
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
