@@ -8,7 +8,8 @@ residuals, multipliers. Dropouts and router jitter are switched off (they would 
 differ for reasons other than packing).
 
 Families whose config cannot be shrunk generically declare overrides in their ``patches/`` module
-with :func:`register_twin_overrides`; the twin applies them last.
+(or, without an entry, in ``patches/twin_overrides.py``) with :func:`register_twin_overrides`; the
+twin applies them last, also to a composite config's sub-config of that family.
 """
 
 from __future__ import annotations
@@ -39,7 +40,19 @@ WINDOW = 8  # shorter than the test sequences, so windows and chunks are exercis
 MAX_POSITIONS = 1024
 
 #: Widths that follow the hidden size (scaled by their ratio to it).
-HIDDEN_KEYS = ("hidden_size", "d_model", "n_embd", "dim", "emb_dim", "embed_dim", "model_dim", "embedding_dim")
+HIDDEN_KEYS = (
+    "hidden_size",
+    "d_model",
+    "n_embd",
+    "dim",
+    "emb_dim",
+    "embed_dim",
+    "model_dim",
+    "embedding_dim",
+    "d_embed",
+)
+#: Widths that must equal another (sub-)model's hidden size: they become the twin's hidden size.
+LINKED_HIDDEN_KEYS = ("hidden_size_global", "adapter_out_dim")
 WIDTH_KEYS = (
     "intermediate_size",
     "moe_intermediate_size",
@@ -78,6 +91,9 @@ WIDTH_KEYS = (
     "pronunciation_embed_dim",
     "shape_embed_dim",
     "ple_embed_dim",
+    "adapter_in_dim",
+    "adapter_input_size",
+    "mamba_d_ssm",
 )
 #: Per-head widths (scaled by their ratio to the original head dim).
 HEAD_DIM_KEYS = (
@@ -133,6 +149,7 @@ ZERO_KEYS = ("router_jitter_noise", "input_jitter_noise", "layerdrop", "decoder_
 #: Keys that a twin changes on purpose (sizes); any other difference is a dropped flag.
 SIZE_KEYS = frozenset(
     HIDDEN_KEYS
+    + LINKED_HIDDEN_KEYS
     + WIDTH_KEYS
     + HEAD_DIM_KEYS
     + HEAD_KEYS
@@ -158,6 +175,12 @@ SIZE_KEYS = frozenset(
         "mlp_only_layers",
         "max_window_layers",
         "num_dense_layers",
+        "num_kv_shared_layers",
+        "n_groups",
+        "mamba_n_groups",
+        "mamba_ngroups",
+        "cutoffs",
+        "use_mamba_kernels",
         "initializer_range",
         "_attn_implementation_autoset",
         "transformers_version",
@@ -223,15 +246,28 @@ PERIOD_KEYS = (
     "global_attn_every_n_layers",
 )
 OFFSET_KEYS = ("expert_layer_offset", "attn_layer_offset", "moe_layer_start_index")
+#: Counts of layers at the end of the stack that differ from the rest (e.g. layers that reuse an
+#: earlier layer's keys and values): a twin keeps some of them, and the count follows.
+TAIL_KEYS = ("num_kv_shared_layers",)
+
+
+def _tails(d: dict, layers: int) -> list[str]:
+    return [k for k in TAIL_KEYS if _is_int(d.get(k)) and 0 < d[k] < layers]
 
 
 def _per_layer_lists(d: dict, layers: int) -> list[str]:
     return [k for k, v in d.items() if isinstance(v, list) and len(v) == layers and layers > 1]
 
 
+#: Dicts keyed by small integers that are not per-layer settings.
+NOT_PER_LAYER = ("id2label", "label2id")
+
+
 def _per_layer_dicts(d: dict, layers: int) -> list[str]:
     out = []
     for k, v in d.items():
+        if k in NOT_PER_LAYER:
+            continue
         if isinstance(v, dict) and v and all(str(i).isdigit() and int(i) < layers for i in v):
             out.append(k)
     return out
@@ -254,6 +290,7 @@ def _kept_layers(d: dict, layers: int) -> list[int]:
     dicts = _per_layer_dicts(d, layers)
     ids = _layer_id_lists(d, layers, lists)
     dense = max((d[k] for k in ("first_k_dense_replace", "num_dense_layers") if _is_int(d.get(k))), default=0)
+    tails = _tails(d, layers)
 
     def kind(i: int) -> tuple:
         return (
@@ -261,6 +298,7 @@ def _kept_layers(d: dict, layers: int) -> list[int]:
             tuple(str(d[k].get(str(i), d[k].get(f"{i:02d}", d[k].get(i)))) for k in dicts),
             tuple(i in d[k] for k in ids),
             i < dense,
+            tuple(i >= layers - d[k] for k in tails),
         )
 
     kept, seen = [], set()
@@ -280,6 +318,10 @@ def _kept_layers(d: dict, layers: int) -> list[int]:
         prefix = max(period + offset, kept[-1] + 1)
         kept = list(range(min(layers, prefix)))
     return kept
+
+
+def _kept_tail(d: dict, layers: int, kept: list[int], key: str) -> int:
+    return sum(1 for i in kept if i >= layers - d[key])
 
 
 def _select_layers(d: dict, out: dict, layers: int, kept: list[int], scale: _Scale) -> None:
@@ -335,7 +377,7 @@ def _shrink_value(key: str, value: Any, scale: _Scale) -> Any:
         return value
     if key in ZERO_KEYS:
         return 0
-    if key in HIDDEN_KEYS:
+    if key in HIDDEN_KEYS or key in LINKED_HIDDEN_KEYS:
         return HIDDEN if value > HIDDEN else value
     if key in WIDTH_KEYS and scale.hidden and scale.hidden > HIDDEN and value > 8:
         return _multiple_of_8(value * HIDDEN / scale.hidden)
@@ -393,24 +435,40 @@ def _fill_missing(d: dict, out: dict) -> None:
         out["head_dim"] = hidden // heads
 
 
-#: (expand, heads, head dim) of SSM mixers, which must satisfy expand * hidden == heads * head_dim.
-SSM_TRIPLES = (
-    ("mamba_expand", "mamba_n_heads", "mamba_d_head"),
-    ("mamba_expand", "mamba_num_heads", "mamba_head_dim"),
-    ("mamba_expand", "n_mamba_heads", "mamba_headdim"),
-    ("expand", "num_heads", "head_dim"),
+#: (expand, heads, head dim, groups, explicit inner width) of SSM (Mamba-2) mixers: the inner width
+#: (``expand * hidden`` unless given) is ``heads * head_dim``, and the groups of B/C divide the heads.
+SSM_KEYS = (
+    ("mamba_expand", "mamba_n_heads", "mamba_d_head", "mamba_n_groups", "mamba_d_ssm"),
+    ("mamba_expand", "mamba_num_heads", "mamba_head_dim", "n_groups", None),
+    ("mamba_expand", "n_mamba_heads", "mamba_headdim", "mamba_ngroups", None),
+    ("expand", "mamba_num_heads", "mamba_head_dim", "n_groups", None),
+    ("expand", "num_heads", "head_dim", "n_groups", None),
 )
 
 
 def _keep_ssm_consistent(d: dict, out: dict) -> None:
     hidden = next((out[k] for k in HIDDEN_KEYS if _is_int(out.get(k))), None)
-    for expand, heads, head_dim in SSM_TRIPLES:
-        if all(_is_int(out.get(k)) or isinstance(out.get(k), float) for k in (expand, heads)) and head_dim in out:
-            if expand == "expand" and "state_size" not in d:
-                continue
-            width = int(out[expand] * hidden) if hidden else None
-            if width and out[heads] and width % out[heads] == 0:
-                out[head_dim] = width // out[heads]
+    for expand, heads, head_dim, groups, width_key in SSM_KEYS:
+        if not (_is_int(out.get(heads)) and head_dim in out):
+            continue
+        if expand == "expand" and heads == "num_heads" and "state_size" not in d:
+            continue  # an attention config's num_heads/head_dim
+        new_heads = out[heads]
+        if width_key and _is_int(d.get(width_key)):
+            # an explicit inner width: keep the head dim small and the width its multiple
+            old = d[head_dim] if _is_int(d.get(head_dim)) else HEAD_DIM
+            out[head_dim] = min(old, HEAD_DIM)
+            out[width_key] = new_heads * out[head_dim]
+        elif isinstance(out.get(expand), (int, float)) and not isinstance(out.get(expand), bool) and hidden:
+            width = int(out[expand] * hidden)
+            if new_heads and width % new_heads == 0:
+                out[head_dim] = width // new_heads
+        if _is_int(d.get(groups)) and _is_int(d.get(heads)):
+            old_groups, old_heads = d[groups], d[heads]
+            if old_groups >= old_heads:
+                out[groups] = new_heads
+            elif old_groups > 1:
+                out[groups] = 2 if new_heads % 2 == 0 and new_heads > 2 else 1
 
 
 def _shrink_dict(d: dict, *, top: bool, context: _Scale | None = None) -> dict:
@@ -435,6 +493,8 @@ def _shrink_dict(d: dict, *, top: bool, context: _Scale | None = None) -> dict:
                 if _is_int(d.get(k)) and d[k] == layers:
                     out[k] = len(kept)
             _select_layers(d, out, layers, kept, scale)
+            for k in _tails(d, layers):
+                out[k] = _kept_tail(d, layers, kept, k)
         for k in ("first_k_dense_replace", "num_dense_layers"):
             if _is_int(d.get(k)) and d[k] > 1:
                 out[k] = 1
@@ -453,6 +513,22 @@ def _shrink_dict(d: dict, *, top: bool, context: _Scale | None = None) -> dict:
                 taken.add(out[k])
             elif isinstance(v, list) and any(_is_int(x) and x >= vocab for x in v):
                 out[k] = [x if not _is_int(x) or x < vocab else vocab - 1 for x in v]
+    # int lists that split the width (e.g. axial position embedding dims) keep adding up to it
+    if new_hidden and scale.hidden and scale.hidden > new_hidden:
+        for k, v in d.items():
+            if "dim" in k and isinstance(v, (list, tuple)) and len(v) > 1 and all(_is_int(x) and x > 0 for x in v):
+                if sum(v) == scale.hidden:
+                    out[k] = type(v)(_scale_sections(list(v), new_hidden))
+    # adaptive-softmax cutoffs must stay increasing and inside the shrunk vocabulary
+    if _is_int(vocab) and _is_int(d.get("vocab_size")) and isinstance(d.get("cutoffs"), list):
+        cut, prev = [], 0
+        for c in d["cutoffs"]:
+            prev = max(prev + 1, c * vocab // d["vocab_size"]) if _is_int(c) else c
+            cut.append(prev)
+        out["cutoffs"] = cut
+    # Mamba layers need the CUDA kernels when this is on; the torch path computes the same maths
+    if d.get("use_mamba_kernels") is True and not _mamba_kernels_available():
+        out["use_mamba_kernels"] = False
     _keep_ssm_consistent(d, out)
     # rope sections (mRoPE) must still add up to half the head dim
     head_dim = out.get("head_dim") if _is_int(out.get("head_dim")) else None
@@ -463,6 +539,16 @@ def _shrink_dict(d: dict, *, top: bool, context: _Scale | None = None) -> dict:
         if isinstance(rope, dict) and isinstance(rope.get("mrope_section"), list) and head_dim:
             out[rkey] = {**rope, "mrope_section": _scale_sections(rope["mrope_section"], head_dim // 2)}
     return out
+
+
+def _mamba_kernels_available() -> bool:
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and all(
+        importlib.util.find_spec(m) is not None for m in ("mamba_ssm", "causal_conv1d")
+    )
 
 
 def _scale_sections(sections: list[int], total: int) -> list[int]:
@@ -488,22 +574,90 @@ def _base_config(model_type_or_config: Any) -> Any:
         raise TwinError(f"the default {model_type_or_config} config does not build: {reason}") from err
 
 
+def _merge(shrunk: dict, overrides: dict) -> dict:
+    """``shrunk`` updated with ``overrides``; a dict for a sub-config updates that sub-config."""
+    out = dict(shrunk)
+    for key, value in overrides.items():
+        old = out.get(key)
+        if isinstance(value, dict) and isinstance(old, dict) and "model_type" in old:
+            out[key] = {**old, **value}
+        else:
+            out[key] = value
+    return out
+
+
+#: Arguments of a causal LM's forward that only a target model can supply (draft/assistant models).
+TARGET_ONLY_ARGS = ("shared_kv_states",)
+
+
+def _check_standalone(model_type: str, config_cls: type | None = None) -> None:
+    """Raise :class:`TwinError` when AutoModelForCausalLM cannot build or run ``model_type`` on its own."""
+    import inspect
+
+    from transformers import CONFIG_MAPPING
+    from transformers.models.auto import modeling_auto
+    from transformers.models.auto.auto_factory import _BaseAutoModelClass
+
+    if model_type not in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or model_type not in CONFIG_MAPPING:
+        return
+    config_cls = config_cls or CONFIG_MAPPING[model_type]
+    try:
+        model_cls = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING[config_cls]
+    except Exception:  # not mapped, or the model needs a library that is missing
+        return
+    params = inspect.signature(model_cls.forward).parameters
+    needs = [name for name in TARGET_ONLY_ARGS if name in params]
+    if needs:
+        raise TwinError(
+            f"{model_type} is not a standalone causal LM: {model_cls.__name__}.forward needs {', '.join(needs)} "
+            "from its target model"
+        )
+    takes = getattr(model_cls, "config_class", None)
+    if not isinstance(takes, type) or issubclass(config_cls, takes):
+        return
+    subs = getattr(config_cls, "sub_configs", None) or {}
+    sub = next((key for key, value in subs.items() if value is takes), None)
+    if sub is None:
+        return  # a model class shared with another family (duck-typed configs build fine)
+    if sub == "text_config" and "text_config" in inspect.getsource(_BaseAutoModelClass.from_config):
+        return  # from_config builds the model on the text sub-config
+    raise TwinError(
+        f"AutoModelForCausalLM maps {model_type} to {model_cls.__name__}, which takes the {sub} sub-config "
+        f"({takes.__name__}), not {config_cls.__name__}: it cannot be built from this config"
+    )
+
+
 def tiny_config(model_type_or_config: Any, **overrides: Any) -> Any:
     """A tiny twin of ``model_type_or_config`` (a model_type, or any config object).
 
     Sizes shrink (hidden 64, 4 heads of 16, 2 layers or as many as the layer pattern needs,
     8 experts choosing 2, vocabulary 128, windows of 8); every other value is kept. Family
-    overrides declared with :func:`register_twin_overrides`, then ``overrides``, are applied last.
-    Raises :class:`TwinError` when the config cannot be shrunk.
+    overrides declared with :func:`register_twin_overrides` (a sub-config's family's inside a
+    composite config), then ``overrides``, are applied last; a dict given for a sub-config updates
+    it. Raises :class:`TwinError` when the config cannot be shrunk, or when AutoModelForCausalLM
+    cannot build or run the type on its own (a draft model fed by its target, a causal LM that
+    takes a sub-config).
     """
+    if isinstance(model_type_or_config, str):
+        _check_standalone(model_type_or_config)  # before its default config, which may not build
     config = _base_config(model_type_or_config)
+    if not isinstance(model_type_or_config, str):
+        _check_standalone(config.model_type, type(config))
     cls = type(config)
     source = config.to_dict()
     shrunk = _shrink_dict(source, top=True)
+    # a sub-config's family overrides apply inside the composite config too
+    for key, value in source.items():
+        if not (isinstance(value, dict) and isinstance(shrunk.get(key), dict) and "model_type" in value):
+            continue
+        sub_family = twin_overrides(value["model_type"])
+        sub = getattr(config, key, None) if sub_family is not None else None
+        if sub is not None and hasattr(sub, "model_type"):
+            shrunk[key] = _merge(shrunk[key], sub_family(sub))
     family = twin_overrides(config.model_type)
     if family is not None:
-        shrunk.update(family(config))
-    shrunk.update(overrides)
+        shrunk = _merge(shrunk, family(config))
+    shrunk = _merge(shrunk, overrides)
     attn = shrunk.pop("_attn_implementation", None) or getattr(config, "_attn_implementation_internal", None)
     for key in ("transformers_version", "_attn_implementation_autoset", "model_type"):
         shrunk.pop(key, None)
@@ -537,9 +691,10 @@ def dropped_flags(original: Any, twin: Any) -> dict[str, tuple[Any, Any]]:
         va, vb = a.get(k), b.get(k)
         if va == vb or _deliberate(k, va) or isinstance(va, dict) and isinstance(vb, dict):
             continue  # sub-configs and per-layer dicts are shrunk recursively
-        if isinstance(va, list) and isinstance(vb, list) and {str(x) for x in va} == {str(x) for x in vb}:
+        seqs = isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple))
+        if seqs and {str(x) for x in va} == {str(x) for x in vb}:
             continue
-        if isinstance(va, list) and isinstance(vb, list) and all(_is_int(x) for x in va + vb):
+        if seqs and all(_is_int(x) for x in [*va, *vb]):
             continue  # layer indices, remapped to the kept layers
         out[k] = (va, vb)
     return out

@@ -90,14 +90,17 @@ DECODERS = (
     "minimax_m3_vl_text",
     "ministral",
     "longcat_flash",
+    "gemma3n_text",
+    "cohere_compass_text",
+    "dory",
 )
 
 #: Decoders whose 4.57 code computes attention in legacy classes the generic route cannot reach.
 NEEDS_5X = ("moshi", "mllama", "phi4_multimodal")
 #: Why, where more than the legacy classes stands in the way.
 WHY_5X = {
-    "moshi": "MoshiModel builds no causal mask at all when no attention_mask is given (eager attention then "
-    "sees the whole row, sdpa drops the sliding window), so a sequence alone has no single reference result",
+    "moshi": "MoshiModel builds no causal mask without an attention_mask (eager attention sees the whole "
+    "row), so a sequence alone has no reference result",
 }
 
 
@@ -112,7 +115,7 @@ def _refuse(config) -> str | None:
             "which no tiny twin exercises; upgrade to transformers 5.x, where it is supported."
         )
     if config.model_type in WHY_5X and transformers.__version__.startswith("4."):
-        return f"on transformers 4.57 {WHY_5X[config.model_type]}; upgrade to transformers 5.x, where it is supported."
+        return f"on transformers 4.57 {WHY_5X[config.model_type]}; use transformers 5.x, where it is supported."
     if config.model_type in NEEDS_5X and transformers.__version__.startswith("4."):
         return (
             f"on transformers 4.57 {config.model_type} computes attention in its own classes (or takes no "

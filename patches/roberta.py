@@ -7,6 +7,9 @@ the same numbering restarted at every sequence start; attention goes through the
 AttentionInterface. After ``apply``, explicit ``position_ids`` are read as what collators emit
 (0-based per sequence) in unpacked batches too: upstream would index its table with them raw,
 off by ``padding_idx + 1`` from what the same sequence gets without them.
+
+X-MOD adds per-language adapters chosen by ``lang_ids``, one language per row: the sequences
+packed into a row share that row's language.
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ register(
             "data2vec-text",
             "xlm-roberta",
             "xlm-roberta-xl",
+            "xmod",
         ),
         test_configs=decoder_variants,
         generic=lambda model: not on_4(),
