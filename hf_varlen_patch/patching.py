@@ -310,8 +310,18 @@ def index_positions_per_sequence(patcher: Patcher, module: torch.nn.Module) -> N
     """
 
     def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        out = wrapped(*args, **kwargs)
         boundaries = _CURRENT.get()
+        try:
+            out = wrapped(*args, **kwargs)
+        except IndexError as err:
+            if boundaries is None:
+                raise
+            size = getattr(instance, "num_embeddings", None)
+            raise VarlenPatchError(
+                f"{type(instance).__name__} numbers the whole packed row of {boundaries.shape[1]} tokens before "
+                f"the positions restart per sequence, and its table{f' ({size} rows)' if size else ''} is shorter; "
+                "pack rows no longer than the model's max_position_embeddings."
+            ) from err
         if boundaries is None or out.ndim < 2:
             return out
         batch, length = boundaries.shape

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from hf_varlen_patch.attention import BOUNDARIES_KWARG, is_packed_mask_placeholder, varlen_attention
+from hf_varlen_patch.attention import is_packed_mask_placeholder, varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.errors import VarlenPatchError
-from hf_varlen_patch.patching import Patcher, boundaries_for_positions, cache_of, call_as_kwargs
+from hf_varlen_patch.patching import Patcher, attach_boundaries, boundaries_for_positions, cache_of, call_as_kwargs
 
 __all__ = [
     "Attend",
@@ -37,6 +37,7 @@ __all__ = [
     "pass_boundaries",
     "packed_attention",
     "llama_style_forward",
+    "llama_style_qkv",
     "keep_packed_mask",
     "rope_types",
     "refuse_length_dependent_rope",
@@ -66,24 +67,10 @@ def pass_boundaries(
     module: torch.nn.Module,
     extra: Callable[[torch.nn.Module], dict] | None = None,
 ) -> None:
-    """Wrap ``module.forward`` so a packed call carries ``varlen_boundaries`` (and ``extra(module)``).
-
-    The boundaries come from the kwargs if the caller passed them, else from ``position_ids``.
-    Unpacked calls are passed through unchanged.
-    """
-
-    def wrapper(wrapped, instance, args, kwargs):
-        boundaries = kwargs.get(BOUNDARIES_KWARG)
-        if boundaries is None:
-            boundaries = boundaries_for_positions(call_as_kwargs(wrapped, args, kwargs).get("position_ids"))
-            if boundaries is None:
-                return wrapped(*args, **kwargs)
-        kwargs = {**kwargs, BOUNDARIES_KWARG: boundaries}
-        if extra is not None:
-            kwargs.update(extra(instance))
-        return wrapped(*args, **kwargs)
-
-    patcher.wrap_method(module, "forward", wrapper)
+    """Wrap ``module.forward`` so a packed call carries ``varlen_boundaries`` (and ``extra(module)``):
+    the engine's :func:`~hf_varlen_patch.patching.attach_boundaries` (kwargs, ``position_ids``, or
+    the running packed forward). Unpacked calls are passed through unchanged."""
+    attach_boundaries(patcher, module, extra)
 
 
 def packed_attention(
@@ -125,10 +112,10 @@ def packed_attention(
     patcher.wrap_method(module, "forward", wrapper)
 
 
-def llama_style_forward(self: torch.nn.Module, call: dict, attend: Attend) -> Any:
-    """The packed forward of a 4.57 Llama-style legacy attention class (for :func:`packed_attention`):
-    q/k/v projections, the model's own ``apply_rotary_pos_emb`` (partial rotary included) on the
-    ``position_embeddings`` its layer passes, default scaling, ``o_proj``."""
+def llama_style_qkv(self: torch.nn.Module, call: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+    """q, k, v (B, H, T, D) of a 4.57 Llama-style legacy attention class after the model's own
+    ``apply_rotary_pos_emb`` (partial rotary included) on its layer's ``position_embeddings``, and
+    the cache kwargs."""
     hidden = call["hidden_states"]
     batch, length, _ = hidden.shape
     q = self.q_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
@@ -136,10 +123,16 @@ def llama_style_forward(self: torch.nn.Module, call: dict, attend: Attend) -> An
     v = self.v_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
     cos, sin = call["position_embeddings"]
     q, k = modeling_module(self).apply_rotary_pos_emb(q, k, cos, sin)
-    cache_kwargs = {"sin": sin, "cos": cos, "cache_position": call.get("cache_position")}
+    return q, k, v, {"sin": sin, "cos": cos, "cache_position": call.get("cache_position")}
+
+
+def llama_style_forward(self: torch.nn.Module, call: dict, attend: Attend) -> Any:
+    """The packed forward of a 4.57 Llama-style legacy attention class (for :func:`packed_attention`):
+    :func:`llama_style_qkv`, default scaling, ``o_proj``."""
+    q, k, v, cache_kwargs = llama_style_qkv(self, call)
     spec = AttentionSpec(causal=True, dropout=self.attention_dropout if self.training else 0.0)
     out = attend(q, k, v, spec, cache_kwargs)
-    return self.o_proj(out.reshape(batch, length, -1)), None
+    return self.o_proj(out.reshape(*q.shape[:1], q.shape[2], -1)), None
 
 
 def keep_packed_mask(patcher: Patcher, base: torch.nn.Module) -> None:

@@ -16,7 +16,7 @@ import torch
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._legacy_attention import modeling_module, packed_attention, refuse_length_dependent_rope
+from ._legacy_attention import llama_style_qkv, modeling_module, packed_attention, refuse_length_dependent_rope
 
 
 def _legacy(model) -> bool:
@@ -36,14 +36,8 @@ def _paired_values(self):
 
 
 def _packed_forward(self, call: dict, attend):
-    hidden = call["hidden_states"]
-    batch, length, _ = hidden.shape
-    q = self.q_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
-    k = self.k_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
-    v = self.v_proj(hidden).view(batch, length, -1, self.head_dim).transpose(1, 2)
-    cos, sin = call["position_embeddings"]
-    q, k = modeling_module(self).apply_rotary_pos_emb(q, k, cos, sin)
-    cache_kwargs = {"sin": sin, "cos": cos, "cache_position": call.get("cache_position")}
+    q, k, v, cache_kwargs = llama_style_qkv(self, call)
+    batch, _, length, _ = q.shape
     spec = AttentionSpec(causal=True, dropout=self.attention_dropout if self.training else 0.0)
     out = attend(q, k, v, spec, cache_kwargs, after_cache=_paired_values(self)).transpose(1, 2)
     first, second = torch.chunk(out, 2, dim=1)

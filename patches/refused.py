@@ -13,21 +13,22 @@ OWN_ATTENTION = (
     "never reach it; it needs a dedicated patch"
 )
 
+PROPHETNET = "n-gram stream attention with relative position buckets over the row; not packable by the generic route"
+
 REASONS = {
     "big_bird": OWN_ATTENTION + " (and its block-sparse mode mixes blocks across the row)",
-    "roformer": OWN_ATTENTION + " (its sinusoidal rotary is computed from row positions)",
-    "gpt_neox_japanese": OWN_ATTENTION,
-    "mvp": OWN_ATTENTION + " (plus learned positions from an arange over the row)",
     "cpmant": OWN_ATTENTION + " (segment and relative-position buckets over the row)",
-    "openai-gpt": OWN_ATTENTION,
-    "xlm": OWN_ATTENTION + " (and language embeddings per row)",
     "xlnet": "a permutation language model with relative attention over memories; packing has no meaning for it",
-    "prophetnet": "n-gram stream attention with relative position buckets over the row; not packable by the "
-    "generic route",
+    "prophetnet": PROPHETNET,
+    "xlm-prophetnet": PROPHETNET,
+    "blt": "its entropy patcher groups bytes into patches over the whole row and its local encoder and decoder "
+    "cross-attend between bytes and patches, so patches would straddle packed sequences; it needs a dedicated patch",
+    "reformer": "LSH and chunked local attention bucket tokens over the whole row, and its axial position encodings "
+    "need the row length to be the axial shape's product, so packed sequences cannot be kept apart",
+    "mega": "its damped exponential moving average runs along the whole row (a recurrent state, as in the hybrid "
+    "issue), and its attention is chunked over the row",
     "bigbird_pegasus": "its decoder still mixes packed sequences after per-sequence positions (1.5e-1 on the "
     "tiny twin); it needs a dedicated patch",
-    "blenderbot": "BlenderbotForCausalLM fails upstream on the tiny twin (IndexError in its cache path), so no "
-    "equivalence can be shown",
     "hrm_text": "HrmTextForCausalLM fails upstream on the tiny twin (IndexError in its reasoning loop), so no "
     "equivalence can be shown",
     "doge": "dynamic mask attention adds a learned, input-dependent bias through the attention mask, which packed "

@@ -290,3 +290,28 @@ def test_a_reused_position_buffer_is_never_stale(model_type):
         reused = model(input_ids=first.input_ids, position_ids=buffer).logits
         fresh = model(input_ids=first.input_ids, position_ids=second.position_ids.clone()).logits
     assert torch.equal(reused, fresh)
+
+
+def test_a_packed_row_longer_than_a_row_numbered_position_table_says_so():
+    """BartForCausalLM numbers the whole row before positions restart: a row past its table raises
+    a typed error naming the limit, not a bare IndexError."""
+    model = hf_varlen_patch.apply(tiny_model("bart"))
+    limit = model.config.max_position_embeddings
+    batch = make_packed_batch([[limit // 2 + 50, limit // 2 + 50]], model.config.vocab_size)
+    with pytest.raises(hf_varlen_patch.VarlenPatchError, match="max_position_embeddings"):
+        model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+
+
+def test_an_unpatched_causal_lm_without_position_ids_still_rejects_them():
+    """Only the patched 4.57 BartForCausalLM accepts position_ids; upstream's signature is unchanged."""
+    from hf_varlen_patch.patching import accepts_argument
+
+    model = tiny_model("bart")
+    if accepts_argument(type(model).forward, "position_ids"):
+        return  # transformers 5.x: upstream takes them itself
+    batch = make_packed_batch([[5, 9]], model.config.vocab_size)
+    with pytest.raises(TypeError):
+        model(input_ids=batch.input_ids, position_ids=batch.position_ids)
+    hf_varlen_patch.apply(model)
+    out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
+    assert out.logits.shape[:2] == batch.input_ids.shape

@@ -1,0 +1,102 @@
+"""MVP's decoder as a causal LM (``MvpForCausalLM``): learned positions (offset 2) from an
+``arange`` over the row, and BART-style attention that computes itself (``bmm`` scores plus the
+layer's mask), outside the AttentionInterface on both transformers lines.
+
+In a packed forward the position table is looked up at each token's position within its own
+sequence (padding: position 0), so a packed row may be longer than the table as long as every
+sequence fits (:func:`~hf_varlen_patch.patching.index_positions_per_sequence` would look the
+whole row up first). Each decoder self-attention projects as upstream does (queries
+pre-scaled), updates the cache, and attends through the varlen backend (causal, attention
+dropout). Its layers call attention without keyword arguments, so the boundaries come from the
+packed forward's context (:func:`patches._own_attention.layer_boundaries` for gradient
+checkpointing). On 4.57 the causal LM takes no ``position_ids``: the patched forward accepts
+them anyway (the boundaries travel in the context). MVP does not shift ``labels``.
+
+Refused: ``use_prompt=True`` (prompt keys and values shared by the whole row, which the varlen
+kernels cannot prepend per sequence); cross-attention, ``head_mask`` and ``output_attentions``
+raise in packed calls.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import torch
+
+from hf_varlen_patch.attention import varlen_attention
+from hf_varlen_patch.backends import AttentionSpec
+from hf_varlen_patch.errors import VarlenPatchError
+from hf_varlen_patch.patching import Patcher, cache_of, call_as_kwargs, current_boundaries
+from hf_varlen_patch.registry import PatchEntry, PatchOptions, register
+
+from ._legacy_attention import PackedOutputAttentionsError
+from ._own_attention import layer_boundaries, refuse_when_packed, remember_padding, sequence_positions
+
+
+def _refuse(config: Any) -> str | None:
+    if getattr(config, "use_prompt", False):
+        return (
+            "use_prompt=True prepends prompt keys and values that every token of the row attends to; the varlen "
+            "kernels cannot prepend them per sequence."
+        )
+    return None
+
+
+def _positions_per_sequence(wrapped, instance, args, kwargs):
+    boundaries = current_boundaries()
+    if boundaries is None:
+        return wrapped(*args, **kwargs)
+    positions = sequence_positions(boundaries, instance.weight.device)
+    return torch.nn.Embedding.forward(instance, positions + instance.offset)  # upstream's lookup, per sequence
+
+
+def _self_attention(wrapped, instance, args, kwargs, *, backend: str):
+    call = call_as_kwargs(wrapped, args, kwargs)
+    hidden = call["hidden_states"]
+    boundaries = layer_boundaries(instance, hidden)
+    if boundaries is None:
+        return wrapped(*args, **kwargs)
+    if call.get("key_value_states") is not None:
+        raise VarlenPatchError("cross-attention (encoder_hidden_states) cannot be packed.")
+    if call.get("attn_prompt") is not None:
+        raise VarlenPatchError("MVP prompts (use_prompt=True) cannot be packed.")
+    if call.get("output_attentions"):
+        raise PackedOutputAttentionsError("output_attentions=True is not available with packed inputs.")
+    if call.get("layer_head_mask") is not None:
+        raise VarlenPatchError("head_mask is not supported with packed inputs; drop it or unpack.")
+    batch, length, _ = hidden.shape
+    shape = (batch, length, instance.num_heads, instance.head_dim)
+    q = (instance.q_proj(hidden) * instance.scaling).view(shape).transpose(1, 2)
+    k = instance.k_proj(hidden).view(shape).transpose(1, 2)
+    v = instance.v_proj(hidden).view(shape).transpose(1, 2)
+    cache = cache_of(call)
+    if cache is not None:
+        cache = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache
+        k, v = cache.update(k, v, instance.layer_idx)
+    spec = AttentionSpec(causal=True, scale=1.0, dropout=float(instance.dropout or 0.0) if instance.training else 0.0)
+    out = varlen_attention(backend, q, k, v, boundaries, spec)
+    return instance.out_proj(out.reshape(batch, length, instance.embed_dim)), None
+
+
+def _patch(model: Any, patcher: Patcher, options: PatchOptions) -> None:
+    decoder = model.model.decoder
+    remember_padding(patcher, decoder)  # the causal LM hands the decoder the caller's mask
+    patcher.wrap_method(decoder.embed_positions, "forward", _positions_per_sequence)
+    for layer in decoder.layers:
+        patcher.wrap_method(layer.self_attn, "forward", partial(_self_attention, backend=options.backend))
+        refuse_when_packed(patcher, layer.encoder_attn, "cross-attention (encoder_hidden_states)")
+
+
+register(
+    PatchEntry(
+        family="mvp",
+        model_types=("mvp",),
+        generic=False,
+        patch=_patch,
+        refuse=_refuse,
+        shifts_labels=False,
+        notes="learned positions per sequence (rows may exceed the table); own self-attention wrapped per "
+        "instance; labels not shifted; use_prompt refused",
+    )
+)

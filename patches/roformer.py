@@ -1,0 +1,118 @@
+"""RoFormer: rotary positions from a frozen sinusoidal table looked up with an ``arange`` over
+the row (the encoder computes it once, as ``sinusoidal_pos``), and a BERT-style self-attention
+that computes itself, outside the AttentionInterface on both transformers lines.
+
+In a packed forward each self-attention module rotates its queries and keys (and values with
+``rotary_value``) with the table rows of every token's position within its own sequence
+(padding: position 0), through the module's own ``apply_rotary_position_embeddings``, and
+attends through the varlen backend: causal for a decoder (``is_decoder``), bidirectional within
+each sequence otherwise (as upstream's ``RoFormerForCausalLM`` without ``is_decoder``), scores /
+sqrt(head size), attention dropout. The encoder's row-wide lookup is then made at position 0 (it
+is unused), so a packed row may be longer than the table as long as every sequence fits. The
+layers call attention without the boundaries: they come from the packed forward's context
+(:func:`patches._own_attention.layer_boundaries` for gradient checkpointing). Cross-attention,
+``head_mask`` and ``output_attentions`` raise in packed calls.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from typing import Any
+
+import torch
+
+from hf_varlen_patch.attention import varlen_attention
+from hf_varlen_patch.backends import AttentionSpec
+from hf_varlen_patch.errors import VarlenPatchError
+from hf_varlen_patch.patching import Patcher, cache_of, call_as_kwargs, current_boundaries
+from hf_varlen_patch.registry import PatchEntry, PatchOptions, register
+
+from ._legacy_attention import PackedOutputAttentionsError
+from ._own_attention import layer_boundaries, refuse_when_packed, remember_padding, sequence_positions
+
+
+def _configs(model_type: str) -> dict:
+    from hf_varlen_patch.twins import tiny_config
+
+    return {
+        "twin": tiny_config(model_type),
+        "decoder": tiny_config(model_type, is_decoder=True),
+        "decoder_rotary_value": tiny_config(model_type, is_decoder=True, rotary_value=True),
+    }
+
+
+def _refuse(config: Any) -> str | None:
+    if getattr(config, "add_cross_attention", False):
+        return "add_cross_attention=True: cross-attention over packed sequences is not supported."
+    return None
+
+
+def _row_lookup_at_zero(wrapped, instance, args, kwargs):
+    """The encoder's ``sinusoidal_pos`` of a packed forward: unused, so looked up at position 0."""
+    if current_boundaries() is None:
+        return wrapped(*args, **kwargs)
+    call = call_as_kwargs(wrapped, args, kwargs)
+    length = call["input_ids_shape"][1]
+    call["position_ids"] = torch.zeros(length, dtype=torch.long, device=instance.weight.device)
+    return wrapped(**call)
+
+
+def _self_attention(wrapped, instance, args, kwargs, *, backend: str, table: torch.nn.Embedding):
+    call = call_as_kwargs(wrapped, args, kwargs)
+    hidden = call["hidden_states"]
+    boundaries = layer_boundaries(instance, hidden)
+    if boundaries is None:
+        return wrapped(*args, **kwargs)
+    if call.get("encoder_hidden_states") is not None:
+        raise VarlenPatchError("cross-attention (encoder_hidden_states) cannot be packed.")
+    if call.get("output_attentions"):
+        raise PackedOutputAttentionsError("output_attentions=True is not available with packed inputs.")
+    if call.get("head_mask") is not None:
+        raise VarlenPatchError("head_mask is not supported with packed inputs; drop it or unpack.")
+    batch, length, _ = hidden.shape
+    shape = (batch, length, -1, instance.attention_head_size)
+    q, k, v = (proj(hidden).view(shape).transpose(1, 2) for proj in (instance.query, instance.key, instance.value))
+    positions = sequence_positions(boundaries, table.weight.device)
+    sinusoidal = torch.nn.functional.embedding(positions, table.weight)[:, None]  # (B, 1, T, head size)
+    if instance.rotary_value:
+        q, k, v = instance.apply_rotary_position_embeddings(sinusoidal, q, k, v)
+    else:
+        q, k = instance.apply_rotary_position_embeddings(sinusoidal, q, k)
+    cache = cache_of(call)
+    if cache is not None:
+        cache = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache
+        k, v = cache.update(k, v, instance.layer_idx)
+    spec = AttentionSpec(
+        causal=bool(instance.is_decoder),
+        scale=1.0 / math.sqrt(instance.attention_head_size),
+        dropout=instance.dropout.p if instance.training else 0.0,
+    )
+    out = varlen_attention(backend, q, k, v, boundaries, spec)
+    return out.reshape(batch, length, instance.all_head_size), None
+
+
+def _patch(model: Any, patcher: Patcher, options: PatchOptions) -> None:
+    encoder = model.base_model.encoder
+    table = encoder.embed_positions
+    remember_padding(patcher, model)  # the caller's mask: the base model gets none in packed forwards
+    patcher.wrap_method(table, "forward", _row_lookup_at_zero)
+    for layer in encoder.layer:
+        attention = layer.attention.self
+        patcher.wrap_method(attention, "forward", partial(_self_attention, backend=options.backend, table=table))
+        if hasattr(layer, "crossattention"):
+            refuse_when_packed(patcher, layer.crossattention, "cross-attention (encoder_hidden_states)")
+
+
+register(
+    PatchEntry(
+        family="roformer",
+        model_types=("roformer",),
+        test_configs=_configs,
+        generic=False,
+        patch=_patch,
+        refuse=_refuse,
+        notes="sinusoidal rotary per sequence position; own self-attention wrapped per instance (causal for "
+        "decoders, bidirectional within each sequence otherwise)",
+    )
+)
