@@ -137,7 +137,7 @@ def varlen_attention(
     q = query.transpose(1, 2).reshape(batch * length, num_heads, -1)
     k = key.transpose(1, 2).reshape(batch * length, key.shape[1], -1)
     v = value.transpose(1, 2).reshape(batch * length, value.shape[1], -1)
-    chosen = select_backend(backend, q.device, q.dtype, spec.features(q.shape[1], k.shape[1]))
+    chosen = select_backend(backend, q.device, q.dtype, spec.features(q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]))
     if not torch.compiler.is_compiling():
         BACKEND_USAGE[chosen.name] += 1
     out = chosen.fn(q, k, v, boundaries, spec)

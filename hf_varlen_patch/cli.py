@@ -175,7 +175,10 @@ def cmd_scan(args: argparse.Namespace) -> int:
     if args.all:
         return cmd_scan_all(args)
     dtype = getattr(torch, args.dtype)
-    model_types = args.model_types or supported_model_types()
+    from transformers import CONFIG_MAPPING
+
+    # by default the registered types this release has (an entry may cover types of other releases)
+    model_types = args.model_types or [mt for mt in supported_model_types() if mt in CONFIG_MAPPING]
     rows = []
     start = time.perf_counter()
     for model_type in model_types:

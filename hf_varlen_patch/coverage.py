@@ -94,9 +94,9 @@ def _upstream(model: torch.nn.Module, vocab: int) -> tuple[float, float]:
 
 def _patched(model: torch.nn.Module, vocab: int) -> float:
     from .selfcheck import LAYOUTS as PATCHED_LAYOUTS
-    from .testing import compare_packed, make_packed_batch
+    from .testing import compare_packed, make_packed_batch, worst_error
 
-    return max(
+    return worst_error(
         compare_packed(model, make_packed_batch(vocab_size=vocab, **layout), use_cache=use_cache).max_error
         for layout in PATCHED_LAYOUTS
         for use_cache in (None, False)

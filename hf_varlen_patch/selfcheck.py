@@ -140,7 +140,7 @@ def _run(config: Any, entry: Any, model_class: type | None, tol: float) -> tuple
 
     from .api import apply_entry
     from .attention import BACKEND_USAGE
-    from .testing import compare_packed, make_packed_batch
+    from .testing import compare_packed, make_packed_batch, worst_error
 
     twin = tiny_config(config)
     changed = dropped_flags(config, twin)
@@ -167,4 +167,4 @@ def _run(config: Any, entry: Any, model_class: type | None, tol: float) -> tuple
     ]
     if not BACKEND_USAGE:
         return math.nan, "the packed forward never reached the registered attention function"
-    return max(errors), ""
+    return worst_error(errors), ""

@@ -8,7 +8,7 @@ hypothesis strategies draw packed layouts for property tests.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,6 +167,12 @@ def make_packed_batch(
     return PackedBatch(input_ids, position_ids, attention_mask, labels, spans, sequences)
 
 
+def worst_error(errors: Iterable[float]) -> float:
+    """``max`` that propagates NaN (Python's ``max`` keeps whichever comes first)."""
+    errors = list(errors)
+    return math.nan if any(math.isnan(e) for e in errors) else max(errors)
+
+
 @dataclass
 class Comparison:
     """Largest absolute differences between the packed run and the separate runs."""
@@ -179,7 +185,8 @@ class Comparison:
 
     @property
     def max_error(self) -> float:
-        return max(self.logits, self.loss, self.model_loss, self.grads)
+        """The largest difference; NaN if any is NaN (a NaN gradient is never hidden by ``max``)."""
+        return worst_error((self.logits, self.loss, self.model_loss, self.grads))
 
     def ok(self, tol: float) -> bool:
         return all(math.isfinite(x) for x in (self.logits, self.loss, self.model_loss, self.grads)) and (

@@ -15,6 +15,7 @@ embeddings are refused in packed calls.
 from __future__ import annotations
 
 import math
+import sys
 
 import transformers
 
@@ -89,7 +90,29 @@ def on_4(model=None) -> bool:
     return transformers.__version__.startswith("4.")
 
 
+def refuse_bidirectional_decoder(config) -> str | None:
+    """Some 5.x releases (5.17 among them) build MegatronBERT's, RemBERT's and RoFormer's mask with
+    ``create_bidirectional_mask`` even when ``is_decoder=True``: their causal LM then sees later
+    tokens, and there is no causal per-sequence result to match. Read from the installed code."""
+    if on_4() or not getattr(config, "is_decoder", False):
+        return None
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(config.model_type, ""), None)
+    module = sys.modules.get(getattr(cls, "__module__", ""), None)
+    if module is not None and not hasattr(module, "create_causal_mask"):
+        return (
+            f"on transformers {transformers.__version__} this model builds a bidirectional mask even with "
+            "is_decoder=True (its causal LM attends to later tokens), so a packed causal result has nothing to "
+            "match; use transformers 4.57 or 5.24, where it is causal and tested."
+        )
+    return None
+
+
 def refuse_relative_positions(config) -> str | None:
+    reason = refuse_bidirectional_decoder(config)
+    if reason:
+        return reason
     kind = getattr(config, "position_embedding_type", "absolute") or "absolute"
     if kind != "absolute":
         return (

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import transformers
 
+from hf_varlen_patch.patching import attach_boundaries
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._legacy_attention import refuse_length_dependent_rope
@@ -90,7 +91,6 @@ DECODERS = (
     "minimax_m3_vl_text",
     "ministral",
     "longcat_flash",
-    "gemma3n_text",
     "cohere_compass_text",
     "dory",
 )
@@ -103,6 +103,10 @@ WHY_5X = {
     "row), so a sequence alone has no reference result",
 }
 
+
+#: Decoders whose layers call attention without the keyword arguments on some 5.x releases
+#: (moshi on 5.17): the boundaries are attached to each self-attention module.
+LAYERS_DROP_KWARGS = ("moshi",)
 
 #: Types whose 4.57 causal LM takes a composite config, whose tiny twin does not run there.
 COMPOSITE_ON_4 = ("emu3",)
@@ -124,10 +128,19 @@ def _refuse(config) -> str | None:
     return refuse_length_dependent_rope(config)
 
 
+def _patch(model, patcher, options) -> None:
+    if model.config.model_type not in LAYERS_DROP_KWARGS:
+        return
+    for name, module in model.named_modules():
+        if name.endswith("self_attn"):
+            attach_boundaries(patcher, module)
+
+
 register(
     PatchEntry(
         family="decoders",
         model_types=DECODERS + NEEDS_5X,
+        patch=_patch,
         refuse=_refuse,
         notes="positions from position_ids; attention via AttentionInterface (tested on the tiny twin)",
     )

@@ -25,6 +25,9 @@ REASONS = {
     "cross-attend between bytes and patches, so patches would straddle packed sequences; it needs a dedicated patch",
     "reformer": "LSH and chunked local attention bucket tokens over the whole row, and its axial position encodings "
     "need the row length to be the axial shape's product, so packed sequences cannot be kept apart",
+    "gemma3n_text": "the trailing padding of a packed row becomes a sequence of pad tokens whose hidden states stay "
+    "exactly zero, and its AltUp magnitude (mean(h**2) ** 0.5) back-propagates NaN into every gradient; it needs a "
+    "dedicated patch",
     "mega": "its damped exponential moving average runs along the whole row (a recurrent state, as in the hybrid "
     "issue), and its attention is chunked over the row",
     "bigbird_pegasus": "its decoder still mixes packed sequences after per-sequence positions (1.5e-1 on the "

@@ -30,6 +30,7 @@ from hf_varlen_patch.registry import PatchEntry, PatchOptions, register
 
 from ._legacy_attention import PackedOutputAttentionsError
 from ._own_attention import layer_boundaries, refuse_when_packed, remember_padding, sequence_positions
+from .bert_legacy import refuse_bidirectional_decoder
 
 
 def _configs(model_type: str) -> dict:
@@ -43,6 +44,9 @@ def _configs(model_type: str) -> dict:
 
 
 def _refuse(config: Any) -> str | None:
+    reason = refuse_bidirectional_decoder(config)
+    if reason:
+        return reason
     if getattr(config, "add_cross_attention", False):
         return "add_cross_attention=True: cross-attention over packed sequences is not supported."
     return None

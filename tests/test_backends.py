@@ -295,3 +295,22 @@ def test_a_named_backend_lacking_a_feature_raises(fake_fast_backend):
 
 def test_auto_on_cpu_fp32_is_the_exact_reference():
     assert select_backend("auto", torch.device("cpu"), torch.float32, frozenset({"causal"})).name == "sdpa"
+
+
+def test_values_of_another_width_are_never_sent_to_a_backend_without_them(monkeypatch):
+    """Multi-head latent attention (values narrower than q/k): torch's varlen_attn raises on it on
+    the H100/H200 (``v must have shape (total_k, num_heads_k, head_size_og)``), so the torch backend
+    does not declare it and a named request for it is refused."""
+    spec = AttentionSpec(causal=True)
+    assert "value_head_dim" in spec.features(4, 2, 24, 16)
+    assert "value_head_dim" not in spec.features(4, 2, 16, 16)
+    monkeypatch.setattr(torch_varlen, "_varlen", lambda: (fake_varlen_213, frozenset()))
+    assert "value_head_dim" not in torch_varlen._features()
+    assert "value_head_dim" in BACKENDS["sdpa"].features()
+    needed = spec.features(4, 2, 24, 16)
+    assert select_backend("auto", torch.device("cpu"), torch.float32, needed).name == "sdpa"
+    q, k, v = _inputs(4)
+    wide = torch.cat([q, q[..., :8]], -1), torch.cat([k, k[..., :8]], -1)
+    b = Boundaries.from_position_ids(POS)
+    got = BACKENDS["sdpa"].fn(*wide, v, b, spec)  # the reference takes values of another width
+    assert got.shape[-1] == v.shape[-1]

@@ -3,6 +3,7 @@ classifies every type, and docs/coverage.md agrees with the registry."""
 
 import json
 import logging
+import math
 from pathlib import Path
 
 import pytest
@@ -137,3 +138,12 @@ def test_coverage_doc_agrees_with_the_registry():
 def test_tested_range():
     assert is_tested("4.57.6") and is_tested("5.17.0") and is_tested("5.24.0")
     assert not is_tested("5.25.0") and not is_tested("4.56.2")
+
+
+def test_a_nan_error_is_never_hidden_by_max():
+    """A NaN gradient (gemma3n_text's padding did this) must fail the scan, not pass as max()'s first value."""
+    from hf_varlen_patch.testing import Comparison, worst_error
+
+    assert math.isnan(Comparison(1e-7, 1e-7, 1e-7, math.nan).max_error)
+    assert math.isnan(worst_error([1e-7, math.nan, 2e-7]))
+    assert not Comparison(1e-7, 1e-7, 1e-7, math.nan).ok(1e-5)

@@ -48,7 +48,7 @@ def test_packed_equals_separate(model_type, variant, layout, use_cache):
 
 
 @pytest.mark.parametrize("model_type, variant", TWINS)
-@settings(max_examples=3)
+@settings(max_examples=6)
 @given(layout=packed_layouts(max_rows=3, max_sequences=5, max_length=40), use_cache=st.sampled_from([None, False]))
 def test_twin_packed_equals_separate(model_type, variant, layout, use_cache):
     _check_layout(model_type, variant, layout, use_cache)

@@ -41,8 +41,19 @@ LAYOUTS = [
 ]
 
 
+def _eager_experts(model):
+    """transformers' grouped_mm experts fault (CUDA: misaligned address) on the twins' tiny expert
+    widths, and a CUDA fault poisons every later test; the experts' maths is unrelated to packing,
+    so MoE twins run the eager expert loop on the GPU."""
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_experts_implementation"):
+            config._experts_implementation = "eager"
+    return model
+
+
 def _bf16_check(model_type, variant, backend):
-    fp32 = tiny_model(model_type, variant, device="cuda").train()
+    fp32 = _eager_experts(tiny_model(model_type, variant, device="cuda").train())
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     for layout in LAYOUTS:
         batch = make_packed_batch(vocab_size=fp32.config.vocab_size, **layout)
@@ -73,7 +84,7 @@ def test_bf16_torch_backend(model_type, variant):
         used = _bf16_check(model_type, variant, "torch")
     except BackendUnavailableError as err:
         missing = re.search(r"lacks \[(.*?)\]", str(err))
-        assert missing and any(f in missing.group(1) for f in ("softcap", "alibi", "sinks")), err
+        assert missing and any(f in missing.group(1) for f in ("softcap", "alibi", "sinks", "value_head_dim")), err
         return
     assert set(used) == {"torch"}
 

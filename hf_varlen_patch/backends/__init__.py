@@ -30,7 +30,17 @@ __all__ = [
 logger = logging.getLogger("hf_varlen_patch")
 
 #: Feature names a layer can need and a backend can declare.
-FEATURES = ("causal", "bidirectional", "sliding_window", "softcap", "dropout", "sinks", "alibi", "gqa")
+FEATURES = (
+    "causal",
+    "bidirectional",
+    "sliding_window",
+    "softcap",
+    "dropout",
+    "sinks",
+    "alibi",
+    "gqa",
+    "value_head_dim",  # values wider or narrower than queries/keys (multi-head latent attention)
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -51,8 +61,12 @@ class AttentionSpec:
     sinks: torch.Tensor | None = None
     alibi_slopes: torch.Tensor | None = None
 
-    def features(self, num_q_heads: int, num_kv_heads: int) -> frozenset[str]:
+    def features(
+        self, num_q_heads: int, num_kv_heads: int, qk_head_dim: int | None = None, v_head_dim: int | None = None
+    ) -> frozenset[str]:
         needed = {"causal" if self.causal else "bidirectional"}
+        if qk_head_dim is not None and v_head_dim is not None and qk_head_dim != v_head_dim:
+            needed.add("value_head_dim")
         if self.window is not None:
             needed.add("sliding_window")
         if self.softcap:

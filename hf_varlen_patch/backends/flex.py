@@ -44,12 +44,9 @@ def _run(kernel_key: tuple, device: torch.device, *args, **kwargs):
     """The compiled kernel on CUDA in eager models; the plain function inside torch.compile or
     where inductor cannot build this configuration (e.g. head_dim < 16), with a one-time log."""
     if device.type == "cuda" and not torch.compiler.is_compiling() and kernel_key not in _NOT_COMPILABLE:
-        from torch._dynamo.exc import TorchDynamoException
-        from torch._inductor.exc import InductorError
-
         try:
             return _compiled_kernel()(*args, **kwargs)
-        except (TorchDynamoException, InductorError) as err:
+        except Exception as err:  # dynamo/inductor/fake-tensor failures alike; a real input error recurs below
             _NOT_COMPILABLE.add(kernel_key)
             logger.warning(
                 "hf_varlen_patch: FlexAttention could not be compiled for %s (%s); running it unfused.",
@@ -80,7 +77,9 @@ def _availability(device: torch.device, dtype: torch.dtype) -> str | None:
 def _features() -> frozenset[str]:
     if _flex() is None:
         return frozenset()
-    return frozenset({"causal", "bidirectional", "sliding_window", "softcap", "alibi", "sinks", "gqa"})
+    return frozenset(
+        {"causal", "bidirectional", "sliding_window", "softcap", "alibi", "sinks", "gqa", "value_head_dim"}
+    )
 
 
 def _block_mask(boundaries: Boundaries, spec: AttentionSpec):
