@@ -19,7 +19,7 @@ import torch
 
 from .backends import AttentionSpec, select_backend
 from .boundaries import Boundaries
-from .errors import BoundariesLostError, VarlenPatchError
+from .errors import BackendUnavailableError, BoundariesLostError, VarlenPatchError
 
 __all__ = [
     "BOUNDARIES_KWARG",
@@ -137,12 +137,36 @@ def varlen_attention(
     q = query.transpose(1, 2).reshape(batch * length, num_heads, -1)
     k = key.transpose(1, 2).reshape(batch * length, key.shape[1], -1)
     v = value.transpose(1, 2).reshape(batch * length, value.shape[1], -1)
-    chosen = select_backend(backend, q.device, q.dtype, spec.features(q.shape[1], k.shape[1], q.shape[-1], v.shape[-1]))
+    needed = spec.features(q.shape[1], k.shape[1], q.shape[-1], v.shape[-1])
+    chosen = select_backend(backend, q.device, q.dtype, needed)
+    try:
+        out = chosen.fn(q, k, v, boundaries, spec)
+    except BackendUnavailableError as err:
+        if backend != "auto" or chosen.name == "sdpa":
+            raise
+        # the kernel found it cannot run this configuration only when called: auto takes the exact reference
+        _log_fallback(chosen.name, err)
+        chosen = select_backend("sdpa", q.device, q.dtype, needed)
+        out = chosen.fn(q, k, v, boundaries, spec)
     if not torch.compiler.is_compiling():
         BACKEND_USAGE[chosen.name] += 1
-    out = chosen.fn(q, k, v, boundaries, spec)
     # contiguous: callers .view() the result, and kernels may return strided outputs for B=1
     return out.contiguous().view(batch, length, num_heads, -1)
+
+
+_FELL_BACK: set[str] = set()
+
+
+def _log_fallback(name: str, err: Exception) -> None:
+    import logging
+
+    if name not in _FELL_BACK:
+        _FELL_BACK.add(name)
+        logging.getLogger("hf_varlen_patch").warning(
+            "hf_varlen_patch: backend %r could not run a layer (%s); auto uses the exact sdpa reference there.",
+            name,
+            str(err).splitlines()[0][:200],
+        )
 
 
 def _make_attention_function(backend: str, original: str) -> Callable:

@@ -314,3 +314,25 @@ def test_values_of_another_width_are_never_sent_to_a_backend_without_them(monkey
     b = Boundaries.from_position_ids(POS)
     got = BACKENDS["sdpa"].fn(*wide, v, b, spec)  # the reference takes values of another width
     assert got.shape[-1] == v.shape[-1]
+
+
+def test_auto_takes_the_reference_when_a_kernel_refuses_at_call_time(monkeypatch, caplog):
+    """FlexAttention can find only when called that it cannot trace a configuration (vaultgemma's
+    softcap on the H200): auto then runs the exact reference, a named backend raises."""
+    from hf_varlen_patch import attention
+
+    def refuses(*args, **kwargs):
+        raise BackendUnavailableError("cannot run this configuration")
+
+    fake = Backend("fake_refusing", refuses, lambda: frozenset(), lambda device, dtype: None)
+    monkeypatch.setattr(attention, "select_backend", lambda name, *a: BACKENDS["sdpa"] if name == "sdpa" else fake)
+    flat = _inputs(5)
+    q, k, v = (t.view(1, POS.numel(), t.shape[1], -1).transpose(1, 2) for t in flat)
+    b = Boundaries.from_position_ids(POS.view(1, -1))
+    spec = AttentionSpec(causal=True)
+    with caplog.at_level(logging.WARNING, logger="hf_varlen_patch"):
+        out = attention.varlen_attention("auto", q, k, v, b, spec)
+    ref = BACKENDS["sdpa"].fn(*flat, b, spec)
+    assert torch.allclose(out.reshape(ref.shape), ref) and "fake_refusing" in caplog.text
+    with pytest.raises(BackendUnavailableError):
+        attention.varlen_attention("fake_refusing", q, k, v, b, spec)

@@ -18,6 +18,7 @@ from functools import partial
 import torch
 
 from ..boundaries import Boundaries
+from ..errors import BackendUnavailableError
 from . import AttentionSpec, Backend, register_backend
 
 logger = logging.getLogger("hf_varlen_patch")
@@ -53,7 +54,14 @@ def _run(kernel_key: tuple, device: torch.device, *args, **kwargs):
                 kernel_key,
                 str(err).splitlines()[0][:200],
             )
-    return _flex()[0](*args, **kwargs)
+    from torch._dynamo.exc import TorchDynamoException
+
+    try:
+        return _flex()[0](*args, **kwargs)
+    except TorchDynamoException as err:  # eager flex traces its score/mask functions too
+        raise BackendUnavailableError(
+            f"FlexAttention cannot run {kernel_key} on torch {torch.__version__}: {str(err).splitlines()[0][:200]}"
+        ) from err
 
 
 @functools.cache
