@@ -492,6 +492,9 @@ def _shrink_dict(d: dict, *, top: bool, context: _Scale | None = None) -> dict:
             for k in LAYER_KEYS:
                 if _is_int(d.get(k)) and d[k] == layers:
                     out[k] = len(kept)
+                elif _is_int(d.get(k)) and 0 < d[k] < layers and layers % d[k] == 0:
+                    # blocks of several sub-layers (longcat_flash: num_layers = num_hidden_layers / 2)
+                    out[k] = max(1, len(kept) * d[k] // layers)
             _select_layers(d, out, layers, kept, scale)
             for k in _tails(d, layers):
                 out[k] = _kept_tail(d, layers, kept, k)

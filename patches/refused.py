@@ -16,7 +16,6 @@ OWN_ATTENTION = (
 PROPHETNET = "n-gram stream attention with relative position buckets over the row; not packable by the generic route"
 
 REASONS = {
-    "big_bird": OWN_ATTENTION + " (and its block-sparse mode mixes blocks across the row)",
     "cpmant": OWN_ATTENTION + " (segment and relative-position buckets over the row)",
     "xlnet": "a permutation language model with relative attention over memories; packing has no meaning for it",
     "prophetnet": PROPHETNET,
