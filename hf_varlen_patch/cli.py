@@ -24,8 +24,7 @@ from .registry import supported_model_types
 from .selfcheck import LAYOUTS
 from .testing import compare_packed, make_packed_batch, test_variants, worst_error
 
-#: The upstream measurement of ARCHITECTURE.md: three sequences (5, 9, 3) in one row, no mask.
-UPSTREAM_ROWS = [[5, 9, 3]]
+#: The upstream measurement (``coverage._upstream``) is ARCHITECTURE.md's: sequences of 5, 9, 3 in one row.
 #: The patched check adds a second row and trailing padding (attention_mask) to the above.
 PATCHED_LAYOUTS = LAYOUTS
 
@@ -58,6 +57,7 @@ def check_config(
 ) -> Row:
     """Upstream and patched packed-vs-separate errors for one tiny config (a refusal first: its
     reason stands even where upstream's own twin does not run)."""
+    from .coverage import _upstream
     from .registry import REGISTRY
 
     entry = REGISTRY.get(model_type)
@@ -71,11 +71,11 @@ def check_config(
         raise
     if reason:
         try:
-            up_nc, up_def = _upstream_errors(model)
+            up_nc, up_def = _upstream(model, model.config.vocab_size)
         except Exception:
             up_nc = up_def = nan
         return Row(model_type, variant, up_nc, up_def, nan, "-", "REFUSED", reason[:120])
-    up_nc, up_def = _upstream_errors(model)
+    up_nc, up_def = _upstream(model, model.config.vocab_size)
     try:
         api.apply(model, backend=backend)
     except VarlenPatchError as err:
@@ -92,14 +92,6 @@ def check_config(
     patched = worst_error(errors)
     ok = math.isfinite(patched) and patched <= tol
     return Row(model_type, variant, up_nc, up_def, patched, used, "PASS" if ok else "FAIL")
-
-
-def _upstream_errors(model) -> tuple[float, float]:
-    """Upstream's packed-vs-separate logits error, without and with the default cache."""
-    upstream = make_packed_batch(UPSTREAM_ROWS, model.config.vocab_size)
-    up_nc = compare_packed(model, upstream, grads=False, use_cache=False).logits
-    up_def = compare_packed(model, upstream, grads=False, use_cache=None).logits
-    return up_nc, up_def
 
 
 def _print_table(rows: list[Row], tol: float) -> None:

@@ -231,38 +231,50 @@ def current_boundaries() -> Boundaries | None:
     return _CURRENT.get()
 
 
-def track_layer(patcher: Patcher, layer: torch.nn.Module) -> None:
-    """Make :func:`current_boundaries` valid inside ``layer`` during checkpoint recomputation.
+def boundaries_for_layer_call(module: torch.nn.Module, first: Any) -> Boundaries | None:
+    """The boundaries of ``module``'s call whose first tensor argument is ``first`` (None: unpacked).
 
-    On the forward, the boundaries are remembered against the layer's first tensor argument;
-    non-reentrant recomputation that goes through the instance's ``forward`` passes that same
-    tensor again and gets them back. Reentrant recomputation passes a detached copy: then, if the
-    layer's last forward was packed, it raises instead of silently running unpacked attention.
+    In a packed forward: the running forward's, remembered against ``first``. Outside one
+    (gradient-checkpoint recomputation): those remembered for the very tensor the recomputation
+    passes again. After a packed call, a recomputation that finds none (``use_reentrant=True``
+    detaches the inputs) raises instead of silently attending across sequences.
+    """
+    keyed = isinstance(first, torch.Tensor)
+    boundaries = _CURRENT.get()
+    if boundaries is not None:
+        if keyed:
+            _BY_LAYER_INPUT[first] = boundaries
+        _LAST_PACKED[module] = True
+        return boundaries
+    found = _BY_LAYER_INPUT.get(first) if keyed else None
+    if found is None:
+        if _LAST_PACKED.get(module, False) and torch._C._current_graph_task_id() != -1:
+            raise VarlenPatchError(
+                f"{type(module).__name__} is recomputed by reentrant gradient checkpointing, which "
+                "hides the packing boundaries; enable checkpointing with use_reentrant=False."
+            )
+        _LAST_PACKED[module] = False
+    return found
+
+
+def track_layer(patcher: Patcher, layer: torch.nn.Module) -> None:
+    """Make :func:`current_boundaries` valid inside ``layer`` during checkpoint recomputation
+    (:func:`boundaries_for_layer_call`, keyed on the layer's first tensor argument).
 
     Limitation: transformers 5.x's ``GradientCheckpointingLayer`` recomputes the *class*
     ``forward`` (bypassing this instance wrapper). Entries for 5.x models should pass the
-    boundaries as a keyword argument, or look them up from an object the layer's call replays
-    (see ``patches/gpt_neo.py``).
+    boundaries as a keyword argument, or have the module inside the layer call
+    :func:`boundaries_for_layer_call` on an object the layer's call replays (its hidden states,
+    as ``patches/mvp.py`` does; its mask, as ``patches/gpt_neo.py`` does).
     """
 
     def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        boundaries = _CURRENT.get()
-        if boundaries is not None:
-            if first is not None:
-                _BY_LAYER_INPUT[first] = boundaries
-            _LAST_PACKED[instance] = True
+        outer = _CURRENT.get()
+        boundaries = boundaries_for_layer_call(instance, first)
+        if outer is not None or boundaries is None:
             return wrapped(*args, **kwargs)
-        found = _BY_LAYER_INPUT.get(first) if first is not None else None
-        if found is None:
-            if _LAST_PACKED.get(instance, False) and torch._C._current_graph_task_id() != -1:
-                raise VarlenPatchError(
-                    f"{type(instance).__name__} is recomputed by reentrant gradient checkpointing, which "
-                    "hides the packing boundaries; enable checkpointing with use_reentrant=False."
-                )
-            _LAST_PACKED[instance] = False
-            return wrapped(*args, **kwargs)
-        token = _CURRENT.set(found)
+        token = _CURRENT.set(boundaries)
         try:
             return wrapped(*args, **kwargs)
         finally:

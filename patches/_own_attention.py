@@ -1,12 +1,13 @@
 """Helpers for entries whose attention (or position table) computes itself and whose layers get
 neither keyword arguments nor ``position_ids`` (MVP, RoFormer, Blenderbot).
 
-- :func:`layer_boundaries`: the boundaries of such a module's call: the running packed
-  forward's, or, when transformers 5.x's gradient checkpointing recomputes the class ``forward``
-  of a layer (bypassing instance wrappers, so no context), the ones remembered for the very
-  hidden-states tensor that call passes again (post-norm layers hand their input to attention
-  as is). A recomputation that finds none after a packed forward (``use_reentrant=True``
-  detaches the inputs) raises instead of attending across sequences.
+- :func:`layer_boundaries`: the engine's
+  :func:`~hf_varlen_patch.patching.boundaries_for_layer_call`, keyed on the hidden states a
+  self-attention module gets: transformers 5.x's gradient checkpointing recomputes the class
+  ``forward`` of a layer (no context), and post-norm layers hand their input to attention as is.
+- :func:`wrap_bart_style_self_attention`: a BART-style self-attention module that computes
+  itself (queries pre-scaled, ``q/k/v/out_proj``; MVP, TrOCR) attends through the varlen backend
+  in packed calls.
 - :func:`refuse_when_packed`: a module (cross-attention) that must not run in a packed forward.
 - :func:`remember_padding` / :func:`sequence_positions`: each token's position within its own
   sequence, for position tables looked up inside the model. Padding tokens (``attention_mask ==
@@ -18,42 +19,29 @@ neither keyword arguments nor ``position_ids`` (MVP, RoFormer, Blenderbot).
 from __future__ import annotations
 
 import contextvars
-import weakref
-from typing import Any
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
+from hf_varlen_patch.attention import varlen_attention
+from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.boundaries import Boundaries
 from hf_varlen_patch.errors import VarlenPatchError
-from hf_varlen_patch.patching import Patcher, call_as_kwargs, current_boundaries
+from hf_varlen_patch.patching import Patcher, boundaries_for_layer_call, cache_of, call_as_kwargs, current_boundaries
 
-__all__ = ["current_padding", "layer_boundaries", "refuse_when_packed", "remember_padding", "sequence_positions"]
+from ._legacy_attention import PackedOutputAttentionsError
+
+__all__ = [
+    "wrap_bart_style_self_attention",
+    "current_padding",
+    "layer_boundaries",
+    "refuse_when_packed",
+    "remember_padding",
+    "sequence_positions",
+]
 
 
-_BY_INPUT = WeakIdKeyDictionary()
-_LAST_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def layer_boundaries(module: torch.nn.Module, hidden_states: Any) -> Boundaries | None:
-    """The boundaries of ``module``'s call on ``hidden_states`` (None: an unpacked call)."""
-    keyed = isinstance(hidden_states, torch.Tensor)
-    boundaries = current_boundaries()
-    if boundaries is not None:
-        if keyed:
-            _BY_INPUT[hidden_states] = boundaries
-        _LAST_PACKED[module] = True
-        return boundaries
-    found = _BY_INPUT.get(hidden_states) if keyed else None
-    if found is not None:
-        return found
-    if _LAST_PACKED.get(module, False) and torch._C._current_graph_task_id() != -1:
-        raise VarlenPatchError(
-            f"{type(module).__name__} is recomputed by reentrant gradient checkpointing, which hides the packing "
-            "boundaries; enable checkpointing with use_reentrant=False."
-        )
-    _LAST_PACKED[module] = False
-    return None
+#: The engine's lookup (kept under this name for the entries that use it).
+layer_boundaries = boundaries_for_layer_call
 
 
 def refuse_when_packed(patcher: Patcher, module: torch.nn.Module, what: str) -> None:
@@ -102,3 +90,38 @@ def sequence_positions(boundaries: Boundaries, device: torch.device) -> torch.Te
             positions = positions.masked_fill(padding.to(device) == 0, 0)
         boundaries.cache[key] = positions
     return boundaries.cache[key]
+
+
+def wrap_bart_style_self_attention(patcher: Patcher, module: torch.nn.Module, backend: str) -> None:
+    """Packed calls of a BART-style self-attention module (queries pre-scaled by ``scaling``,
+    ``q_proj/k_proj/v_proj/out_proj``) attend through the varlen backend; the boundaries by
+    :func:`layer_boundaries` on its hidden states, so 5.x checkpoint recomputation finds them."""
+
+    def wrapper(wrapped, instance, args, kwargs):
+        call = call_as_kwargs(wrapped, args, kwargs)
+        hidden = call["hidden_states"]
+        boundaries = layer_boundaries(instance, hidden)
+        if boundaries is None:
+            return wrapped(*args, **kwargs)
+        if call.get("key_value_states") is not None:
+            raise VarlenPatchError("cross-attention (encoder_hidden_states) cannot be packed.")
+        if call.get("attn_prompt") is not None:
+            raise VarlenPatchError("MVP prompts (use_prompt=True) cannot be packed.")
+        if call.get("output_attentions"):
+            raise PackedOutputAttentionsError("output_attentions=True is not available with packed inputs.")
+        if call.get("layer_head_mask") is not None:
+            raise VarlenPatchError("head_mask is not supported with packed inputs; drop it or unpack.")
+        batch, length, width = hidden.shape
+        shape = (batch, length, instance.num_heads, instance.head_dim)
+        q = (instance.q_proj(hidden) * instance.scaling).view(shape).transpose(1, 2)
+        k = instance.k_proj(hidden).view(shape).transpose(1, 2)
+        v = instance.v_proj(hidden).view(shape).transpose(1, 2)
+        cache = cache_of(call)
+        if cache is not None:
+            cache = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache
+            k, v = cache.update(k, v, instance.layer_idx)
+        dropout = float(instance.dropout or 0.0) if instance.training else 0.0
+        out = varlen_attention(backend, q, k, v, boundaries, AttentionSpec(causal=True, scale=1.0, dropout=dropout))
+        return instance.out_proj(out.reshape(batch, length, width)), None
+
+    patcher.wrap_method(module, "forward", wrapper)

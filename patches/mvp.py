@@ -19,19 +19,14 @@ raise in packed calls.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch
 
-from hf_varlen_patch.attention import varlen_attention
-from hf_varlen_patch.backends import AttentionSpec
-from hf_varlen_patch.errors import VarlenPatchError
-from hf_varlen_patch.patching import Patcher, cache_of, call_as_kwargs, current_boundaries
+from hf_varlen_patch.patching import Patcher, current_boundaries
 from hf_varlen_patch.registry import PatchEntry, PatchOptions, register
 
-from ._legacy_attention import PackedOutputAttentionsError
-from ._own_attention import layer_boundaries, refuse_when_packed, remember_padding, sequence_positions
+from ._own_attention import refuse_when_packed, remember_padding, sequence_positions, wrap_bart_style_self_attention
 
 
 def _refuse(config: Any) -> str | None:
@@ -51,40 +46,12 @@ def _positions_per_sequence(wrapped, instance, args, kwargs):
     return torch.nn.Embedding.forward(instance, positions + instance.offset)  # upstream's lookup, per sequence
 
 
-def _self_attention(wrapped, instance, args, kwargs, *, backend: str):
-    call = call_as_kwargs(wrapped, args, kwargs)
-    hidden = call["hidden_states"]
-    boundaries = layer_boundaries(instance, hidden)
-    if boundaries is None:
-        return wrapped(*args, **kwargs)
-    if call.get("key_value_states") is not None:
-        raise VarlenPatchError("cross-attention (encoder_hidden_states) cannot be packed.")
-    if call.get("attn_prompt") is not None:
-        raise VarlenPatchError("MVP prompts (use_prompt=True) cannot be packed.")
-    if call.get("output_attentions"):
-        raise PackedOutputAttentionsError("output_attentions=True is not available with packed inputs.")
-    if call.get("layer_head_mask") is not None:
-        raise VarlenPatchError("head_mask is not supported with packed inputs; drop it or unpack.")
-    batch, length, _ = hidden.shape
-    shape = (batch, length, instance.num_heads, instance.head_dim)
-    q = (instance.q_proj(hidden) * instance.scaling).view(shape).transpose(1, 2)
-    k = instance.k_proj(hidden).view(shape).transpose(1, 2)
-    v = instance.v_proj(hidden).view(shape).transpose(1, 2)
-    cache = cache_of(call)
-    if cache is not None:
-        cache = getattr(cache, "self_attention_cache", cache)  # EncoderDecoderCache
-        k, v = cache.update(k, v, instance.layer_idx)
-    spec = AttentionSpec(causal=True, scale=1.0, dropout=float(instance.dropout or 0.0) if instance.training else 0.0)
-    out = varlen_attention(backend, q, k, v, boundaries, spec)
-    return instance.out_proj(out.reshape(batch, length, instance.embed_dim)), None
-
-
 def _patch(model: Any, patcher: Patcher, options: PatchOptions) -> None:
     decoder = model.model.decoder
     remember_padding(patcher, decoder)  # the causal LM hands the decoder the caller's mask
     patcher.wrap_method(decoder.embed_positions, "forward", _positions_per_sequence)
     for layer in decoder.layers:
-        patcher.wrap_method(layer.self_attn, "forward", partial(_self_attention, backend=options.backend))
+        wrap_bart_style_self_attention(patcher, layer.self_attn, options.backend)
         refuse_when_packed(patcher, layer.encoder_attn, "cross-attention (encoder_hidden_states)")
 
 
