@@ -283,6 +283,61 @@ def track_layer(patcher: Patcher, layer: torch.nn.Module) -> None:
     patcher.wrap_method(layer, "forward", wrapper)
 
 
+class _CheckpointCarryingBoundaries:
+    """A layer's ``_gradient_checkpointing_func`` that reruns the checkpointed function inside the
+    packed forward's boundaries, so its recomputation (during backward, outside the forward, which
+    transformers 5.x runs on the layer's *class* forward) sees them again."""
+
+    def __init__(self, inner: Callable) -> None:
+        self.inner = inner
+
+    def __call__(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
+        boundaries = _CURRENT.get()
+        if boundaries is None:
+            return self.inner(function, *args, **kwargs)
+
+        def rerun_with_boundaries(*a: Any, **k: Any) -> Any:
+            token = _CURRENT.set(boundaries)
+            try:
+                return function(*a, **k)
+            finally:
+                _CURRENT.reset(token)
+
+        return self.inner(rerun_with_boundaries, *args, **kwargs)
+
+
+def carry_boundaries_through_checkpoints(patcher: Patcher, model: torch.nn.Module) -> None:
+    """Make :func:`current_boundaries` hold during gradient-checkpoint recomputation of every
+    checkpointable layer of ``model`` (reentrant or not), whenever checkpointing gets enabled.
+
+    Each such layer's forward installs, on its first packed call, a checkpoint function that
+    reruns the layer inside the boundaries it was called with; ``unapply`` takes it off again.
+    """
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    name = "_gradient_checkpointing_func"
+    for layer in model.modules():
+        if not isinstance(layer, GradientCheckpointingLayer):
+            continue
+
+        def install(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+            current = vars(instance).get(name)
+            if current is not None and not isinstance(current, _CheckpointCarryingBoundaries):
+                setattr(instance, name, _CheckpointCarryingBoundaries(current))
+            return wrapped(*args, **kwargs)
+
+        def take_off(layer: torch.nn.Module = layer) -> None:
+            current = vars(layer).get(name)
+            if isinstance(current, _CheckpointCarryingBoundaries):
+                setattr(layer, name, current.inner)
+
+        patcher.undo_log.append(take_off)
+        if vars(layer).get(name) is not None:  # checkpointing enabled before apply
+            setattr(layer, name, _CheckpointCarryingBoundaries(vars(layer)[name]))
+        patcher.wrap_method(layer, "forward", install)
+        track_layer(patcher, layer)  # transformers 4.x recomputes through the instance's forward
+
+
 def attach_boundaries(
     patcher: Patcher, module: torch.nn.Module, extra: Callable[[torch.nn.Module], dict] | None = None
 ) -> None:

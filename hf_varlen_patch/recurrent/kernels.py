@@ -1,0 +1,63 @@
+"""Fused kernels that keep packed sequences apart, when installed: found once, used only on CUDA.
+
+- causal_conv1d (Dao-AILab): ``causal_conv1d_fn(x, weight, bias, seq_idx=int32 (B, T))`` needs a
+  channel-last (B, D, T) view, D a multiple of 8, width 2..4, and no initial states.
+- mamba_ssm (Triton SSD): ``mamba_chunk_scan_combined`` / ``mamba_split_conv1d_scan_combined``
+  reset at ``seq_idx`` changes. Its Mamba1 ``selective_scan_fn`` takes no boundaries: never used
+  for packed inputs.
+- flash-linear-attention: ``chunk_gated_delta_rule`` / ``chunk_kda`` take ``cu_seqlens`` with batch 1.
+
+``HF_VARLEN_RECURRENT_KERNELS=0`` turns them all off (the exact torch paths run instead).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import inspect
+import os
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["kernel", "kernels_enabled", "call_with_supported"]
+
+#: name -> (module, attribute)
+KERNELS = {
+    "causal_conv1d": ("causal_conv1d", "causal_conv1d_fn"),
+    "ssd_chunk_scan": ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined"),
+    "ssd_split_conv1d_scan": ("mamba_ssm.ops.triton.ssd_combined", "mamba_split_conv1d_scan_combined"),
+    "gated_delta_rule": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
+    "kda": ("fla.ops.kda", "chunk_kda"),
+}
+
+
+def kernels_enabled() -> bool:
+    return os.environ.get("HF_VARLEN_RECURRENT_KERNELS", "1") not in ("0", "false", "False")
+
+
+@functools.cache
+def _load(name: str) -> Callable | None:
+    module, attr = KERNELS[name]
+    try:
+        return getattr(importlib.import_module(module), attr)
+    except Exception:  # not installed, or built for another torch/CUDA: the torch path runs
+        return None
+
+
+def kernel(name: str, *tensors: torch.Tensor) -> Callable | None:
+    """The installed kernel ``name`` if every tensor is on CUDA and kernels are enabled, else None."""
+    if not kernels_enabled() or not all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors):
+        return None
+    return _load(name)
+
+
+@functools.cache
+def _parameters(fn: Callable) -> frozenset[str]:
+    return frozenset(inspect.signature(fn).parameters)
+
+
+def call_with_supported(fn: Callable, *args, **kwargs):
+    """Call ``fn`` with the keyword arguments its signature names (kernels reject unknown ones)."""
+    names = _parameters(fn)
+    return fn(*args, **{k: v for k, v in kwargs.items() if k in names})

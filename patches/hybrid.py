@@ -1,0 +1,114 @@
+"""Hybrid and recurrent causal LMs: Mamba/Mamba2 mixers, short convolutions, gated delta rules.
+
+Their attention layers (if any) take the generic route; their recurrent layers compute through
+module-level functions of the modeling file (transformers 5.x), which the engine routes through
+boundary-aware ops (``hf_varlen_patch.recurrent``): the convolution drops taps of the previous
+sequence and every scan starts a fresh state at each sequence start. Upstream derives nothing from
+position_ids for these layers, so unpatched they leak state across packed sequences.
+
+Refused: transformers 4.57 (its mixers compute inline in ``torch_forward``, nothing to route
+without copying the layer), and recurrences with no routed function (listed in ``INLINE``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+
+import transformers
+
+from hf_varlen_patch.patching import accepts_var_kwargs, carry_boundaries_through_checkpoints
+from hf_varlen_patch.recurrent import route_recurrent_functions, routed_functions
+from hf_varlen_patch.registry import PatchEntry, register
+
+#: model_type -> the modeling module that holds its recurrent functions (default: its own).
+MODELING = {
+    "qwen3_5_text": "qwen3_5",
+    "qwen3_5_moe_text": "qwen3_5_moe",
+    "qwen4_exp_text": "qwen4_exp",
+}
+
+HYBRIDS = (
+    "bamba",
+    "falcon_h1",
+    "falcon_mamba",
+    "granitemoehybrid",
+    "jamba",
+    "kimi_linear",
+    "bailing_hybrid",
+    "lara_mini",
+    "lfm2",
+    "lfm2_moe",
+    "lfm3",
+    "mamba",
+    "mamba2",
+    "nemotron_h",
+    "olmo_hybrid",
+    "qwen3_5_text",
+    "qwen3_5_moe_text",
+    "qwen3_next",
+    "qwen4_exp_text",
+    "zamba",
+    "zamba2",
+)
+
+#: Recurrences upstream computes inline (a token loop or scan in the layer's forward), with no
+#: function to route: refused until they get a dedicated patch.
+INLINE = {
+    "minimax": "its lightning-attention recurrence runs inline in MiniMaxLightningAttention.forward",
+    "recurrent_gemma": "its RG-LRU scan and Conv1D run inline in RecurrentGemmaRecurrentBlock",
+    "rwkv": "its WKV recurrence runs inline (rwkv_linear_attention) and carries state per row",
+    "xlstm": "its mLSTM recurrence runs inline in the xLSTM block backends",
+}
+
+
+def _modeling(model_type: str) -> types.ModuleType | None:
+    name = MODELING.get(model_type, model_type).replace("-", "_")
+    try:
+        return importlib.import_module(f"transformers.models.{name}.modeling_{name}")
+    except ImportError:
+        return None
+
+
+def _refuse(config) -> str | None:
+    model_type = config.model_type
+    if model_type in INLINE:
+        return f"{INLINE[model_type]}; hf_varlen_patch has no boundary-aware version of it yet."
+    module = _modeling(model_type)
+    if transformers.__version__.startswith("4.") or module is None or not routed_functions(module):
+        return (
+            f"on transformers {transformers.__version__} {model_type}'s recurrent layers compute inline in "
+            "their forward, which hf_varlen_patch does not copy; upgrade to transformers 5.x, where their "
+            "convolution and scans are routed through boundary-aware ops."
+        )
+    return None
+
+
+def _patch(model, patcher, options) -> None:
+    modules = {sys.modules[type(m).__module__] for m in model.modules()}
+    for module in sorted(modules, key=lambda m: m.__name__):
+        if module.__name__.startswith("transformers.models."):
+            route_recurrent_functions(patcher, module)
+    carry_boundaries_through_checkpoints(patcher, model)
+
+
+#: No attention layer: the boundaries reach the mixers through the forward's context, and the
+#: mixers get no attention mask (padding is a sequence of its own, so it cannot leak either).
+ATTENTION_FREE = ("mamba", "mamba2", "falcon_mamba")
+
+
+def _from_context(model) -> bool:
+    return model.config.model_type in ATTENTION_FREE or not accepts_var_kwargs(model.base_model.forward)
+
+
+register(
+    PatchEntry(
+        family="hybrid",
+        model_types=HYBRIDS + tuple(INLINE),
+        patch=_patch,
+        refuse=_refuse,
+        boundaries_from_context=_from_context,
+        notes="attention via AttentionInterface; conv taps and SSM/delta-rule state reset at each start",
+    )
+)
