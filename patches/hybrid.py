@@ -21,12 +21,12 @@ import transformers
 from hf_varlen_patch.patching import accepts_var_kwargs, carry_boundaries_through_checkpoints
 from hf_varlen_patch.recurrent import route_recurrent_functions, routed_functions
 from hf_varlen_patch.registry import PatchEntry, register
+from hf_varlen_patch.twins import register_twin_overrides
 
 #: model_type -> the modeling module that holds its recurrent functions (default: its own).
 MODELING = {
     "qwen3_5_text": "qwen3_5",
     "qwen3_5_moe_text": "qwen3_5_moe",
-    "qwen4_exp_text": "qwen4_exp",
 }
 
 HYBRIDS = (
@@ -48,19 +48,33 @@ HYBRIDS = (
     "qwen3_5_text",
     "qwen3_5_moe_text",
     "qwen3_next",
-    "qwen4_exp_text",
     "zamba",
     "zamba2",
 )
 
-#: Recurrences upstream computes inline (a token loop or scan in the layer's forward), with no
-#: function to route: refused until they get a dedicated patch.
+#: What upstream computes inline (a token loop, a scan or position terms in the layer's forward),
+#: with no function to route: refused until they get a dedicated patch.
 INLINE = {
     "minimax": "its lightning-attention recurrence runs inline in MiniMaxLightningAttention.forward",
     "recurrent_gemma": "its RG-LRU scan and Conv1D run inline in RecurrentGemmaRecurrentBlock",
     "rwkv": "its WKV recurrence runs inline (rwkv_linear_attention) and carries state per row",
     "xlstm": "its mLSTM recurrence runs inline in the xLSTM block backends",
+    "zaya": "its CCA projection runs two stacked causal convolutions and a one-token-delayed value inline",
+    "inkling_text": "its relative position bias and log-scaled queries are computed from the whole row's "
+    "positions (an arange over the row) and reach only the eager attention path",
+    "inkling2_text": "its relative position bias is computed from the whole row's positions and added to the "
+    "attention scores, which the varlen backends do not take",
+    "inkling2_loop_text": "its relative position bias is computed from the whole row's positions and added to "
+    "the attention scores, which the varlen backends do not take",
+    "qwen4_exp_text": "its QSA indexer picks key blocks from the dense attention mask and its n-gram embedding "
+    "reads the previous token ids of the whole row",
 }
+
+
+# Bamba's default config has no attention layer (attn_layer_indices None); released Bamba models
+# interleave attention with Mamba-2 layers, and a cache over Mamba layers only breaks upstream's
+# mask creation.
+register_twin_overrides(("bamba",), {"attn_layer_indices": [1], "num_hidden_layers": 2})
 
 
 def _modeling(model_type: str) -> types.ModuleType | None:
@@ -76,13 +90,18 @@ def _refuse(config) -> str | None:
     if model_type in INLINE:
         return f"{INLINE[model_type]}; hf_varlen_patch has no boundary-aware version of it yet."
     module = _modeling(model_type)
-    if transformers.__version__.startswith("4.") or module is None or not routed_functions(module):
+    if module is not None and routed_functions(module):
+        return None
+    if transformers.__version__.startswith("4."):
         return (
             f"on transformers {transformers.__version__} {model_type}'s recurrent layers compute inline in "
             "their forward, which hf_varlen_patch does not copy; upgrade to transformers 5.x, where their "
             "convolution and scans are routed through boundary-aware ops."
         )
-    return None
+    return (
+        f"transformers {transformers.__version__} computes {model_type}'s recurrent layers without the "
+        "module-level functions hf_varlen_patch routes (causal_conv1d_fn, mamba2_chunk_scan, ...)."
+    )
 
 
 def _patch(model, patcher, options) -> None:

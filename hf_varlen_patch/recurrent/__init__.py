@@ -85,9 +85,7 @@ def _ssd(boundaries: Boundaries, upstream: Callable, call: dict, module: types.M
     if call.get("z") is not None:
         raise VarlenPatchError("the torch Mamba2 scan got a gate z, which the upstream reference ignores too.")
     kwargs = {k: call[k] for k in _SSD_ARGS if k in call}
-    return torch_ops.chunked_ssd_scan(
-        x, call["dt"], call["A"], call["B"], call["C"], call["chunk_size"], seq, **kwargs
-    )
+    return torch_ops.chunked_ssd_scan(x, call["dt"], call["A"], call["B"], call["C"], call["chunk_size"], seq, **kwargs)
 
 
 def _ssd_fused(boundaries: Boundaries, upstream: Callable, call: dict, module: types.ModuleType):

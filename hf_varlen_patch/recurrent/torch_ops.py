@@ -59,6 +59,11 @@ def causal_conv1d(
     return out.to(x.dtype)
 
 
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in at least float32 (upstream computes scans in float32; float64 stays float64)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
 def _segment_sum(x: torch.Tensor) -> torch.Tensor:
     """[..., i, j] = x[..., j+1] + ... + x[..., i] for j <= i, -inf above the diagonal."""
     n = x.shape[-1]
@@ -102,7 +107,7 @@ def chunked_ssd_scan(
     chunk's state sums only its last sequence's tokens; a state passes to later chunks only while
     the sequence continues; a token reads the incoming state only if it continues that state's
     sequence. ``initial_states`` belong to each row's first sequence; the final state to its last.
-    Output in float32 like the upstream reference.
+    Output in at least float32, like the upstream reference.
     """
     batch, length, heads, head_dim = x.shape
     groups = B.shape[2]
@@ -110,10 +115,10 @@ def chunked_ssd_scan(
         dt = dt + dt_bias.to(dt.dtype)
     if dt_softplus:
         dt = F.softplus(dt)
-    dt = torch.clamp(dt, min=dt_limit[0], max=dt_limit[1]).float()
-    x = x.float()
-    B = B.float().repeat_interleave(heads // groups, dim=2, output_size=heads)
-    C = C.float().repeat_interleave(heads // groups, dim=2, output_size=heads)
+    dt = _acc(torch.clamp(dt, min=dt_limit[0], max=dt_limit[1]))
+    x = _acc(x)
+    B = _acc(B).repeat_interleave(heads // groups, dim=2, output_size=heads)
+    C = _acc(C).repeat_interleave(heads // groups, dim=2, output_size=heads)
     pad = (chunk_size - length % chunk_size) % chunk_size
     residual = None if D is None else D[..., None] * F.pad(x, (0, 0, 0, 0, 0, pad))
 
@@ -122,7 +127,7 @@ def chunked_ssd_scan(
         return t.reshape(batch, -1, chunk_size, *t.shape[2:])
 
     xs, Bs, Cs = chunks(x * dt[..., None]), chunks(B), chunks(C)
-    Adt = chunks(A.to(torch.float32) * dt).permute(0, 3, 1, 2)  # (b, h, c, l)
+    Adt = chunks(_acc(A) * dt).permute(0, 3, 1, 2)  # (b, h, c, l)
     ids = _chunk_ids(seq_idx, pad, chunk_size)  # (b, c, l)
     incoming = _incoming_ids(ids)
     A_cs = Adt.cumsum(dim=-1)
@@ -188,9 +193,10 @@ def selective_scan(
     if delta_softplus:
         delta = F.softplus(delta)
     seq = seq_idx.to(torch.int64)
-    keeps = (seq == _shift_right(seq, 1, fill=-1)).to(torch.float32)  # (b, l)
-    decay = torch.exp(A.float()[None, :, None, :] * delta.float()[..., None]) * keeps[:, None, :, None]
-    inputs = delta.float()[..., None] * B.float().transpose(1, 2)[:, None] * u.float()[..., None]
+    delta = _acc(delta)
+    keeps = (seq == _shift_right(seq, 1, fill=-1)).to(delta.dtype)  # (b, l)
+    decay = torch.exp(_acc(A)[None, :, None, :] * delta[..., None]) * keeps[:, None, :, None]
+    inputs = delta[..., None] * _acc(B).transpose(1, 2)[:, None] * _acc(u)[..., None]
     states = linear_scan(decay, inputs, dim=2)  # (b, d, l, n)
     out = torch.einsum("bdln,bnl->bdl", states.to(dtype), C.to(dtype))
     if D is not None:
@@ -235,9 +241,7 @@ def chunked_delta_rule(
         query = query.repeat_interleave(heads // key_heads, dim=2)
         key = key.repeat_interleave(heads // key_heads, dim=2)
     per_dim = g.ndim == 4
-    query, key, value, beta, g = (
-        t.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format) for t in (query, key, value, beta, g)
-    )
+    query, key, value, beta, g = (_acc(t.transpose(1, 2)).contiguous() for t in (query, key, value, beta, g))
     if use_qk_l2norm_in_kernel:
         query, key = normalize(query), normalize(key)
     query = query * query.shape[-1] ** -0.5
@@ -274,9 +278,7 @@ def chunked_delta_rule(
     k_state = k * (G[..., -1:, :] - G).exp() * writes
     chunk_decay = G[..., -1, :].exp() * carries  # (b, h, c, k or 1)
 
-    state = (
-        q.new_zeros(batch, heads, q.shape[-1], v.shape[-1]) if initial_state is None else initial_state.to(q)
-    )
+    state = q.new_zeros(batch, heads, q.shape[-1], v.shape[-1]) if initial_state is None else initial_state.to(q)
     out = torch.empty_like(v)
     for i in range(q.shape[2]):
         v_new = new_values[:, :, i] - k_cumdecay[:, :, i] @ state
