@@ -33,6 +33,7 @@ __all__ = [
     "model_shifts_labels",
     "Run",
     "packed_layouts",
+    "long_memory",
 ]
 
 
@@ -89,6 +90,27 @@ def tiny_model(
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     model = AutoModelForCausalLM.from_config(config, **kwargs)
     return model.to(device=device, dtype=dtype or lookup(model_type).test_dtype)
+
+
+#: Parameters that set how fast a recurrent layer forgets: log(-A) and the step-size biases.
+_DECAY_LOGS = ("A_log",)
+_STEP_BIASES = ("dt_bias", "dt_proj_bias", "dt_proj.bias")
+
+
+def long_memory(model: torch.nn.Module, *, decay: float = 0.02, step: float = 0.5) -> torch.nn.Module:
+    """Give ``model``'s recurrent layers a state that survives hundreds of tokens: -A = ``decay``
+    and softplus(step bias) = ``step``, so a token keeps about exp(-decay * step) of the state.
+
+    Random initialisation can forget within a few tokens, which hides a state leak across packed
+    sequences below any tolerance; checks of recurrent layers should run on these weights.
+    """
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(_DECAY_LOGS):
+                param.fill_(math.log(decay))
+            elif name.endswith(_STEP_BIASES):
+                param.fill_(math.log(math.expm1(step)))
+    return model
 
 
 @dataclass

@@ -16,10 +16,16 @@ import importlib
 import sys
 import types
 
+import torch
 import transformers
 
 from hf_varlen_patch.patching import accepts_var_kwargs, carry_boundaries_through_checkpoints
-from hf_varlen_patch.recurrent import route_recurrent_functions, routed_functions
+from hf_varlen_patch.recurrent import (
+    route_causal_conv,
+    route_recurrent_attribute,
+    route_recurrent_functions,
+    routed_functions,
+)
 from hf_varlen_patch.registry import PatchEntry, register
 from hf_varlen_patch.twins import register_twin_overrides
 
@@ -85,19 +91,28 @@ def _modeling(model_type: str) -> types.ModuleType | None:
         return None
 
 
+#: Types whose transformers 4.x mixers keep their kernels as instance attributes and compute the
+#: torch convolution with an ``nn.Conv1d`` module: both are routed per instance.
+ROUTED_ON_4 = ("qwen3_next", "lfm2")
+#: The kernels a 4.x mixer binds as attributes -> the op that takes their place in packed forwards.
+ATTRIBUTES_ON_4 = {"chunk_gated_delta_rule": "torch_chunk_gated_delta_rule", "causal_conv1d_fn": "causal_conv1d_fn"}
+
+
 def _refuse(config) -> str | None:
     model_type = config.model_type
     if model_type in INLINE:
         return f"{INLINE[model_type]}; hf_varlen_patch has no boundary-aware version of it yet."
-    module = _modeling(model_type)
-    if module is not None and routed_functions(module):
-        return None
     if transformers.__version__.startswith("4."):
+        if model_type in ROUTED_ON_4:
+            return None
         return (
             f"on transformers {transformers.__version__} {model_type}'s recurrent layers compute inline in "
             "their forward, which hf_varlen_patch does not copy; upgrade to transformers 5.x, where their "
             "convolution and scans are routed through boundary-aware ops."
         )
+    module = _modeling(model_type)
+    if module is not None and routed_functions(module):
+        return None
     return (
         f"transformers {transformers.__version__} computes {model_type}'s recurrent layers without the "
         "module-level functions hf_varlen_patch routes (causal_conv1d_fn, mamba2_chunk_scan, ...)."
@@ -109,6 +124,13 @@ def _patch(model, patcher, options) -> None:
     for module in sorted(modules, key=lambda m: m.__name__):
         if module.__name__.startswith("transformers.models."):
             route_recurrent_functions(patcher, module)
+    if transformers.__version__.startswith("4."):
+        for layer in model.modules():
+            for attr, op in ATTRIBUTES_ON_4.items():
+                if callable(vars(layer).get(attr)):
+                    route_recurrent_attribute(patcher, layer, attr, op)
+            if isinstance(layer, torch.nn.Conv1d):
+                route_causal_conv(patcher, layer)
     carry_boundaries_through_checkpoints(patcher, model)
 
 

@@ -14,6 +14,7 @@ so unpatched models and unpacked calls run exactly upstream's code.
 from __future__ import annotations
 
 import inspect
+import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,7 +27,14 @@ from ..boundaries import Boundaries
 from ..errors import VarlenPatchError
 from . import kernels, torch_ops
 
-__all__ = ["RECURRENT_OPS", "route_recurrent_functions", "routed_functions", "row_sequence_ids"]
+__all__ = [
+    "RECURRENT_OPS",
+    "route_recurrent_functions",
+    "route_recurrent_attribute",
+    "route_causal_conv",
+    "routed_functions",
+    "row_sequence_ids",
+]
 
 #: (boundaries, upstream function, its call as {parameter: value}, modeling module) -> result
 RecurrentOp = Callable[[Boundaries, Callable, dict, types.ModuleType], Any]
@@ -178,6 +186,10 @@ class _Route:
 _ROUTES: dict[tuple[str, str], _Route] = {}
 
 
+#: The kernels' argument names (causal_conv1d, flash-linear-attention) -> transformers' torch ones.
+_ALIASES = {"x": "hidden_states", "q": "query", "k": "key", "v": "value"}
+
+
 def _make_router(name: str, upstream: Callable, op: RecurrentOp, module: types.ModuleType) -> Callable:
     from ..patching import current_boundaries
 
@@ -188,11 +200,11 @@ def _make_router(name: str, upstream: Callable, op: RecurrentOp, module: types.M
         if boundaries is None:
             return upstream(*args, **kwargs)
         bound = signature.bind_partial(*args, **kwargs)
-        call = {k: v for k, v in bound.arguments.items() if k != "kwargs"}
+        call = {_ALIASES.get(k, k): v for k, v in bound.arguments.items() if k != "kwargs"}
         call.update(bound.arguments.get("kwargs", {}))
         for given in ("seq_idx", "cu_seqlens", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
             call.pop(given, None)  # the boundaries say it; the ops take them from there
-        return op(boundaries, upstream, call, module)
+        return RECURRENT_OPS.get(name, op)(boundaries, upstream, call, module)
 
     router.__wrapped__ = upstream
     router.__name__ = getattr(upstream, "__name__", name)
@@ -228,3 +240,32 @@ def route_recurrent_functions(patcher: Any, module: types.ModuleType) -> list[st
 
         patcher.undo_log.append(release)
     return names
+
+
+def route_recurrent_attribute(patcher: Any, layer: torch.nn.Module, attr: str, op_name: str) -> None:
+    """Route the function a layer keeps as an instance attribute (transformers 4.x binds its
+    kernels so, e.g. ``self.chunk_gated_delta_rule``) through the op ``op_name``."""
+    upstream = getattr(layer, attr)
+    module = sys.modules[type(layer).__module__]
+    patcher.set_attr(layer, attr, _make_router(op_name, upstream, RECURRENT_OPS[op_name], module))
+
+
+def route_causal_conv(patcher: Any, conv: torch.nn.Conv1d) -> None:
+    """Make a causal depthwise ``nn.Conv1d`` (padding ``width - 1``, its caller keeps the first
+    ``length`` outputs) drop the taps of the previous sequence in packed forwards."""
+    from ..patching import current_boundaries
+
+    width = conv.kernel_size[0]
+    if conv.groups != conv.in_channels or conv.out_channels != conv.in_channels or conv.padding != (width - 1,):
+        raise VarlenPatchError(f"{conv} is not a causal depthwise convolution; it cannot be routed.")
+
+    def forward(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> torch.Tensor:
+        boundaries = current_boundaries()
+        if boundaries is None:
+            return wrapped(*args, **kwargs)
+        (x,) = args
+        seq = row_sequence_ids(boundaries, x.shape[0], x.shape[-1])
+        out = torch_ops.causal_conv1d(x, instance.weight[:, 0], instance.bias, seq)
+        return torch.nn.functional.pad(out, (0, width - 1))  # the caller cuts these off, as upstream's
+
+    patcher.wrap_method(conv, "forward", forward)
