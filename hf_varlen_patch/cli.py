@@ -48,8 +48,10 @@ def _fmt(x: float) -> str:
 def _build(config, dtype: torch.dtype, device: str):
     from transformers import AutoModelForCausalLM
 
+    from .testing import long_memory
+
     torch.manual_seed(0)
-    return AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype)
+    return long_memory(AutoModelForCausalLM.from_config(config)).to(device=device, dtype=dtype)
 
 
 def check_config(

@@ -123,6 +123,7 @@ def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, conf
     from .attention import BACKEND_USAGE
     from .registry import REGISTRY, _load_entries
     from .selfcheck import self_check
+    from .testing import long_memory
     from .twins import TwinError, tiny_config
 
     _load_entries()
@@ -141,7 +142,7 @@ def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, conf
     kind = kind_of(twin)
     try:
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(twin).float()
+        model = long_memory(AutoModelForCausalLM.from_config(twin).float())
     except Exception as err:
         refusal = _refusal_of_default(entry, model_type)
         if refusal:

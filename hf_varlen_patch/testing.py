@@ -81,14 +81,15 @@ def tiny_model(
     device: str | torch.device = "cpu",
 ) -> torch.nn.Module:
     """A tiny, randomly initialised causal LM of ``model_type`` (one of its test variants), in
-    ``dtype`` (default: the entry's ``test_dtype``, float32 for almost all)."""
+    ``dtype`` (default: the entry's ``test_dtype``, float32 for almost all). Recurrent layers get
+    :func:`long_memory` weights, so a state leak across packed sequences cannot hide."""
     from transformers import AutoModelForCausalLM
 
     variants = test_variants(model_type)
     config = variants[variant] if variant is not None else next(iter(variants.values()))
     torch.manual_seed(seed)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = AutoModelForCausalLM.from_config(config, **kwargs)
+    model = long_memory(AutoModelForCausalLM.from_config(config, **kwargs))
     return model.to(device=device, dtype=dtype or lookup(model_type).test_dtype)
 
 

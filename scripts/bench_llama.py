@@ -66,7 +66,7 @@ def build(args):
 def run(dist: str, mode: str, args):
     import hf_varlen_patch
 
-    model, cfg = build(args)
+    model, cfg = getattr(args, "builder", build)(args)  # bench_hybrid.py passes its own model
     if mode == "packed":
         hf_varlen_patch.apply(model, backend=args.backend, check_inputs=False)
     opt = torch.optim.SGD(model.parameters(), lr=1e-5)

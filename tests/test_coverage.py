@@ -105,15 +105,18 @@ def test_the_self_check_refuses_a_twin_that_changed_flags(monkeypatch):
 def test_scan_rows_classify_and_show_the_upstream_leak():
     row = scan_type("olmo2")
     assert row.verdict == "PASS" and row.kind == "text" and row.upstream_default > 1e-2
-    assert scan_type("mamba").verdict == "NO-ENTRY" and scan_type("mamba").kind == "hybrid"
+    mamba = scan_type("mamba")  # recurrent: its twin's state outlives a sequence, so upstream visibly leaks
+    assert mamba.kind == "hybrid" and mamba.upstream_no_cache > 1e-2
+    assert mamba.verdict == ("REFUSED" if transformers.__version__.startswith("4.") else "PASS")
+    assert scan_type("fuyu").verdict == "NO-ENTRY"
     assert scan_type("doge").verdict == "REFUSED"
 
 
 def test_scan_all_json_on_the_command_line(capsys):
-    assert cli_main(["scan", "--all", "llama", "doge", "mamba", "--json"]) == 0
+    assert cli_main(["scan", "--all", "llama", "doge", "fuyu", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     verdicts = {r["model_type"]: r["verdict"] for r in report["rows"]}
-    assert verdicts == {"llama": "PASS", "doge": "REFUSED", "mamba": "NO-ENTRY"}
+    assert verdicts == {"llama": "PASS", "doge": "REFUSED", "fuyu": "NO-ENTRY"}
     assert report["transformers"] == transformers.__version__
 
 

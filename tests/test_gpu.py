@@ -14,10 +14,13 @@ import re
 
 import pytest
 import torch
+import transformers
+from hf_varlen_patch.patches.hybrid import ATTENTION_FREE
 
 import hf_varlen_patch
 from hf_varlen_patch import BackendUnavailableError
 from hf_varlen_patch.attention import BACKEND_USAGE
+from hf_varlen_patch.recurrent import kernels
 from hf_varlen_patch.testing import (
     make_packed_batch,
     max_grad_error,
@@ -86,13 +89,35 @@ def test_bf16_torch_backend(model_type, variant):
         missing = re.search(r"lacks \[(.*?)\]", str(err))
         assert missing and any(f in missing.group(1) for f in ("softcap", "alibi", "sinks", "value_head_dim")), err
         return
-    assert set(used) == {"torch"}
+    assert set(used) == {"torch"} or (not used and model_type in ATTENTION_FREE)
 
 
 @pytest.mark.parametrize("model_type, variant", registered_variants())
 def test_bf16_auto_backend(model_type, variant):
     used = _bf16_check(model_type, variant, "auto")
-    assert used, "no packed attention call went through a backend"
+    assert used or model_type in ATTENTION_FREE, "no packed attention call went through a backend"
+
+
+#: recurrent types and the fused kernel their packed forward should reach when it is installed
+RECURRENT_KERNELS = {
+    **{t: "gated_delta_rule" for t in ("qwen3_next", "qwen3_5_text", "qwen3_5_moe_text", "olmo_hybrid", "lara_mini")},
+    **{t: "kda" for t in ("kimi_linear", "bailing_hybrid")},
+    **{t: "causal_conv1d" for t in ("lfm2", "lfm2_moe", "lfm3", "bamba", "jamba", "mamba", "falcon_h1", "nemotron_h")},
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(RECURRENT_KERNELS))
+def test_bf16_recurrent_kernels(model_type):
+    """With the kernel installed, packed recurrent layers run it (with their boundaries) and agree
+    with the separate runs as closely as bf16 allows."""
+    name = RECURRENT_KERNELS[model_type]
+    if kernels._load(name) is None:
+        pytest.skip(f"the {name} kernel is not installed on this machine")
+    if model_type not in dict(registered_variants()):
+        pytest.skip(f"{model_type} is not registered on transformers {transformers.__version__}")
+    kernels.KERNEL_USAGE.clear()
+    _bf16_check(model_type, next(iter(test_variants(model_type))), "torch")
+    assert kernels.KERNEL_USAGE[name] > 0, dict(kernels.KERNEL_USAGE)
 
 
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "gemma2"])

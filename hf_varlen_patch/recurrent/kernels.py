@@ -16,11 +16,15 @@ import functools
 import importlib
 import inspect
 import os
+from collections import Counter
 from collections.abc import Callable
 
 import torch
 
-__all__ = ["kernel", "kernels_enabled", "call_with_supported"]
+__all__ = ["kernel", "kernels_enabled", "call_with_supported", "KERNEL_USAGE"]
+
+#: How many packed recurrent calls each fused kernel served (for reports and GPU tests).
+KERNEL_USAGE: Counter[str] = Counter()
 
 #: name -> (module, attribute)
 KERNELS = {
@@ -49,7 +53,10 @@ def kernel(name: str, *tensors: torch.Tensor) -> Callable | None:
     """The installed kernel ``name`` if every tensor is on CUDA and kernels are enabled, else None."""
     if not kernels_enabled() or not all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors):
         return None
-    return _load(name)
+    found = _load(name)
+    if found is not None:
+        KERNEL_USAGE[name] += 1
+    return found
 
 
 @functools.cache
