@@ -79,6 +79,18 @@ class Boundaries:
             )
         return self.cache[key]
 
+    def sequence_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(index, valid), both (num_sequences, max_seqlen): the flat token index of each
+        sequence's t-th token (clamped where the sequence is shorter) and whether it exists.
+        Gathering by ``index`` lays every sequence out as its own row (no device sync; memoised)."""
+        if "sequence_rows" not in self.cache:
+            cu = self.cu_seqlens.to(torch.int64)
+            steps = torch.arange(self.max_seqlen, device=cu.device)
+            valid = steps[None, :] < (cu[1:] - cu[:-1])[:, None]
+            index = (cu[:-1, None] + steps[None, :]).clamp_max(max(self.total_tokens - 1, 0))
+            self.cache["sequence_rows"] = (index, valid)
+        return self.cache["sequence_rows"]
+
     # ------------------------------------------------------------------ builders
 
     @classmethod

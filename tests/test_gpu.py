@@ -55,16 +55,16 @@ def _eager_experts(model):
     return model
 
 
-def _bf16_check(model_type, variant, backend):
+def _bf16_check(model_type, variant, backend, grads=True):
     fp32 = _eager_experts(tiny_model(model_type, variant, device="cuda").train())
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     for layout in LAYOUTS:
         batch = make_packed_batch(vocab_size=fp32.config.vocab_size, **layout)
-        truth = run_separate(fp32, batch)
-        separate = run_separate(bf16, batch)
+        truth = run_separate(fp32, batch, grads=grads)
+        separate = run_separate(bf16, batch, grads=grads)
         hf_varlen_patch.apply(bf16, backend=backend)
         BACKEND_USAGE.clear()
-        packed = run_packed(bf16, batch, use_cache=None)
+        packed = run_packed(bf16, batch, use_cache=None, grads=grads)
         used = dict(BACKEND_USAGE)
         hf_varlen_patch.unapply(bf16)
         noise_logits, noise_grads = relative_errors(separate, truth)
@@ -106,17 +106,19 @@ RECURRENT_KERNELS = {
 }
 
 
+@pytest.mark.parametrize("grads", [True, False], ids=["train", "forward"])
 @pytest.mark.parametrize("model_type", sorted(RECURRENT_KERNELS))
-def test_bf16_recurrent_kernels(model_type):
+def test_bf16_recurrent_kernels(model_type, grads, monkeypatch):
     """With the kernel installed, packed recurrent layers run it (with their boundaries) and agree
-    with the separate runs as closely as bf16 allows."""
+    with the separate runs as closely as bf16 allows; forward only as well (scoring, RL log-probs)."""
+    monkeypatch.setenv("HF_VARLEN_RECURRENT_KERNELS", "all")
     name = RECURRENT_KERNELS[model_type]
     if kernels._load(name) is None:
         pytest.skip(f"the {name} kernel is not installed on this machine")
     if model_type not in dict(registered_variants()):
         pytest.skip(f"{model_type} is not registered on transformers {transformers.__version__}")
     kernels.KERNEL_USAGE.clear()
-    _bf16_check(model_type, next(iter(test_variants(model_type))), "torch")
+    _bf16_check(model_type, next(iter(test_variants(model_type))), "torch", grads=grads)
     assert kernels.KERNEL_USAGE[name] > 0, dict(kernels.KERNEL_USAGE)
 
 

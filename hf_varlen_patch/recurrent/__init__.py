@@ -134,14 +134,53 @@ def _delta_rule(kernel_name: str) -> RecurrentOp:
         if fused is not None:
             return _delta_rule_varlen(fused, boundaries, seq, call)
         normalize = getattr(module, "l2norm", torch_ops.l2_normalize)
-        return torch_ops.chunked_delta_rule(
-            q, call["key"], call["value"], call["g"], call["beta"], seq,
-            chunk_size=call.get("chunk_size", 64), initial_state=initial,
+        options = dict(
+            chunk_size=call.get("chunk_size", 64),
             output_final_state=call.get("output_final_state", False),
-            use_qk_l2norm_in_kernel=call.get("use_qk_l2norm_in_kernel", False), normalize=normalize,
-        )  # fmt: skip
+            use_qk_l2norm_in_kernel=call.get("use_qk_l2norm_in_kernel", False),
+            normalize=normalize,
+        )
+        tensors = [call[k] for k in ("query", "key", "value", "g", "beta")]
+        if _one_row_per_sequence_is_shorter(boundaries):
+            return _delta_rule_per_sequence_rows(boundaries, seq, tensors, initial, options)
+        return torch_ops.chunked_delta_rule(*tensors, seq, initial_state=initial, **options)
 
     return op
+
+
+def _one_row_per_sequence_is_shorter(boundaries: Boundaries) -> bool:
+    """The chunk loop of the torch delta rule is sequential along a row: laying each sequence out
+    as its own row shortens it (longest sequence instead of the packed row) at the cost of padding
+    to the longest sequence; worth it unless that padding would more than quadruple the tokens."""
+    rows, width = boundaries.shape
+    return boundaries.max_seqlen < width and boundaries.num_sequences * boundaries.max_seqlen <= 4 * rows * width
+
+
+def _delta_rule_per_sequence_rows(
+    boundaries: Boundaries, seq: torch.Tensor, tensors: list[torch.Tensor], initial: torch.Tensor | None, options: dict
+):
+    """The exact torch delta rule with every sequence as its own row (gathered, one batched call,
+    scattered back); each row's initial state goes to its first sequence, its final state comes
+    from its last."""
+    index, valid = boundaries.sequence_rows()
+    batch, length = seq.shape
+
+    def per_sequence(t: torch.Tensor) -> torch.Tensor:
+        rows = t.reshape(batch * length, *t.shape[2:])[index]
+        return rows * valid.view(*valid.shape, *([1] * (rows.ndim - 2))).to(rows.dtype)
+
+    firsts = seq[:, 0].to(torch.int64)
+    if initial is not None:
+        initial = initial.new_zeros(boundaries.num_sequences, *initial.shape[1:]).index_copy(0, firsts, initial)
+    out, final = torch_ops.chunked_delta_rule(
+        *(per_sequence(t) for t in tensors), torch.zeros_like(index), initial_state=initial, **options
+    )
+    # scatter back without a device sync: padding positions all land on one spare slot, dropped after
+    target = torch.where(valid, index, batch * length).flatten()
+    flat = out.new_zeros(batch * length + 1, *out.shape[2:]).index_put((target,), out.flatten(0, 1))[:-1]
+    if final is not None:
+        final = final.index_select(0, seq[:, -1].to(torch.int64))
+    return flat.view(batch, length, *out.shape[2:]), final
 
 
 def _delta_rule_varlen(fused: Callable, boundaries: Boundaries, seq: torch.Tensor, call: dict):
