@@ -32,10 +32,10 @@ for stage in "$@"; do
     fla)
       fla_site
       PYTHONPATH=/tmp/site timeout "${FLA_TIMEOUT:-400}" python3 -m pytest tests/test_gpu.py -m gpu -v -s -p no:cacheprovider \
-        -o addopts="" -k "recurrent_kernels and qwen3_next" > "$OUT/gpu_hybrid_fla.log" 2>&1
+        -o addopts="" -k "${FLA_K:-recurrent_kernels and (qwen3_next or kimi_linear)}" > "$OUT/gpu_hybrid_fla.log" 2>&1
       grep -E "passed|failed|FAILED|relative error" "$OUT/gpu_hybrid_fla.log" | tail -6 ;;
     bench)
-      python3 scripts/bench_hybrid.py --out "$OUT" --steps 8 --warmup 2 2>&1 | tail -4 ;;
+      python3 scripts/bench_hybrid.py --out "$OUT" --dists "${DISTS:-flan,orcamath}" --steps 8 --warmup 2 2>&1 | tail -4 ;;
     bench-fla)
       fla_site; PYTHONPATH=/tmp/site python3 scripts/bench_hybrid.py --out "$OUT" --steps 8 --warmup 3 2>&1 | tail -4 ;;
     kernels)
