@@ -19,7 +19,7 @@ import types
 import torch
 import transformers
 
-from hf_varlen_patch.patching import accepts_var_kwargs, carry_boundaries_through_checkpoints
+from hf_varlen_patch.patching import accepts_var_kwargs, carry_boundaries_through_checkpoints, current_boundaries
 from hf_varlen_patch.recurrent import (
     route_causal_conv,
     route_recurrent_attribute,
@@ -54,6 +54,7 @@ HYBRIDS = (
     "qwen3_5_text",
     "qwen3_5_moe_text",
     "qwen3_next",
+    "recurrent_gemma",
     "zamba",
     "zamba2",
 )
@@ -62,7 +63,6 @@ HYBRIDS = (
 #: with no function to route: refused until they get a dedicated patch.
 INLINE = {
     "minimax": "its lightning-attention recurrence runs inline in MiniMaxLightningAttention.forward",
-    "recurrent_gemma": "its RG-LRU scan and Conv1D run inline in RecurrentGemmaRecurrentBlock",
     "rwkv": "its WKV recurrence runs inline (rwkv_linear_attention) and carries state per row",
     "xlstm": "its mLSTM recurrence runs inline in the xLSTM block backends",
     "zaya": "its CCA projection runs two stacked causal convolutions and a one-token-delayed value inline",
@@ -81,6 +81,8 @@ INLINE = {
 # interleave attention with Mamba-2 layers, and a cache over Mamba layers only breaks upstream's
 # mask creation.
 register_twin_overrides(("bamba",), {"attn_layer_indices": [1], "num_hidden_layers": 2})
+# RecurrentGemma repeats (recurrent, recurrent, attention) blocks: two layers would drop attention.
+register_twin_overrides(("recurrent_gemma",), {"num_hidden_layers": 3})
 
 
 def _modeling(model_type: str) -> types.ModuleType | None:
@@ -94,6 +96,11 @@ def _modeling(model_type: str) -> types.ModuleType | None:
 #: Types whose transformers 4.x mixers keep their kernels as instance attributes and compute the
 #: torch convolution with an ``nn.Conv1d`` module: both are routed per instance.
 ROUTED_ON_4 = ("qwen3_next", "lfm2")
+#: Types that convolve with an ``nn.Conv1d`` module on every line (routed per instance).
+CONV_MODULES = ("recurrent_gemma",)
+#: Recurrences that reset where ``position_ids == 0`` (Griffin's RG-LRU): in packed forwards they get
+#: positions that restart at every sequence start, also where the caller's do not start at 0.
+RESET_AT_POSITION_ZERO = ("Rglru",)
 #: The kernels a 4.x mixer binds as attributes -> the op that takes their place in packed forwards.
 ATTRIBUTES_ON_4 = {"chunk_gated_delta_rule": "torch_chunk_gated_delta_rule", "causal_conv1d_fn": "causal_conv1d_fn"}
 
@@ -111,7 +118,7 @@ def _refuse(config) -> str | None:
             "convolution and scans are routed through boundary-aware ops."
         )
     module = _modeling(model_type)
-    if module is not None and routed_functions(module):
+    if model_type in CONV_MODULES or (module is not None and routed_functions(module)):
         return None
     return (
         f"transformers {transformers.__version__} computes {model_type}'s recurrent layers without the "
@@ -119,18 +126,33 @@ def _refuse(config) -> str | None:
     )
 
 
+def _restart_positions(patcher, layer) -> None:
+    """``layer(activations, position_ids)`` resets its state where a position is 0."""
+
+    def forward(wrapped, instance, args, kwargs):
+        boundaries = current_boundaries()
+        if boundaries is None or len(args) != 2:
+            return wrapped(*args, **kwargs)
+        return wrapped(args[0], boundaries.position_ids().to(args[1].device), **kwargs)
+
+    patcher.wrap_method(layer, "forward", forward)
+
+
 def _patch(model, patcher, options) -> None:
     modules = {sys.modules[type(m).__module__] for m in model.modules()}
     for module in sorted(modules, key=lambda m: m.__name__):
         if module.__name__.startswith("transformers.models."):
             route_recurrent_functions(patcher, module)
-    if transformers.__version__.startswith("4."):
-        for layer in model.modules():
+    on_4 = transformers.__version__.startswith("4.")
+    for layer in model.modules():
+        if on_4:
             for attr, op in ATTRIBUTES_ON_4.items():
                 if callable(vars(layer).get(attr)):
                     route_recurrent_attribute(patcher, layer, attr, op)
-            if isinstance(layer, torch.nn.Conv1d):
-                route_causal_conv(patcher, layer)
+        if isinstance(layer, torch.nn.Conv1d) and (on_4 or model.config.model_type in CONV_MODULES):
+            route_causal_conv(patcher, layer)
+        if type(layer).__name__.endswith(RESET_AT_POSITION_ZERO):
+            _restart_positions(patcher, layer)
     carry_boundaries_through_checkpoints(patcher, model)
 
 
