@@ -66,7 +66,7 @@ def build(args):
 def run(dist: str, mode: str, args):
     import hf_varlen_patch
 
-    model, cfg = getattr(args, "builder", build)(args)  # bench_hybrid.py passes its own model
+    model, cfg = args.builder(args)
     if mode == "packed":
         hf_varlen_patch.apply(model, backend=args.backend, check_inputs=False)
     opt = torch.optim.SGD(model.parameters(), lr=1e-5)
@@ -103,8 +103,16 @@ def run(dist: str, mode: str, args):
     return result
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(
+    *,
+    builder=build,
+    name: str = "llama_padding_vs_packing",
+    title: str = "Llama-style 0.85B: padding vs packing",
+    extra_meta: dict | None = None,
+    description: str = __doc__,
+) -> None:
+    """Padded vs packed for the model ``builder(args)`` returns (bench_hybrid.py passes its own)."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dists", default="flan,orcamath")
     parser.add_argument("--batch", type=int, default=8, help="sequences per step")
     parser.add_argument("--steps", type=int, default=8)
@@ -115,6 +123,7 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default="benchmarks")
     args = parser.parse_args()
+    args.builder = builder
 
     import transformers
 
@@ -130,25 +139,19 @@ def main() -> None:
         torch=torch.__version__,
         transformers=transformers.__version__,
         backend=args.backend,
+        **(extra_meta or {}),
         batch=args.batch,
         steps=args.steps,
         warmup=args.warmup,
     )
-    table = write_outputs(
-        results,
-        Path(args.out),
-        "llama_padding_vs_packing",
-        "Llama-style 0.85B: padding vs packing",
-        meta,
-        results[0].row,
-    )
+    table = write_outputs(results, Path(args.out), name, title, meta, results[0].row)
     ratios = ["", "| mix | packed / padded tokens/s | packed / padded peak memory |", "| --- | --- | --- |"]
     for k in range(0, len(results) - 1, 2):
         pad, pack = results[k], results[k + 1]
         mem = pack.peak_gb / pad.peak_gb if pad.peak_gb else float("nan")
         ratios.append(f"| {pad.row.split(':')[0]} | {pack.tokens_per_s / pad.tokens_per_s:.2f}x | {mem:.2f}x |")
     print("\n".join(ratios))
-    (Path(args.out) / "llama_padding_vs_packing.md").write_text(table + "\n" + "\n".join(ratios) + "\n")
+    (Path(args.out) / f"{name}.md").write_text(table + "\n" + "\n".join(ratios) + "\n")
 
 
 if __name__ == "__main__":
