@@ -172,6 +172,9 @@ register(
         patch=_patch,
         refuse=_refuse,
         boundaries_from_context=_from_context,
-        notes="attention via AttentionInterface; conv taps and SSM/delta-rule state reset at each start",
+        notes=(
+            "attention via AttentionInterface; conv taps and SSM/delta-rule state reset at each start "
+            "(5.x; 4.57: qwen3_next, lfm2); inline recurrences refused"
+        ),
     )
 )
