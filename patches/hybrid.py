@@ -25,6 +25,7 @@ from hf_varlen_patch.recurrent import (
     route_recurrent_attribute,
     route_recurrent_functions,
     routed_functions,
+    run_sequences_as_rows,
 )
 from hf_varlen_patch.registry import PatchEntry, register
 from hf_varlen_patch.twins import register_twin_overrides
@@ -54,18 +55,18 @@ HYBRIDS = (
     "qwen3_5_text",
     "qwen3_5_moe_text",
     "qwen3_next",
+    "minimax",
     "recurrent_gemma",
     "zamba",
     "zamba2",
+    "zaya",
 )
 
 #: What upstream computes inline (a token loop, a scan or position terms in the layer's forward),
 #: with no function to route: refused until they get a dedicated patch.
 INLINE = {
-    "minimax": "its lightning-attention recurrence runs inline in MiniMaxLightningAttention.forward",
-    "rwkv": "its WKV recurrence runs inline (rwkv_linear_attention) and carries state per row",
-    "xlstm": "its mLSTM recurrence runs inline in the xLSTM block backends",
-    "zaya": "its CCA projection runs two stacked causal convolutions and a one-token-delayed value inline",
+    "xlstm": "its model runs long rows in chunks with a cache between them (and crashes upstream with its "
+    "default cache in train mode), so its mLSTM layers cannot run each sequence as its own row",
     "inkling_text": "its relative position bias and log-scaled queries are computed from the whole row's "
     "positions (an arange over the row) and reach only the eager attention path",
     "inkling2_text": "its relative position bias is computed from the whole row's positions and added to the "
@@ -93,9 +94,19 @@ def _modeling(model_type: str) -> types.ModuleType | None:
         return None
 
 
-#: Types whose transformers 4.x mixers keep their kernels as instance attributes and compute the
-#: torch convolution with an ``nn.Conv1d`` module: both are routed per instance.
-ROUTED_ON_4 = ("qwen3_next", "lfm2")
+#: Types patched on transformers 4.x too: qwen3_next and lfm2 keep their kernels as instance
+#: attributes and convolve with an ``nn.Conv1d`` (both routed per instance); minimax and rwkv
+#: run their mixers with each sequence as its own row (``AS_ROWS``): nothing to route.
+ROUTED_ON_4 = ("qwen3_next", "lfm2", "minimax", "rwkv")
+#: Mixers computed inline (no function to route), run with each packed sequence as its own row:
+#: type -> {class name without the family prefix: (per-token outputs, {output: argument handed
+#: back})}. MiniMax's block-wise lightning attention; Zaya's CCA projection (two stacked causal
+#: convolutions and a one-token-delayed value); RWKV's token shift and WKV recurrence.
+AS_ROWS = {
+    "minimax": {"LightningAttention": ((0,), {})},
+    "zaya": {"CCAProjection": ((0, 1, 2), {})},
+    "rwkv": {"SelfAttention": ((0,), {1: "state"}), "FeedForward": ((0,), {1: "state"})},
+}
 #: Types that convolve with an ``nn.Conv1d`` module on every line (routed per instance).
 CONV_MODULES = ("recurrent_gemma",)
 #: Recurrences that reset where ``position_ids == 0`` (Griffin's RG-LRU): in packed forwards they get
@@ -118,12 +129,17 @@ def _refuse(config) -> str | None:
             "convolution and scans are routed through boundary-aware ops."
         )
     module = _modeling(model_type)
-    if model_type in CONV_MODULES or (module is not None and routed_functions(module)):
+    if model_type in CONV_MODULES or model_type in AS_ROWS or (module is not None and routed_functions(module)):
         return None
     return (
         f"transformers {transformers.__version__} computes {model_type}'s recurrent layers without the "
         "module-level functions hf_varlen_patch routes (causal_conv1d_fn, mamba2_chunk_scan, ...)."
     )
+
+
+def _prefix(model) -> str:
+    """The class-name prefix of ``model``'s family (``MiniMax`` for ``MiniMaxForCausalLM``)."""
+    return type(model.base_model).__name__.removesuffix("Model")
 
 
 def _restart_positions(patcher, layer) -> None:
@@ -153,12 +169,15 @@ def _patch(model, patcher, options) -> None:
             route_causal_conv(patcher, layer)
         if type(layer).__name__.endswith(RESET_AT_POSITION_ZERO):
             _restart_positions(patcher, layer)
+        rows = AS_ROWS.get(model.config.model_type, {}).get(type(layer).__name__.removeprefix(_prefix(model)))
+        if rows is not None:
+            run_sequences_as_rows(patcher, layer, scatter=rows[0], passthrough=rows[1])
     carry_boundaries_through_checkpoints(patcher, model)
 
 
 #: No attention layer: the boundaries reach the mixers through the forward's context, and the
 #: mixers get no attention mask (padding is a sequence of its own, so it cannot leak either).
-ATTENTION_FREE = ("mamba", "mamba2", "falcon_mamba")
+ATTENTION_FREE = ("mamba", "mamba2", "falcon_mamba", "rwkv")
 
 
 def _from_context(model) -> bool:
@@ -176,5 +195,20 @@ register(
             "attention via AttentionInterface; conv taps and SSM/delta-rule state reset at each start "
             "(5.x; 4.57: qwen3_next, lfm2); inline recurrences refused"
         ),
+    )
+)
+
+
+#: RWKV: fp32 rounding of its large gradients (about 1e2 on the twin) alone reaches 2e-5, above the
+#: 1e-5 tolerance; packed == separate holds to float64 rounding.
+register(
+    PatchEntry(
+        family="hybrid",
+        model_types=("rwkv",),
+        patch=_patch,
+        refuse=_refuse,
+        boundaries_from_context=_from_context,
+        test_dtype=torch.float64,
+        notes="token shift and WKV recurrence run with each sequence as its own row; tested in float64",
     )
 )

@@ -32,6 +32,7 @@ __all__ = [
     "route_recurrent_functions",
     "route_recurrent_attribute",
     "route_causal_conv",
+    "run_sequences_as_rows",
     "routed_functions",
     "row_sequence_ids",
 ]
@@ -165,22 +166,15 @@ def _delta_rule_per_sequence_rows(
     index, valid = boundaries.sequence_rows()
     batch, length = seq.shape
 
-    def per_sequence(t: torch.Tensor) -> torch.Tensor:
-        rows = t.reshape(batch * length, *t.shape[2:])[index]
-        return rows * valid.view(*valid.shape, *([1] * (rows.ndim - 2))).to(rows.dtype)
-
     firsts = seq[:, 0].to(torch.int64)
     if initial is not None:
         initial = initial.new_zeros(boundaries.num_sequences, *initial.shape[1:]).index_copy(0, firsts, initial)
     out, final = torch_ops.chunked_delta_rule(
-        *(per_sequence(t) for t in tensors), torch.zeros_like(index), initial_state=initial, **options
+        *(_flat_to_rows(t, index, valid) for t in tensors), torch.zeros_like(index), initial_state=initial, **options
     )
-    # scatter back without a device sync: padding positions all land on one spare slot, dropped after
-    target = torch.where(valid, index, batch * length).flatten()
-    flat = out.new_zeros(batch * length + 1, *out.shape[2:]).index_put((target,), out.flatten(0, 1))[:-1]
     if final is not None:
         final = final.index_select(0, seq[:, -1].to(torch.int64))
-    return flat.view(batch, length, *out.shape[2:]), final
+    return _rows_to_flat(out, index, valid, (batch, length)), final
 
 
 def _delta_rule_varlen(fused: Callable, boundaries: Boundaries, seq: torch.Tensor, call: dict):
@@ -308,3 +302,70 @@ def route_causal_conv(patcher: Any, conv: torch.nn.Conv1d) -> None:
         return torch.nn.functional.pad(out, (0, width - 1))  # the caller cuts these off, as upstream's
 
     patcher.wrap_method(conv, "forward", forward)
+
+
+def _flat_to_rows(t: torch.Tensor, index: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(batch, length, ...) to (sequences, longest, ...): each sequence its own row, zero-padded."""
+    rows = t.reshape(-1, *t.shape[2:])[index]
+    return rows * valid.view(*valid.shape, *([1] * (rows.ndim - 2))).to(rows.dtype)
+
+
+def _rows_to_flat(rows: torch.Tensor, index: torch.Tensor, valid: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """(sequences, longest, ...) back to (batch, length, ...), without a device sync: padding
+    positions land on one spare slot that is dropped."""
+    batch, length = shape
+    target = torch.where(valid, index, batch * length).flatten()
+    flat = rows.new_zeros(batch * length + 1, *rows.shape[2:]).index_put((target,), rows.flatten(0, 1))
+    return flat[:-1].view(batch, length, *rows.shape[2:])
+
+
+def run_sequences_as_rows(
+    patcher: Any, layer: torch.nn.Module, *, scatter: tuple[int, ...] = (0,), passthrough: dict[int, str] | None = None
+) -> None:
+    """Run a causal sequence mixer that upstream computes inline (a token loop, a block-wise
+    recurrence, stacked convolutions) with every packed sequence as its own row, in one batched call.
+
+    In a packed forward, every (batch, length, ...) tensor argument is gathered into
+    (sequences, longest, ...) rows (``Boundaries.sequence_rows``; each row ends in zero padding,
+    which a causal mixer never lets reach real tokens); the attention mask, cache and state are
+    dropped (``use_cache=False``). Outputs at positions ``scatter`` (of a tuple, or the tensor
+    itself) go back to the packed layout; ``passthrough`` outputs (index -> argument name) hand
+    that argument back as given (a state the caller threads on); the rest (the rows' final
+    states) become None. Exact by construction, at the cost of padding to the longest sequence
+    inside this layer; a packed forward leaves no
+    recurrent state of this layer in the cache.
+    """
+    from ..patching import call_as_kwargs, current_boundaries
+
+    def forward(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        boundaries = kwargs.get(BOUNDARIES_KWARG) or current_boundaries()
+        if boundaries is None:
+            return wrapped(*args, **kwargs)
+        shape = boundaries.shape
+        index, valid = boundaries.sequence_rows()
+        call = call_as_kwargs(wrapped, args, kwargs)
+        first = next((v for v in call.values() if isinstance(v, torch.Tensor)), None)
+        if first is None or tuple(first.shape[:2]) != shape:
+            raise VarlenPatchError(
+                f"{type(instance).__name__} got a {tuple(getattr(first, 'shape', ()))} input in a packed forward over "
+                f"{shape[0]} rows of {shape[1]} tokens (a chunked or cached path); run packed rows in one call "
+                "with use_cache=False."
+            )
+        given = dict(call)
+        for name, value in call.items():
+            if isinstance(value, torch.Tensor) and tuple(value.shape[:2]) == shape:
+                call[name] = _flat_to_rows(value, index, valid)
+            elif name in ("attention_mask", "cache", "past_key_values", "past_key_value", "layer_past", "state"):
+                call[name] = None
+            elif name == "use_cache":
+                call[name] = False
+        out = wrapped(**call)
+        if isinstance(out, torch.Tensor):
+            return _rows_to_flat(out, index, valid, shape)
+        keep = passthrough or {}
+        return type(out)(
+            _rows_to_flat(o, index, valid, shape) if i in scatter else given.get(keep[i]) if i in keep else None
+            for i, o in enumerate(out)
+        )
+
+    patcher.wrap_method(layer, "forward", forward)
