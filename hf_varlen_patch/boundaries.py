@@ -79,6 +79,17 @@ class Boundaries:
             )
         return self.cache[key]
 
+    def seq_idx_rows(self) -> torch.Tensor:
+        """(B, T) int32 sequence index per token (what mamba_ssm and causal_conv1d take as ``seq_idx``)."""
+        return self.seq_idx.view(self.shape)
+
+    def start_mask(self) -> torch.Tensor:
+        """(B, T) bool: True where a sequence starts (where recurrent state must reset). Memoised."""
+        if "start_mask" not in self.cache:
+            flat = torch.zeros(self.total_tokens, dtype=torch.bool, device=self.device)
+            self.cache["start_mask"] = flat.index_fill(0, self.sequence_starts(), True).view(self.shape)
+        return self.cache["start_mask"]
+
     def sequence_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(index, valid), both (num_sequences, max_seqlen): the flat token index of each
         sequence's t-th token (clamped where the sequence is shorter) and whether it exists.

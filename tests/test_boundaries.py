@@ -130,3 +130,16 @@ def test_position_ids_round_trip(rows):
     assert torch.equal(b.position_ids()[real], pos[real])
     cu_b = Boundaries.from_cu_seqlens(b.cu_seqlens, b.max_seqlen, shape=tuple(pos.shape))
     assert torch.equal(cu_b.seq_idx, b.seq_idx)
+
+
+def test_what_recurrent_layers_need():
+    """seq_idx per token, cu_seqlens, the start mask and one row per sequence, from one forward's boundaries."""
+    b = Boundaries.from_position_ids(torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 0, 1]]))
+    assert b.seq_idx_rows().tolist() == [[0, 0, 0, 1, 1, 2], [3, 3, 3, 3, 4, 4]]
+    assert b.start_mask().tolist() == [
+        [True, False, False, True, False, True],
+        [True, False, False, False, True, False],
+    ]
+    index, valid = b.sequence_rows()
+    assert index.shape == (5, 4) and valid.sum(1).tolist() == [3, 2, 1, 4, 2]
+    assert index[valid].tolist() == list(range(12))

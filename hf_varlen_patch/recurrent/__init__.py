@@ -53,7 +53,7 @@ def row_sequence_ids(boundaries: Boundaries, batch: int, length: int) -> torch.T
             f"a recurrent layer got a (batch={batch}, length={length}) input in a packed forward over "
             f"{rows} rows of {width} tokens; hf_varlen_patch cannot place the sequence boundaries there."
         )
-    seq = boundaries.seq_idx.view(rows, width)
+    seq = boundaries.seq_idx_rows()
     if length > width:
         seq = torch.cat([seq[:, :1].expand(rows, length - width), seq], dim=1)
     return seq
