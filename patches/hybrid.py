@@ -6,8 +6,10 @@ boundary-aware ops (``hf_varlen_patch.recurrent``): the convolution drops taps o
 sequence and every scan starts a fresh state at each sequence start. Upstream derives nothing from
 position_ids for these layers, so unpatched they leak state across packed sequences.
 
-Refused: transformers 4.57 (its mixers compute inline in ``torch_forward``, nothing to route
-without copying the layer), and recurrences with no routed function (listed in ``INLINE``).
+Mixers computed inline, with no function to route, run with each packed sequence as its own row
+(``AS_ROWS``); Griffin's RG-LRU, which resets at position 0, gets positions restarting per sequence.
+On transformers 4.57 only ``ROUTED_ON_4`` are patched: the other mixers compute inline in
+``torch_forward`` (nothing to route without copying the layer). ``INLINE`` lists the refusals.
 """
 
 from __future__ import annotations
