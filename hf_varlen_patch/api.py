@@ -11,7 +11,17 @@ import torch
 from .attention import parse_implementation, register_implementation
 from .backends import BACKENDS
 from .errors import BackendUnavailableError, UnsupportedArchitectureError
-from .patching import Patcher, accepts_argument, accepts_var_kwargs, make_entry_wrapper, nested_configs, own_config
+from .loss import LOSSES, check_sequence_mean_supported, sequence_mean_loss_function
+from .patching import (
+    Patcher,
+    accepts_argument,
+    accepts_var_kwargs,
+    carry_boundaries_through_checkpoints,
+    current_boundaries,
+    make_entry_wrapper,
+    nested_configs,
+    own_config,
+)
 from .registry import PatchEntry, PatchOptions, lookup
 from .versions import check_versions, is_tested, tested_range_text
 
@@ -63,7 +73,9 @@ def is_patched(model: torch.nn.Module) -> bool:
 SELF_CHECK_MODES = ("auto", "always", "never")
 
 
-def apply(model: M, backend: str = "auto", *, check_inputs: bool = True, self_check: str = "auto") -> M:
+def apply(
+    model: M, backend: str = "auto", *, check_inputs: bool = True, self_check: str = "auto", loss: str = "token_mean"
+) -> M:
     """Make ``model`` treat packed batches exactly like separate sequences; returns ``model``.
 
     Args:
@@ -78,6 +90,10 @@ def apply(model: M, backend: str = "auto", *, check_inputs: bool = True, self_ch
             separate on a tiny twin of this model's config (CPU, float32, about a second, cached)
             and patches through the generic route only if it passes; ``"always"`` runs that check
             for registered types too, ignoring the cache; ``"never"`` refuses unregistered types.
+        loss: ``"token_mean"`` (the model's own loss: every target token weighs the same, as in a
+            padded batch) or ``"sequence_mean"`` (the mean over sequences of each sequence's mean
+            token loss, equal to averaging each unpacked sequence's loss; padded rows count as
+            one sequence each). See :mod:`hf_varlen_patch.loss`.
 
     Packed means: some row of ``position_ids`` restarts (``pos[t] != pos[t-1] + 1``), or the
     forward gets ``cu_seq_lens_q/k``. Anything else runs the upstream code unchanged.
@@ -87,8 +103,10 @@ def apply(model: M, backend: str = "auto", *, check_inputs: bool = True, self_ch
         raise BackendUnavailableError(f"unknown backend {backend!r}; choose 'auto' or one of {sorted(BACKENDS)}.")
     if self_check not in SELF_CHECK_MODES:
         raise ValueError(f"self_check must be one of {SELF_CHECK_MODES}, not {self_check!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, not {loss!r}")
     hf_model = find_hf_model(model)
-    options = PatchOptions(backend=backend, check_inputs=check_inputs)
+    options = PatchOptions(backend=backend, check_inputs=check_inputs, loss=loss)
     state: PatchState | None = vars(hf_model).get(STATE_ATTR)
     if state is not None:
         if state.options == options:
@@ -102,7 +120,7 @@ def apply(model: M, backend: str = "auto", *, check_inputs: bool = True, self_ch
         if reason:
             raise UnsupportedArchitectureError(f"hf_varlen_patch cannot patch this {model_type} model: {reason}")
     _warn_untested(model_type)
-    apply_entry(hf_model, entry, backend=backend, check_inputs=check_inputs)
+    apply_entry(hf_model, entry, backend=backend, check_inputs=check_inputs, loss=loss)
     return model
 
 
@@ -141,10 +159,15 @@ def _entry_for(hf_model: torch.nn.Module, model_type: str, self_check: str) -> P
 
 
 def apply_entry(
-    hf_model: torch.nn.Module, entry: PatchEntry, *, backend: str = "auto", check_inputs: bool = True
+    hf_model: torch.nn.Module,
+    entry: PatchEntry,
+    *,
+    backend: str = "auto",
+    check_inputs: bool = True,
+    loss: str = "token_mean",
 ) -> None:
     """Patch ``hf_model`` with ``entry`` (no lookup, no refusal check, no self-check)."""
-    options = PatchOptions(backend=backend, check_inputs=check_inputs)
+    options = PatchOptions(backend=backend, check_inputs=check_inputs, loss=loss)
     patcher = Patcher()
     try:
         _patch(hf_model, entry, options, patcher)
@@ -198,6 +221,12 @@ def _patch(hf_model: torch.nn.Module, entry: PatchEntry, options: PatchOptions, 
             patcher.set_attr(config, "_attn_implementation_internal", name)
     if entry.patch is not None:
         entry.patch(hf_model, patcher, options)
+    carry_boundaries_through_checkpoints(patcher, hf_model)
+    if options.loss == "sequence_mean":
+        check_sequence_mean_supported(hf_model, entry.shifts_labels)
+        patcher.set_attr(hf_model, "_loss_function", sequence_mean_loss_function(current_boundaries))
+        # Trainer then averages micro-batches instead of dividing by a global token count
+        patcher.set_attr(hf_model, "accepts_loss_kwargs", False)
     for module, is_top, is_base in targets:
         wrapper = make_entry_wrapper(
             check_inputs=options.check_inputs,

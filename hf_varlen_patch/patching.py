@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import functools
 import inspect
 import weakref
 from collections.abc import Callable
@@ -198,26 +199,42 @@ def mask_boundary_labels(labels: torch.Tensor, boundaries: Boundaries, *, shifte
     return masked
 
 
-_BY_POSITIONS = WeakIdKeyDictionary()
+_REPLAYED = WeakIdKeyDictionary()
+
+
+def remember_boundaries(key: Any, boundaries: Boundaries) -> Any:
+    """Tie ``boundaries`` to ``key``, a tensor that a layer's call will be handed again when
+    gradient checkpointing recomputes it (its ``position_ids``, mask, ALiBi tensor, hidden states).
+
+    The one lookup "by an object the layer call replays": by identity, and only while the tensor
+    is unchanged in place (a reused buffer with new contents is not the same call), so nothing
+    outlives the tensor. Returns ``key``; a non-tensor key is ignored.
+    """
+    if isinstance(key, torch.Tensor):
+        _REPLAYED[key] = (boundaries, key._version)
+    return key
+
+
+def remembered_boundaries(key: Any) -> Boundaries | None:
+    """The boundaries :func:`remember_boundaries` tied to this very, unchanged tensor (else None)."""
+    if not isinstance(key, torch.Tensor):
+        return None
+    found = _REPLAYED.get(key)
+    if found is None or found[1] != key._version:
+        return None  # never registered, or changed in place since (a reused buffer)
+    return found[0]
 
 
 def boundaries_for_positions(position_ids: Any) -> Boundaries | None:
     """The boundaries a patched forward derived for this very ``position_ids`` tensor.
 
-    For layers that receive ``position_ids`` but no keyword arguments (legacy attention classes):
-    the lookup is by tensor identity, so gradient-checkpoint recomputation, which passes the same
-    tensor again, finds the same boundaries, and nothing outlives the tensor.
+    For layers that receive ``position_ids`` but no keyword arguments (legacy attention classes);
+    see :func:`remembered_boundaries`.
     """
-    if not isinstance(position_ids, torch.Tensor):
-        return None
-    found = _BY_POSITIONS.get(position_ids)
-    if found is None or found[1] != position_ids._version:
-        return None  # never registered, or changed in place since (a reused buffer)
-    return found[0]
+    return remembered_boundaries(position_ids)
 
 
 _CURRENT: contextvars.ContextVar[Boundaries | None] = contextvars.ContextVar("hf_varlen_boundaries", default=None)
-_BY_LAYER_INPUT = WeakIdKeyDictionary()
 _LAST_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -239,14 +256,12 @@ def boundaries_for_layer_call(module: torch.nn.Module, first: Any) -> Boundaries
     passes again. After a packed call, a recomputation that finds none (``use_reentrant=True``
     detaches the inputs) raises instead of silently attending across sequences.
     """
-    keyed = isinstance(first, torch.Tensor)
     boundaries = _CURRENT.get()
     if boundaries is not None:
-        if keyed:
-            _BY_LAYER_INPUT[first] = boundaries
+        remember_boundaries(first, boundaries)
         _LAST_PACKED[module] = True
         return boundaries
-    found = _BY_LAYER_INPUT.get(first) if keyed else None
+    found = remembered_boundaries(first)
     if found is None:
         if _LAST_PACKED.get(module, False) and torch._C._current_graph_task_id() != -1:
             raise VarlenPatchError(
@@ -261,11 +276,10 @@ def track_layer(patcher: Patcher, layer: torch.nn.Module) -> None:
     """Make :func:`current_boundaries` valid inside ``layer`` during checkpoint recomputation
     (:func:`boundaries_for_layer_call`, keyed on the layer's first tensor argument).
 
-    Limitation: transformers 5.x's ``GradientCheckpointingLayer`` recomputes the *class*
-    ``forward`` (bypassing this instance wrapper). Entries for 5.x models should pass the
-    boundaries as a keyword argument, or have the module inside the layer call
-    :func:`boundaries_for_layer_call` on an object the layer's call replays (its hidden states,
-    as ``patches/mvp.py`` does; its mask, as ``patches/gpt_neo.py`` does).
+    transformers' own checkpointing needs no tracking: the engine reruns every checkpointed module
+    inside the packed forward's context (:func:`carry_boundaries_through_checkpoints`). This is
+    for checkpoint wrappers outside transformers (``torch.utils.checkpoint`` around a layer by
+    hand), which replay the layer's instance ``forward`` with the same first tensor.
     """
 
     def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
@@ -284,58 +298,53 @@ def track_layer(patcher: Patcher, layer: torch.nn.Module) -> None:
 
 
 class _CheckpointCarryingBoundaries:
-    """A layer's ``_gradient_checkpointing_func`` that reruns the checkpointed function inside the
-    packed forward's boundaries, so its recomputation (during backward, outside the forward, which
-    transformers 5.x runs on the layer's *class* forward) sees them again."""
+    """A module's ``_gradient_checkpointing_func`` that reruns the checkpointed function in the
+    context of the packed forward that called it (its boundaries, and any other context a patch
+    keeps), so the recomputation during backward, outside the forward, sees them again: whether
+    it runs the instance's forward (transformers 4.x) or the layer's *class* forward (5.x),
+    reentrant or not."""
 
     def __init__(self, inner: Callable) -> None:
         self.inner = inner
 
     def __call__(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
-        boundaries = _CURRENT.get()
-        if boundaries is None:
+        if _CURRENT.get() is None:
             return self.inner(function, *args, **kwargs)
+        context = contextvars.copy_context()
+        return self.inner(functools.partial(context.run, function), *args, **kwargs)
 
-        def rerun_with_boundaries(*a: Any, **k: Any) -> Any:
-            token = _CURRENT.set(boundaries)
-            try:
-                return function(*a, **k)
-            finally:
-                _CURRENT.reset(token)
 
-        return self.inner(rerun_with_boundaries, *args, **kwargs)
+_CARRIER = "_gradient_checkpointing_func"
 
 
 def carry_boundaries_through_checkpoints(patcher: Patcher, model: torch.nn.Module) -> None:
-    """Make :func:`current_boundaries` hold during gradient-checkpoint recomputation of every
-    checkpointable layer of ``model`` (reentrant or not), whenever checkpointing gets enabled.
+    """Make every checkpointed module of ``model`` recompute inside the packed forward's context.
 
-    Each such layer's forward installs, on its first packed call, a checkpoint function that
-    reruns the layer inside the boundaries it was called with; ``unapply`` takes it off again.
+    The engine does this for every patched model, so no entry keys boundaries on what a layer's
+    call replays just for checkpointing. transformers sets ``_gradient_checkpointing_func`` on
+    each module with a ``gradient_checkpointing`` attribute (layers, or a base model whose loop
+    checkpoints its blocks) when checkpointing is enabled, before or after ``apply``; such a
+    module's forward wraps it on its first packed call, and ``unapply`` takes it off again.
     """
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    name = "_gradient_checkpointing_func"
-    for layer in model.modules():
-        if not isinstance(layer, GradientCheckpointingLayer):
+    for module in model.modules():
+        if not hasattr(module, "gradient_checkpointing"):
             continue
 
         def install(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-            current = vars(instance).get(name)
+            current = vars(instance).get(_CARRIER)
             if current is not None and not isinstance(current, _CheckpointCarryingBoundaries):
-                setattr(instance, name, _CheckpointCarryingBoundaries(current))
+                setattr(instance, _CARRIER, _CheckpointCarryingBoundaries(current))
             return wrapped(*args, **kwargs)
 
-        def take_off(layer: torch.nn.Module = layer) -> None:
-            current = vars(layer).get(name)
+        def take_off(module: torch.nn.Module = module) -> None:
+            current = vars(module).get(_CARRIER)
             if isinstance(current, _CheckpointCarryingBoundaries):
-                setattr(layer, name, current.inner)
+                setattr(module, _CARRIER, current.inner)
 
         patcher.undo_log.append(take_off)
-        if vars(layer).get(name) is not None:  # checkpointing enabled before apply
-            setattr(layer, name, _CheckpointCarryingBoundaries(vars(layer)[name]))
-        patcher.wrap_method(layer, "forward", install)
-        track_layer(patcher, layer)  # transformers 4.x recomputes through the instance's forward
+        if vars(module).get(_CARRIER) is not None:  # checkpointing enabled before apply
+            setattr(module, _CARRIER, _CheckpointCarryingBoundaries(vars(module)[_CARRIER]))
+        patcher.wrap_method(module, "forward", install)
 
 
 def attach_boundaries(
@@ -440,7 +449,7 @@ def make_entry_wrapper(
                 call.pop(name, None)
         if call.get("position_ids") is None:
             call["position_ids"] = boundaries.position_ids()
-        _BY_POSITIONS[call["position_ids"]] = (boundaries, call["position_ids"]._version)
+        remember_boundaries(call["position_ids"], boundaries)
         if passes_kwargs:
             call[BOUNDARIES_KWARG] = boundaries
         if is_top and isinstance(call.get("labels"), torch.Tensor):

@@ -20,6 +20,7 @@ class PatchOptions:
 
     backend: str = "auto"
     check_inputs: bool = True
+    loss: str = "token_mean"
 
 
 @dataclass(frozen=True)

@@ -413,3 +413,90 @@ def packed_layouts(max_rows: int = 3, max_sequences: int = 8, max_length: int = 
             "seed": st.integers(min_value=0, max_value=2**16),
         }
     )
+
+
+# ---------------------------------------------------------------- a one-line check for users' suites
+
+#: Layouts :func:`assert_packing_equivalent` packs: one row of three sequences; two rows, one
+#: ending in padding (``attention_mask == 0``), as the self-check and ``hf-varlen-patch check`` do.
+EQUIVALENCE_LAYOUTS = (
+    dict(rows=[[5, 9, 3]]),
+    dict(rows=[[5, 9, 3, 11], [12, 7]], extra_padding=3, seed=1),
+)
+
+
+def _model_for(model_or_config: Any) -> torch.nn.Module:
+    """The model to check: the given one, or a tiny random twin of a config / model_type / local
+    checkpoint directory (CPU, float32 or the entry's test dtype, recurrent layers long-lived)."""
+    import os
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if isinstance(model_or_config, torch.nn.Module):
+        return model_or_config
+    config = model_or_config
+    if isinstance(config, (str, os.PathLike)) and os.path.isdir(config):
+        config = AutoConfig.from_pretrained(config)
+    twin = tiny_config(config)
+    torch.manual_seed(0)
+    model = long_memory(AutoModelForCausalLM.from_config(twin))
+    from .registry import REGISTRY
+
+    entry = REGISTRY.get(twin.model_type)
+    return model.to(entry.test_dtype if entry is not None else torch.float32)
+
+
+def assert_packing_equivalent(
+    model_or_config: Any,
+    *,
+    backend: str = "auto",
+    tol: float | None = None,
+    layouts: Sequence[dict] = EQUIVALENCE_LAYOUTS,
+    grads: bool = True,
+) -> Comparison:
+    """Assert that packed batches give what each sequence gives alone, once ``apply`` is on.
+
+    ``model_or_config``: your model (patched here if it is not yet, and unpatched again after),
+    or a config, model_type or local checkpoint directory, of which a tiny random twin is built
+    on the CPU. Compares logits, the loss and gradients (train mode) over ``layouts``
+    (:func:`make_packed_batch` kwargs), with the default cache setting and ``use_cache=False``.
+    ``tol``: absolute, default 1e-5 (1e-9 in float64); pass one for half precision, judged
+    against the unpacked run's own noise. Raises ``AssertionError`` naming the worst error;
+    returns the worst :class:`Comparison`. In a test suite::
+
+        from hf_varlen_patch.testing import assert_packing_equivalent
+
+        def test_my_model_packs():
+            assert_packing_equivalent("path/to/checkpoint")   # or a config, or a model
+    """
+    from .api import apply, is_patched, unapply
+
+    model = _model_for(model_or_config)
+    dtype = next(model.parameters()).dtype
+    if tol is None:
+        if dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"pass tol= for a {dtype} model: half precision needs a tolerance judged against its noise")
+        tol = 1e-9 if dtype == torch.float64 else 1e-5
+    patched_here = not is_patched(model)
+    if patched_here:
+        apply(model, backend)
+    try:
+        worst: Comparison | None = None
+        device = _model_device(model)
+        vocab = model.config.get_text_config().vocab_size
+        for layout in layouts:
+            batch = make_packed_batch(vocab_size=vocab, **layout).to(device)
+            for use_cache in (None, False):
+                result = compare_packed(model, batch, grads=grads, use_cache=use_cache)
+                if worst is None or result.max_error > worst.max_error:
+                    worst = result
+                if not result.ok(tol):
+                    raise AssertionError(
+                        f"packed != separate for {type(model).__name__} (rows {layout['rows']}, use_cache="
+                        f"{use_cache}): {result} exceeds {tol:g}"
+                    )
+        assert worst is not None
+        return worst
+    finally:
+        if patched_here:
+            unapply(model)

@@ -18,12 +18,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
 from hf_varlen_patch.attention import BOUNDARIES_KWARG, packed_mask_placeholder
 from hf_varlen_patch.boundaries import Boundaries
 from hf_varlen_patch.errors import VarlenPatchError
-from hf_varlen_patch.patching import call_as_kwargs, current_boundaries
+from hf_varlen_patch.patching import call_as_kwargs, current_boundaries, remember_boundaries, remembered_boundaries
 
 
 def check_packed_call(call: dict, name: str) -> None:
@@ -34,13 +33,9 @@ def check_packed_call(call: dict, name: str) -> None:
         raise VarlenPatchError(f"output_attentions=True is not available with packed inputs ({name}).")
 
 
-_BY_TENSOR = WeakIdKeyDictionary()
-
-
 def remember(tensor: torch.Tensor, boundaries: Boundaries) -> torch.Tensor:
     """Tie ``boundaries`` to a tensor the base model hands every block (its ALiBi tensor)."""
-    _BY_TENSOR[tensor] = boundaries
-    return tensor
+    return remember_boundaries(tensor, boundaries)
 
 
 def recall(tensor: Any, hidden_states: torch.Tensor) -> Boundaries | None:
@@ -51,9 +46,7 @@ def recall(tensor: Any, hidden_states: torch.Tensor) -> Boundaries | None:
     reentrant or not, 4.57 or 5.x) passes the same object again and finds the same boundaries.
     None outside a packed forward (the layer then runs upstream's code).
     """
-    if not isinstance(tensor, torch.Tensor):
-        return None
-    boundaries = _BY_TENSOR.get(tensor)
+    boundaries = remembered_boundaries(tensor)
     if boundaries is not None and tuple(hidden_states.shape[:2]) != tuple(boundaries.shape):
         raise VarlenPatchError(
             f"a packed forward of {boundaries.shape} tokens reached an attention layer with "
