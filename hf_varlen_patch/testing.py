@@ -475,7 +475,7 @@ def assert_packing_equivalent(
     dtype = next(model.parameters()).dtype
     if tol is None:
         if dtype not in (torch.float32, torch.float64):
-            raise ValueError(f"pass tol= for a {dtype} model: half precision needs a tolerance judged against its noise")
+            raise ValueError(f"pass tol= for a {dtype} model: half precision needs a tolerance judged by its noise")
         tol = 1e-9 if dtype == torch.float64 else 1e-5
     patched_here = not is_patched(model)
     if patched_here:

@@ -21,8 +21,14 @@ pip_q() {  # quiet install; on failure show pip's output and stop
 }
 "${VENV}/bin/python" -c "import torch" 2>/dev/null || pip_q "torch==${TORCH_VERSION}"
 pip_q "transformers==${TRANSFORMERS_VERSION}"
-pip_q -e ".[dev]"
+# keep torch and transformers where they are while the extras (trl, peft, ...) resolve
+constraints="$(mktemp)"
+"${VENV}/bin/python" -c "import torch; print('torch==' + torch.__version__)" >"${constraints}"
+echo "transformers==${TRANSFORMERS_VERSION}" >>"${constraints}"
+pip_q -e ".[dev]" -c "${constraints}"
+rm -f "${constraints}"
 "${VENV}/bin/python" - <<'PY'
-import torch, transformers, hf_varlen_patch
-print(f"torch {torch.__version__}, transformers {transformers.__version__}, hf_varlen_patch {hf_varlen_patch.__version__}")
+import torch, transformers, trl, peft, hf_varlen_patch
+print(f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
+      f"peft {peft.__version__}, hf_varlen_patch {hf_varlen_patch.__version__}")
 PY
