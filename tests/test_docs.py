@@ -9,3 +9,35 @@ def test_readme_architecture_table_matches_the_registry():
     text = README.read_text()
     table = text.split("<!-- architectures:start -->")[1].split("<!-- architectures:end -->")[0].strip()
     assert table == architecture_table(), "run `hf-varlen-patch list` and paste it into README.md"
+
+
+TRAINING = README.parent / "docs" / "training.md"
+
+
+def python_blocks(path: Path) -> list[str]:
+    return [block.split("```", 1)[0] for block in path.read_text().split("```python\n")[1:]]
+
+
+def test_training_page_snippets_run(tmp_path, monkeypatch):
+    """docs/training.md: every Python block runs, in order, in one namespace (as a reader would)."""
+    import warnings
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WANDB_DISABLED", "true")
+    blocks = python_blocks(TRAINING)
+    assert len(blocks) >= 7
+    namespace: dict = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, block in enumerate(blocks):
+            exec(compile(block, f"{TRAINING.name} block {i + 1}", "exec"), namespace)
+
+
+def test_every_subpackage_is_packaged():
+    """pyproject lists packages by hand: a subpackage missing there is missing from the wheel."""
+    import tomllib
+
+    root = README.parent
+    listed = set(tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(root).parts) for p in (root / "hf_varlen_patch").rglob("__init__.py")}
+    assert found <= listed, f"add {sorted(found - listed)} to [tool.setuptools] packages"
