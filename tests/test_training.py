@@ -345,9 +345,7 @@ def test_sft_bfd_packing_matches_padded(tmp_path):
         per_device_train_batch_size=1,
     )
     assert max_diff(packed, padded) <= TOL
-    unpatched = sft(
-        fresh("opt"), tmp_path, data=data, packing=True, max_length=total, per_device_train_batch_size=1
-    )
+    unpatched = sft(fresh("opt"), tmp_path, data=data, packing=True, max_length=total, per_device_train_batch_size=1)
     assert max_diff(unpatched, sft(fresh("opt"), tmp_path, data=data, per_device_train_batch_size=len(data))) > 1e-3
 
 
