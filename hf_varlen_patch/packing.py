@@ -5,7 +5,7 @@
 that a patched model (:func:`hf_varlen_patch.apply`) runs exactly as if every example ran alone::
 
     collator = PackingCollator(max_tokens=4096, pad_token_id=tokenizer.pad_token_id)
-    Trainer(model=hf_varlen_patch.apply(model) or model, data_collator=collator, ...)
+    Trainer(model=hf_varlen_patch.apply(model), data_collator=collator, ...)
 
 Packing at collation time keeps the dataset untouched (no offline ``pack_dataset`` pass, shuffling
 still works per example) and turns a batch of ``per_device_train_batch_size`` examples into as few
