@@ -236,6 +236,7 @@ def _patch(hf_model: torch.nn.Module, entry: PatchEntry, options: PatchOptions, 
             shifts_labels=entry.shifts_labels,
             rows_are_sequences=bool(entry.rows_are_sequences and entry.rows_are_sequences(hf_model.config)),
             takes_position_ids=accepts_argument(module.forward, "position_ids"),
+            takes_seq_idx=accepts_argument(module.forward, "seq_idx"),
         )
         patcher.wrap_method(module, "forward", wrapper)
 

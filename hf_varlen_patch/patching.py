@@ -323,28 +323,36 @@ def carry_boundaries_through_checkpoints(patcher: Patcher, model: torch.nn.Modul
     The engine does this for every patched model, so no entry keys boundaries on what a layer's
     call replays just for checkpointing. transformers sets ``_gradient_checkpointing_func`` on
     each module with a ``gradient_checkpointing`` attribute (layers, or a base model whose loop
-    checkpoints its blocks) when checkpointing is enabled, before or after ``apply``; such a
-    module's forward wraps it on its first packed call, and ``unapply`` takes it off again.
+    checkpoints its blocks) when checkpointing is enabled, before or after ``apply``; the model's
+    (and its base model's) forward wraps every such function before any layer runs, and
+    ``unapply`` takes them off again.
     """
-    for module in model.modules():
-        if not hasattr(module, "gradient_checkpointing"):
-            continue
+    modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
+    if not modules:
+        return
 
-        def install(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-            current = vars(instance).get(_CARRIER)
+    @torch.compiler.disable  # attribute bookkeeping, outside compiled graphs
+    def install() -> None:
+        for module in modules:
+            current = vars(module).get(_CARRIER)
             if current is not None and not isinstance(current, _CheckpointCarryingBoundaries):
-                setattr(instance, _CARRIER, _CheckpointCarryingBoundaries(current))
-            return wrapped(*args, **kwargs)
+                setattr(module, _CARRIER, _CheckpointCarryingBoundaries(current))
 
-        def take_off(module: torch.nn.Module = module) -> None:
+    def take_off() -> None:
+        for module in modules:
             current = vars(module).get(_CARRIER)
             if isinstance(current, _CheckpointCarryingBoundaries):
                 setattr(module, _CARRIER, current.inner)
 
-        patcher.undo_log.append(take_off)
-        if vars(module).get(_CARRIER) is not None:  # checkpointing enabled before apply
-            setattr(module, _CARRIER, _CheckpointCarryingBoundaries(vars(module)[_CARRIER]))
-        patcher.wrap_method(module, "forward", install)
+    def before_forward(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        install()
+        return wrapped(*args, **kwargs)
+
+    patcher.undo_log.append(take_off)
+    install()  # checkpointing enabled before apply
+    base = getattr(model, "base_model", model)
+    for target in (model,) if base is model else (model, base):
+        patcher.wrap_method(target, "forward", before_forward)
 
 
 def attach_boundaries(
@@ -424,6 +432,7 @@ def make_entry_wrapper(
     shifts_labels: bool = True,
     rows_are_sequences: bool = False,
     takes_position_ids: bool = True,
+    takes_seq_idx: bool = True,
 ) -> Callable:
     """The wrapt wrapper around a patched model's ``forward``.
 
@@ -447,6 +456,8 @@ def make_entry_wrapper(
                 return None
             for name in COLLATOR_KWARGS:
                 call.pop(name, None)
+        if not takes_seq_idx:
+            call.pop("seq_idx", None)  # TRL's padding-free collator sends it; the boundaries replace it
         if call.get("position_ids") is None:
             call["position_ids"] = boundaries.position_ids()
         remember_boundaries(call["position_ids"], boundaries)
