@@ -357,3 +357,34 @@ def test_sft_bf16_difference_is_rounding(tmp_path):
     packed = sft(hf_varlen_patch.apply(fresh("llama")), tmp_path, bf16=True, padding_free=True)
     noise = max_diff(padded, reference)
     assert 0 < max_diff(packed, padded) <= 2 * noise
+
+
+# ----------------------------------------------------------------------- the users' one-line check
+
+
+def test_assert_packing_equivalent_takes_a_model_a_config_a_type_or_a_directory(tmp_path):
+    from hf_varlen_patch.testing import assert_packing_equivalent, tiny_config
+
+    model = fresh("llama")
+    result = assert_packing_equivalent(model)
+    assert result.max_error <= 1e-5
+    assert not hf_varlen_patch.is_patched(model)  # patched for the check only
+    hf_varlen_patch.apply(model)
+    assert_packing_equivalent(model)
+    assert hf_varlen_patch.is_patched(model)  # a model patched by the user stays patched
+    assert_packing_equivalent(tiny_config("falcon"))
+    assert_packing_equivalent("gpt2")
+    tiny_config("qwen3_next").save_pretrained(tmp_path)
+    assert_packing_equivalent(str(tmp_path))
+
+
+def test_assert_packing_equivalent_can_fail(monkeypatch):
+    """Without the patch (apply made a no-op) the same call sees llama's leak under the default cache."""
+    from hf_varlen_patch import api
+    from hf_varlen_patch.testing import assert_packing_equivalent
+
+    monkeypatch.setattr(api, "apply", lambda model, *a, **k: model)
+    with pytest.raises(AssertionError, match="packed != separate"):
+        assert_packing_equivalent(fresh("llama"))
+    with pytest.raises(ValueError, match="tol="):
+        assert_packing_equivalent(fresh("llama").to(torch.bfloat16))
