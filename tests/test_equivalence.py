@@ -92,16 +92,38 @@ def test_collator_kwargs(model_type, variant):
 
 #: generic, legacy and own-attention families; bart/whisper/trocr/mvp/blenderbot reach attention through the
 #: context on 4.57 and (trocr, mvp) through the hidden states their 5.x layers replay
-CHECKPOINTED = ["llama", "gpt2", "qwen2_moe", "bert", "roberta", "bart", "whisper", "trocr", "mvp", "blenderbot"]
+#: and legacy families whose attention finds the boundaries in the context (ctrl and openai-gpt cannot checkpoint);
+#: the engine reruns every checkpointed module inside the packed forward's context, reentrant or not
+CHECKPOINTED = [
+    "llama",
+    "gpt2",
+    "qwen2_moe",
+    "bert",
+    "roberta",
+    "bart",
+    "whisper",
+    "trocr",
+    "mvp",
+    "blenderbot",
+    "gpt_neo",
+    "bloom",
+    "mpt",
+    "falcon",
+    "gptj",
+    "xglm",
+    "roformer",
+    "phimoe",
+]
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 @pytest.mark.parametrize("model_type", CHECKPOINTED)
-def test_gradient_checkpointing(model_type):
+def test_gradient_checkpointing(model_type, reentrant):
     model = tiny_model(model_type)
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x
-        model.activation_checkpointing_enable({"use_reentrant": False})
+        model.activation_checkpointing_enable({"use_reentrant": reentrant})
     else:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     hf_varlen_patch.apply(model)
     batch = make_packed_batch([[5, 9, 3], [12, 7]], model.config.vocab_size, seed=2)
