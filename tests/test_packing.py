@@ -10,7 +10,10 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
-from torch.utils.data import Dataset, SequentialSampler
+
+# the Trainer set-up every training-stack test shares (same examples, same order, plain SGD)
+from test_training import max_diff, padded_collator, params, train
+from torch.utils.data import Dataset
 
 import hf_varlen_patch
 from hf_varlen_patch import Boundaries, VarlenPatchError
@@ -393,63 +396,15 @@ class _Examples(Dataset):
         return {"input_ids": self.sequences[i]}
 
 
-def _pad_collate(features):
-    """One example per row, right-padded, labels -100 on padding and on every row's first token:
-    the first label of a row is never a target, so ``labels != -100`` counts the real targets both
-    unshifted (transformers 4.57's Trainer num_items_in_batch) and shifted (5.x) -- as many as the
-    packed batch has, so both runs divide the summed loss by the same number."""
-    width = max(len(f["input_ids"]) for f in features)
-    ids = torch.zeros(len(features), width, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for r, f in enumerate(features):
-        ids[r, : len(f["input_ids"])] = torch.as_tensor(f["input_ids"])
-        mask[r, : len(f["input_ids"])] = 1
-    labels = ids.masked_fill(mask == 0, IGNORE_INDEX)
-    labels[:, 0] = IGNORE_INDEX
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def _train(tmp_path, model, collator, sequences):
-    from transformers import Trainer, TrainingArguments
-
-    class InOrder(Trainer):  # both runs see the same examples in the same batches
-        def _get_train_sampler(self, train_dataset=None):
-            return SequentialSampler(train_dataset if train_dataset is not None else self.train_dataset)
-
-    args = TrainingArguments(
-        output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=3,
-        learning_rate=0.1,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        logging_strategy="no",
-        disable_tqdm=True,
-        dataloader_num_workers=0,
-        seed=0,
-    )
-    InOrder(model=model, args=args, train_dataset=_Examples(sequences), data_collator=collator).train()
-    return model
-
-
 def test_trainer_with_packing_collator_matches_padded_training(tmp_path):
     gen = torch.Generator().manual_seed(1)
     sequences = [
         torch.randint(1, 128, (int(n),), generator=gen).tolist() for n in torch.randint(3, 24, (12,), generator=gen)
     ]
-    packed = tiny_model("llama")
-    hf_varlen_patch.apply(packed)
     collate = PackingCollator(max_tokens=32)
     assert any(len(collate.layout([{"input_ids": s} for s in sequences[i : i + 4]])) < 4 for i in (0, 4, 8))
-    _train(tmp_path / "packed", packed, collate, sequences)
-    padded = _train(tmp_path / "padded", tiny_model("llama"), _pad_collate, sequences)
-    start = tiny_model("llama")
-    with torch.no_grad():
-        moved = max(float((p - q).abs().max()) for p, q in zip(start.parameters(), padded.parameters()))
-        assert moved > 1e-3  # the runs trained
-        for (name, p), q in zip(packed.named_parameters(), padded.parameters()):
-            assert float((p - q).abs().max()) <= 1e-6, name
+    data = _Examples(sequences)
+    packed = train(hf_varlen_patch.apply(tiny_model("llama")), collate, tmp_path, data=data)
+    padded = train(tiny_model("llama"), padded_collator, tmp_path, data=data)
+    assert max_diff(padded, params(tiny_model("llama"))) > 1e-3  # the runs trained
+    assert max_diff(packed, padded) <= 1e-6

@@ -69,28 +69,29 @@ def _trainer_class():
     return InOrder
 
 
+#: Three plain SGD steps: no clipping, no decay, no schedule, so any difference in the loss shows.
+SGD = dict(
+    per_device_train_batch_size=4,
+    max_steps=3,
+    learning_rate=0.1,
+    optim="sgd",
+    lr_scheduler_type="constant",
+    max_grad_norm=0.0,
+    weight_decay=0.0,
+    report_to=[],
+    save_strategy="no",
+    use_cpu=True,
+    seed=0,
+    disable_tqdm=True,
+)
+
+
 def sgd_args(output_dir, **overrides):
     from transformers import TrainingArguments
 
-    kwargs = dict(
-        output_dir=str(output_dir),
-        per_device_train_batch_size=4,
-        max_steps=3,
-        learning_rate=0.1,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        weight_decay=0.0,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        use_cpu=True,
-        seed=0,
-        remove_unused_columns=False,
-        disable_tqdm=True,
+    return TrainingArguments(
+        output_dir=str(output_dir), **{**SGD, "logging_steps": 1, "remove_unused_columns": False, **overrides}
     )
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
 
 
 def params(model) -> dict[str, torch.Tensor]:
@@ -103,6 +104,7 @@ def max_diff(a: dict, b: dict) -> float:
 
 
 def train(model, collator, tmp_path, data=None, **args) -> dict[str, torch.Tensor]:
+    """Parameters after :data:`SGD` steps of HF Trainer over ``data`` (default :func:`examples`), in order."""
     trainer = _trainer_class()(
         model=model, args=sgd_args(tmp_path, **args), train_dataset=data or examples(), data_collator=collator
     )
@@ -284,21 +286,10 @@ def sft(model, tmp_path, *, peft: bool = False, bf16: bool = False, data=None, *
     from trl import SFTConfig, SFTTrainer
 
     kwargs = dict(
+        SGD,
         output_dir=str(tmp_path),
-        per_device_train_batch_size=4,
-        max_steps=3,
-        learning_rate=0.1,
-        optim="sgd",
-        lr_scheduler_type="constant",
-        max_grad_norm=0.0,
-        weight_decay=0.0,
-        report_to=[],
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
         bf16=bf16,  # TRL's default is True: under CPU autocast padded and packed round differently
         max_length=None,
-        disable_tqdm=True,
     )
     kwargs.update(config)
     if peft:
