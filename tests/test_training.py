@@ -220,6 +220,21 @@ def test_trainer_sequence_mean_matches_padded(accumulation, tmp_path):
     assert max_diff(packed, token_mean) > 1e-4
 
 
+@pytest.mark.parametrize("adapter", [False, True], ids=["full", "lora"])
+def test_sequence_mean_accumulation_is_the_mean_over_all_sequences(adapter, tmp_path):
+    """Two micro-batches of 4 sequences accumulate to one batch of 8: Trainer averages the
+    micro-batches' sequence means (the patched model says it takes no loss kwargs, also
+    behind PEFT)."""
+
+    def model():
+        patched = hf_varlen_patch.apply(fresh("llama"), loss="sequence_mean")
+        return lora(patched) if adapter else patched
+
+    accumulated = train(model(), flattening(), tmp_path, per_device_train_batch_size=4, gradient_accumulation_steps=2)
+    whole = train(model(), flattening(), tmp_path, per_device_train_batch_size=8)
+    assert max_diff(accumulated, whole) <= TOL
+
+
 def test_sequence_mean_refused_where_the_loss_is_inline():
     """A model whose loss the patch cannot replace says so instead of silently keeping the token mean."""
     model = fresh("bart")  # BartForCausalLM: labels not shifted, its own CrossEntropyLoss
