@@ -637,6 +637,12 @@ def main(argv: list[str] | None = None) -> int:
     except _UsageError as err:
         print(f"{parser.prog}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return USAGE_ERROR
+    except BrokenPipeError:  # `... | head`: the reader left; no traceback for that
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
