@@ -11,7 +11,7 @@ import torch
 from .attention import parse_implementation, register_implementation
 from .backends import BACKENDS
 from .errors import BackendUnavailableError, UnsupportedArchitectureError
-from .loss import LOSSES, check_sequence_mean_supported, sequence_mean_loss_function
+from .loss import LOSSES, check_sequence_mean_supported, refuse_bypassed_loss, sequence_mean_loss_function
 from .patching import (
     Patcher,
     accepts_argument,
@@ -222,11 +222,6 @@ def _patch(hf_model: torch.nn.Module, entry: PatchEntry, options: PatchOptions, 
     if entry.patch is not None:
         entry.patch(hf_model, patcher, options)
     carry_boundaries_through_checkpoints(patcher, hf_model)
-    if options.loss == "sequence_mean":
-        check_sequence_mean_supported(hf_model, entry.shifts_labels)
-        patcher.set_attr(hf_model, "_loss_function", sequence_mean_loss_function(current_boundaries))
-        # Trainer then averages micro-batches instead of dividing by a global token count
-        patcher.set_attr(hf_model, "accepts_loss_kwargs", False)
     for module, is_top, is_base in targets:
         wrapper = make_entry_wrapper(
             check_inputs=options.check_inputs,
@@ -239,6 +234,12 @@ def _patch(hf_model: torch.nn.Module, entry: PatchEntry, options: PatchOptions, 
             takes_seq_idx=accepts_argument(module.forward, "seq_idx"),
         )
         patcher.wrap_method(module, "forward", wrapper)
+    if options.loss == "sequence_mean":
+        check_sequence_mean_supported(hf_model, entry.shifts_labels)
+        patcher.set_attr(hf_model, "_loss_function", sequence_mean_loss_function(current_boundaries))
+        # Trainer then averages micro-batches instead of dividing by a global token count
+        patcher.set_attr(hf_model, "accepts_loss_kwargs", False)
+        refuse_bypassed_loss(patcher, hf_model)
 
 
 def unapply(model: M) -> M:

@@ -12,8 +12,10 @@ is one sequence).
 
 from __future__ import annotations
 
+import contextvars
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -112,3 +114,38 @@ def check_sequence_mean_supported(model: torch.nn.Module, shifts_labels: bool) -
             "compute the loss from the logits with hf_varlen_patch.loss.sequence_mean_loss(logits, labels, "
             "boundaries)."
         )
+
+
+_IN_MODEL_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar("hf_varlen_in_model_forward", default=False)
+
+
+def refuse_bypassed_loss(patcher: Any, model: torch.nn.Module) -> None:
+    """In ``loss="sequence_mean"`` mode, make the base model raise when it is called by a forward
+    that replaced the model's own and computes the loss itself (TRL's fused LM head): that loss is
+    a token mean, and keeping it silently would break the promise. Call after the entry wrappers,
+    so these wrappers are the outermost."""
+    base = model.base_model
+    if base is model:
+        return
+
+    def mark(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        token = _IN_MODEL_FORWARD.set(True)
+        try:
+            return wrapped(*args, **kwargs)
+        finally:
+            _IN_MODEL_FORWARD.reset(token)
+
+    def check(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        forward = vars(model).get("forward")
+        code = getattr(getattr(forward, "__func__", forward), "__code__", None)
+        where = code.co_filename if code is not None else ""
+        if not _IN_MODEL_FORWARD.get() and "trl" in Path(where).parts:
+            raise UnsupportedArchitectureError(
+                f"{type(model).__name__}.forward was replaced by {code.co_name} ({where}), which computes its own "
+                "token-mean loss, so loss='sequence_mean' would not apply; apply with the default loss='token_mean' "
+                "under TRL, or train with transformers' Trainer."
+            )
+        return wrapped(*args, **kwargs)
+
+    patcher.wrap_method(model, "forward", mark)
+    patcher.wrap_method(base, "forward", check)

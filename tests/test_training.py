@@ -394,3 +394,11 @@ def test_assert_packing_equivalent_can_fail(monkeypatch):
         assert_packing_equivalent(fresh("llama"))
     with pytest.raises(ValueError, match="tol="):
         assert_packing_equivalent(fresh("llama").to(torch.bfloat16))
+
+
+def test_sft_refuses_sequence_mean_loudly(tmp_path):
+    """TRL's fused LM head computes its own token mean over the base model: with
+    loss="sequence_mean" that would silently be a different loss, so the base model refuses."""
+    model = hf_varlen_patch.apply(fresh("llama"), loss="sequence_mean")
+    with pytest.raises(hf_varlen_patch.UnsupportedArchitectureError, match="loss=.sequence_mean. would not apply"):
+        sft(model, tmp_path, padding_free=True)
