@@ -335,24 +335,18 @@ def test_sft_padding_free_matches_padded(model_type, peft, tmp_path):
     assert max_diff(packed, padded) <= TOL
 
 
-def test_sft_bfd_packing_matches_padded(tmp_path):
+@pytest.mark.parametrize("model_type", SFT_TYPES)
+def test_sft_bfd_packing_matches_padded(model_type, tmp_path):
     """packing="bfd" packs the whole dataset into rows of max_length tokens: with room for all of
     it, each epoch is one row of every sample, the padded run one batch of every sample."""
     data = examples(8, mask_first=True)
     total = sum(len(d["input_ids"]) for d in data)
-    padded = sft(fresh("llama"), tmp_path, data=data, per_device_train_batch_size=len(data))
-    packed = sft(
-        hf_varlen_patch.apply(fresh("llama")),
-        tmp_path,
-        data=data,
-        packing=True,
-        packing_strategy="bfd",
-        max_length=total,
-        per_device_train_batch_size=1,
-    )
+    bfd = dict(data=data, packing=True, packing_strategy="bfd", max_length=total, per_device_train_batch_size=1)
+    padded = sft(fresh(model_type), tmp_path, data=data, per_device_train_batch_size=len(data))
+    packed = sft(hf_varlen_patch.apply(fresh(model_type)), tmp_path, **bfd)
     assert max_diff(packed, padded) <= TOL
-    unpatched = sft(fresh("opt"), tmp_path, data=data, packing=True, max_length=total, per_device_train_batch_size=1)
-    assert max_diff(unpatched, sft(fresh("opt"), tmp_path, data=data, per_device_train_batch_size=len(data))) > 1e-3
+    if model_type == "opt":  # upstream numbers OPT's positions across the packed row
+        assert max_diff(sft(fresh(model_type), tmp_path, **bfd), padded) > 1e-3
 
 
 def test_sft_bf16_difference_is_rounding(tmp_path):
