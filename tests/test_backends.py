@@ -152,12 +152,15 @@ def fake_fa4(
     q,
     k,
     v,
+    qv=None,
     cu_seqlens_q=None,
     cu_seqlens_k=None,
     max_seqlen_q=None,
     max_seqlen_k=None,
+    min_seqlen_k=None,
     seqused_q=None,
     seqused_k=None,
+    gather_kv_indices=None,
     page_table=None,
     softmax_scale=None,
     causal=False,
@@ -167,11 +170,42 @@ def fake_fa4(
     num_splits=1,
     pack_gqa=None,
     deterministic=False,
+    score_mod=None,
+    score_mod_bwd=None,
+    mask_mod=None,
+    block_sparse_tensors=None,
+    aux_tensors=None,
+    aux_scalars=None,
     return_lse=False,
+    scheduler_metadata=None,
+    seqlen_k_per_split=None,
+    disable_scheduler_metadata=False,
+    gather_bwd_recompute_p=False,
+    gather_bwd_token_chunk=None,
 ):
+    assert qv is None and isinstance(cu_seqlens_q, torch.Tensor) and isinstance(max_seqlen_q, int)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     out = _fake_flash_semantics(q, k, v, cu_seqlens_q, causal, *window_size, scale, softcap, None, learnable_sink)
     return out, None
+
+
+#: The real kernels' parameters, in order, as published (the fakes above must declare exactly these,
+#: so an adapter that passes by position what a release takes elsewhere fails here, not on a GPU):
+#: flash-attn 2.8.3 ``flash_attn.flash_attn_varlen_func``; flash-attn-4 4.0.0b36
+#: ``flash_attn.cute.flash_attn_varlen_func`` (read from the wheel's ``interface.py``).
+REAL_SIGNATURES = {
+    fake_fa2: "q k v cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k dropout_p softmax_scale causal "
+    "window_size softcap alibi_slopes deterministic return_attn_probs block_table",
+    fake_fa4: "q k v qv cu_seqlens_q cu_seqlens_k max_seqlen_q max_seqlen_k min_seqlen_k seqused_q seqused_k "
+    "gather_kv_indices page_table softmax_scale causal window_size learnable_sink softcap num_splits pack_gqa "
+    "deterministic score_mod score_mod_bwd mask_mod block_sparse_tensors aux_tensors aux_scalars return_lse "
+    "scheduler_metadata seqlen_k_per_split disable_scheduler_metadata gather_bwd_recompute_p gather_bwd_token_chunk",
+}
+
+
+@pytest.mark.parametrize("fake", list(REAL_SIGNATURES), ids=["fa2_2.8.3", "fa4_4.0.0b36"])
+def test_flash_fakes_declare_the_real_signatures(fake):
+    assert list(inspect.signature(fake).parameters) == REAL_SIGNATURES[fake].split()
 
 
 @contextmanager

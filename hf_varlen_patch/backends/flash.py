@@ -1,8 +1,8 @@
 """flash-attn's ``flash_attn_varlen_func``: FA3 (``flash_attn_interface``), FA4
 (``flash_attn.cute``) or FA2 (``flash_attn``), whichever is importable, in that order.
 
-The three releases share the core arguments (q, k, v, cu_seqlens_q/k, max_seqlen_q/k,
-softmax_scale, causal) and differ in the rest; the adapter maps the spec onto the parameters
+The three releases share the core arguments by name (q, k, v, cu_seqlens_q/k, max_seqlen_q/k,
+softmax_scale, causal), not by position, and differ in the rest; the adapter maps the spec onto the parameters
 the installed function declares, so a feature is claimed only where the signature has it.
 """
 
@@ -96,7 +96,8 @@ def flash_varlen_attention(
     if spec.sinks is not None:
         kwargs["learnable_sink"] = spec.sinks
     cu, max_len = boundaries.cu_seqlens, boundaries.max_seqlen
-    out = fn(q, k, v, cu, cu, max_len, max_len, **kwargs)
+    # by keyword: the releases agree on these names, not on positions (FA4's fourth parameter is ``qv``)
+    out = fn(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
 
