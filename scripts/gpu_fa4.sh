@@ -4,7 +4,7 @@
 # --platform manylinux_2_28_x86_64 ...) are more than one call may carry, so:
 #   here:   bash scripts/gpu_fa4.sh split      cut the 92 MB libs-cu13 wheel into .whl/fa4/part1 and part2
 #   call 1: bash scripts/gpu_fa4.sh stash      (carry .whl/fa4/part1) copies part 1 to /tmp/fa4
-#   call 2: bash scripts/gpu_fa4.sh install probe   (carry .whl/fa4/part2, within 30 s of call 1)
+#   call 2: bash scripts/gpu_fa4.sh install probe bench   (carry .whl/fa4/part2, within 30 s of call 1)
 # install joins the parts and installs everything with --target /tmp/site; probe runs scripts/fa4_probe.py.
 set -euo pipefail
 W="${W:-.whl/fa4}"
@@ -34,5 +34,10 @@ for stage in "$@"; do
     probe)
       python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
       python3 scripts/fa4_probe.py 2>&1 | tee "${OUT:-/tmp}/fa4_probe.log" ;;
+    bench)  # the GPT-2 packing experiment's packed rows, torch then flash_attn backend, one call
+      for backend in torch flash_attn; do
+        python3 scripts/bench_gpt2.py --backend "$backend" --rows "${ROWS:-c_patched_eager,c_patched_compiled}" \
+          --out "${OUT:-/tmp}/gpt2_$backend" 2>&1 | grep -vi "warn\|exe_args" | tail -6
+      done ;;
   esac
 done
