@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import torch
+import transformers
 
 from hf_varlen_patch.attention import parse_implementation
 from hf_varlen_patch.registry import PatchEntry, register
@@ -48,15 +49,17 @@ def _configs(model_type: str) -> dict:
 
 
 def _warn_sdpa_softcap(model, patcher, options) -> None:
-    """transformers 4.57's sdpa silently drops attn_logit_softcapping in unpacked runs."""
+    """transformers' sdpa path (4.57, 5.17; 5.24 refuses it instead) silently drops
+    attn_logit_softcapping in unpacked runs."""
     config = model.config
     parsed = parse_implementation(config._attn_implementation)
     if parsed and parsed[1] == "sdpa" and getattr(config, "attn_logit_softcapping", None):
         logger.warning(
-            "hf_varlen_patch: this %s model runs sdpa, which on transformers 4.57 ignores "
+            "hf_varlen_patch: this %s model runs sdpa, which (transformers %s) ignores "
             "attn_logit_softcapping in unpacked runs; packed runs apply it. Load the model with "
             "attn_implementation='eager' to get the same maths in both.",
             config.model_type,
+            transformers.__version__,
         )
 
 
