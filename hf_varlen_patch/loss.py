@@ -116,6 +116,19 @@ def check_sequence_mean_supported(model: torch.nn.Module, shifts_labels: bool) -
         )
 
 
+def _trl_code(forward: Any) -> Any:
+    """The code object of a TRL function among ``forward``'s wrappers (accelerate's autocast
+    wrapper goes around TRL's; ``functools.wraps`` leaves ``__wrapped__``), else None."""
+    seen = 0
+    while forward is not None and seen < 8:
+        function = getattr(forward, "__func__", forward)
+        code = getattr(function, "__code__", None)
+        if code is not None and "trl" in Path(code.co_filename).parts:
+            return code
+        forward, seen = getattr(function, "__wrapped__", None), seen + 1
+    return None
+
+
 _IN_MODEL_FORWARD: contextvars.ContextVar[bool] = contextvars.ContextVar("hf_varlen_in_model_forward", default=False)
 
 
@@ -136,14 +149,12 @@ def refuse_bypassed_loss(patcher: Any, model: torch.nn.Module) -> None:
             _IN_MODEL_FORWARD.reset(token)
 
     def check(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        forward = vars(model).get("forward")
-        code = getattr(getattr(forward, "__func__", forward), "__code__", None)
-        where = code.co_filename if code is not None else ""
-        if not _IN_MODEL_FORWARD.get() and "trl" in Path(where).parts:
+        code = None if _IN_MODEL_FORWARD.get() else _trl_code(vars(model).get("forward"))
+        if code is not None:
             raise UnsupportedArchitectureError(
-                f"{type(model).__name__}.forward was replaced by {code.co_name} ({where}), which computes its own "
-                "token-mean loss, so loss='sequence_mean' would not apply; apply with the default loss='token_mean' "
-                "under TRL, or train with transformers' Trainer."
+                f"{type(model).__name__}.forward was replaced by {code.co_name} ({code.co_filename}), which "
+                "computes its own token-mean loss, so loss='sequence_mean' would not apply; apply with the default "
+                "loss='token_mean' under TRL, or train with transformers' Trainer."
             )
         return wrapped(*args, **kwargs)
 

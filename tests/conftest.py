@@ -27,3 +27,15 @@ def _quiet_transformers():
     hf_logging.set_verbosity_error()
     logging.getLogger("hf_varlen_patch").setLevel(logging.WARNING)
     yield
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    """accelerate keeps its state (mixed precision among it) in process-wide singletons, which
+    transformers 4.57's Trainer does not reset: one bf16 run would make later runs bf16 too."""
+    yield
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()

@@ -21,6 +21,7 @@ from hf_varlen_patch.testing import compare_packed, make_packed_batch, tiny_mode
 pytestmark = pytest.mark.filterwarnings("ignore")
 os.environ.setdefault("WANDB_DISABLED", "true")
 
+
 TOL = 1e-6  # parameters after 3 SGD steps at lr 0.1 (measured: <= 1.2e-7 equivalent, >= 1e-3 leaking)
 VOCAB = 128
 
