@@ -323,15 +323,13 @@ def carry_boundaries_through_checkpoints(patcher: Patcher, model: torch.nn.Modul
     The engine does this for every patched model, so no entry keys boundaries on what a layer's
     call replays just for checkpointing. transformers sets ``_gradient_checkpointing_func`` on
     each module with a ``gradient_checkpointing`` attribute (layers, or a base model whose loop
-    checkpoints its blocks) when checkpointing is enabled, before or after ``apply``; the model's
-    (and its base model's) forward wraps every such function before any layer runs, and
-    ``unapply`` takes them off again.
+    checkpoints its blocks) when checkpointing is enabled, before ``apply`` (wrapped here) or after
+    (wrapped as the model's ``_set_gradient_checkpointing`` sets them); ``unapply`` takes them off.
     """
     modules = [m for m in model.modules() if hasattr(m, "gradient_checkpointing")]
     if not modules:
         return
 
-    @torch.compiler.disable  # attribute bookkeeping, outside compiled graphs
     def install() -> None:
         for module in modules:
             current = vars(module).get(_CARRIER)
@@ -344,15 +342,20 @@ def carry_boundaries_through_checkpoints(patcher: Patcher, model: torch.nn.Modul
             if isinstance(current, _CheckpointCarryingBoundaries):
                 setattr(module, _CARRIER, current.inner)
 
-    def before_forward(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    def after_setting(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        result = wrapped(*args, **kwargs)
         install()
-        return wrapped(*args, **kwargs)
+        return result
 
     patcher.undo_log.append(take_off)
     install()  # checkpointing enabled before apply
+    # enabled after apply: gradient_checkpointing_enable / activation_checkpointing_enable (4.57 and
+    # 5.x, called on the model or its base model) set every module's function through this method;
+    # hooking it, not the forward, keeps compiled forwards free of one more graph break
     base = getattr(model, "base_model", model)
     for target in (model,) if base is model else (model, base):
-        patcher.wrap_method(target, "forward", before_forward)
+        if hasattr(target, "_set_gradient_checkpointing"):
+            patcher.wrap_method(target, "_set_gradient_checkpointing", after_setting)
 
 
 def attach_boundaries(

@@ -136,3 +136,23 @@ def test_upstream_leaks_without_the_patch():
     model = tiny_model("llama")
     batch = make_packed_batch([[5, 9, 3]], model.config.vocab_size)
     assert compare_packed(model, batch, use_cache=None, grads=False).logits > 1e-2
+
+
+@pytest.mark.parametrize("on", ["model", "base_model"])
+def test_checkpoint_functions_carry_the_context_as_soon_as_checkpointing_is_enabled(on):
+    """Enabling checkpointing after apply (as Trainer does, on the model or its base model) wraps
+    every checkpoint function at once, before the first step (no forward wrapper, no graph break);
+    unapply takes them off."""
+    from hf_varlen_patch.patching import _CheckpointCarryingBoundaries
+
+    model = hf_varlen_patch.apply(tiny_model("llama"))
+    getattr(model, on).gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    functions = [
+        vars(m)["_gradient_checkpointing_func"] for m in model.modules() if "_gradient_checkpointing_func" in vars(m)
+    ]
+    assert functions and all(isinstance(f, _CheckpointCarryingBoundaries) for f in functions)
+    hf_varlen_patch.unapply(model)
+    functions = [
+        vars(m)["_gradient_checkpointing_func"] for m in model.modules() if "_gradient_checkpointing_func" in vars(m)
+    ]
+    assert functions and not any(isinstance(f, _CheckpointCarryingBoundaries) for f in functions)
