@@ -68,10 +68,7 @@ def pack_into_bins(
     to that (keeping its first ``max_tokens`` tokens, as :class:`PackingCollator` does). Zero-length
     samples take no room and join the first row that has them fit.
     """
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown packing strategy {strategy!r}; use one of {STRATEGIES}.")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}.")
+    _check_budget(max_tokens, strategy)
     sizes = []
     for index, length in enumerate(lengths):
         length = int(length)
@@ -85,6 +82,13 @@ def pack_into_bins(
     order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
     place = _first_fit if strategy == "ffd" else _best_fit
     return place(order, sizes, max_tokens)
+
+
+def _check_budget(max_tokens: Any, strategy: Any) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"unknown packing strategy {strategy!r}; use one of {STRATEGIES}.")
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}.")
 
 
 def _first_fit(order: list[int], sizes: list[int], capacity: int) -> list[list[int]]:
@@ -213,10 +217,7 @@ class PackingCollator:
     def __post_init__(self) -> None:
         from transformers import DataCollatorWithFlattening
 
-        if self.strategy not in STRATEGIES:
-            raise ValueError(f"unknown packing strategy {self.strategy!r}; use one of {STRATEGIES}.")
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"max_tokens must be a positive int, got {self.max_tokens!r}.")
+        _check_budget(self.max_tokens, self.strategy)
         if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
             raise ValueError(f"pad_to_multiple_of must be a positive int or None, got {self.pad_to_multiple_of!r}.")
         # one row at a time: it flattens a row's examples, restarts positions, and puts -100 at every start
@@ -281,7 +282,7 @@ class PackingCollator:
                 batch["position_ids"][r, n:] = torch.arange(width - n)
         if self.return_flash_attn_kwargs:
             cu = torch.tensor([0, *segments], dtype=torch.int64).cumsum(0).to(torch.int32)
-            batch["cu_seq_lens_q"], batch["cu_seq_lens_k"] = cu, cu.clone()
+            batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu  # one tensor: nothing to compare
             batch["max_length_q"] = batch["max_length_k"] = max(segments)
         if self.return_seq_idx:
             ids = torch.arange(len(segments), dtype=torch.int32)
