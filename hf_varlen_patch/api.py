@@ -9,7 +9,7 @@ from typing import TypeVar
 import torch
 
 from .attention import parse_implementation, register_implementation
-from .backends import BACKENDS
+from .backends import AUTO_ORDER, BACKENDS
 from .errors import BackendUnavailableError, UnsupportedArchitectureError
 from .loss import LOSSES, check_sequence_mean_supported, refuse_bypassed_loss, sequence_mean_loss_function
 from .patching import (
@@ -234,12 +234,36 @@ def _patch(hf_model: torch.nn.Module, entry: PatchEntry, options: PatchOptions, 
             takes_seq_idx=accepts_argument(module.forward, "seq_idx"),
         )
         patcher.wrap_method(module, "forward", wrapper)
+    _resolve_backends(options.backend)
+    _pin_default_loss(patcher, hf_model)
     if options.loss == "sequence_mean":
         check_sequence_mean_supported(hf_model, entry.shifts_labels)
         patcher.set_attr(hf_model, "_loss_function", sequence_mean_loss_function(current_boundaries))
         # Trainer then averages micro-batches instead of dividing by a global token count
         patcher.set_attr(hf_model, "accepts_loss_kwargs", False)
         refuse_bypassed_loss(patcher, hf_model)
+
+
+def _resolve_backends(name: str) -> None:
+    """Look the kernels up now (imports, signatures), so compiled forwards never import."""
+    for candidate in AUTO_ORDER if name == "auto" else [name]:
+        if candidate in BACKENDS:
+            BACKENDS[candidate].features()
+
+
+def _pin_default_loss(patcher: Patcher, hf_model: torch.nn.Module) -> None:
+    """Resolve the ``loss_function`` property once for models whose ``loss_type`` is unrecognised
+    (GPT-2's LMHead class name): upstream re-resolves it, logging, at every forward, which is a
+    graph break in every compiled step. The same function, so losses are unchanged."""
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    if "_loss_function" in vars(hf_model) or getattr(hf_model, "loss_type", None) in LOSS_MAPPING:
+        return
+    try:
+        resolved = hf_model.loss_function
+    except AttributeError:
+        return
+    patcher.set_attr(hf_model, "_loss_function", resolved)
 
 
 def unapply(model: M) -> M:

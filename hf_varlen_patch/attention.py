@@ -67,13 +67,19 @@ def packed_mask_placeholder(batch: int, length: int, device: torch.device) -> to
 
 
 def is_packed_mask_placeholder(mask: Any) -> bool:
-    return (
-        isinstance(mask, torch.Tensor)
-        and mask.ndim == 4
-        and mask.dtype == torch.bool
-        and mask.stride() == (0, 0, 0, 0)
-        and mask.shape[-1] > 1
-    )
+    if not (isinstance(mask, torch.Tensor) and mask.ndim == 4 and mask.dtype == torch.bool and mask.shape[-1] > 1):
+        return False
+    if torch.compiler.is_compiling():
+        # traced tensors do not keep the zero strides; inside a packed forward the mask the base
+        # model got is always the placeholder, so a 4-D boolean mask of the batch's shape is it
+        from .patching import current_boundaries
+
+        boundaries = current_boundaries()
+        if boundaries is None:
+            return False
+        batch, length = boundaries.shape
+        return mask.shape[0] == batch and mask.shape[2] == length and mask.shape[3] == length
+    return all(stride == 0 for stride in mask.stride())
 
 
 def _original_function(original: str, module: torch.nn.Module) -> Callable:

@@ -163,16 +163,21 @@ class Boundaries:
     def from_cu_seqlens(
         cls,
         cu_seqlens: torch.Tensor,
-        max_seqlen: int | torch.Tensor,
+        max_seqlen: int | torch.Tensor | None,
         *,
         shape: tuple[int, int],
         check: bool = True,
+        cu_seqlens_k: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
     ) -> Boundaries:
         """Take boundaries as given (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``).
 
         No device sync unless ``check`` is True and the offsets live on an accelerator: then one
         copy to the host validates them (increasing, ending at B*T, no sequence across rows,
-        ``max_seqlen`` large enough). Pass ``check=False`` only for trusted collators.
+        ``max_seqlen`` large enough, equal to ``cu_seqlens_k`` if given, no padding in
+        ``attention_mask``). Pass ``check=False`` only for trusted collators. The check is a
+        custom op, so under torch.compile it stays inside the graph. ``max_seqlen=None`` reads the
+        longest sequence from the offsets (a sync).
         """
         if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.ndim != 1:
             raise MalformedBoundariesError(
@@ -183,20 +188,51 @@ class Boundaries:
             raise MalformedBoundariesError(f"cu_seq_lens must hold integers, got {cu_seqlens.dtype}; use torch.int32.")
         batch, length = shape
         total = batch * length
+        if max_seqlen is None:
+            max_seqlen = (cu_seqlens[1:] - cu_seqlens[:-1]).max()
         if isinstance(max_seqlen, torch.Tensor):
             max_seqlen = int(max_seqlen)
+        # an int from the collator stays as given: under torch.compile it is a symbolic size, and
+        # int() on it would specialise the graph to every new value (a recompile per batch)
         if check or cu_seqlens.device.type == "cpu":
-            _validate_cu_seqlens(cu_seqlens.detach().to("cpu", torch.int64), max_seqlen, batch, length)
-        cu = cu_seqlens.to(torch.int32)
+            cu = torch.ops.hf_varlen.checked_cu_seqlens(
+                cu_seqlens, cu_seqlens_k, attention_mask, max_seqlen, batch, length
+            )
+        else:
+            cu = cu_seqlens.to(torch.int32)
         flat = torch.arange(total, device=cu.device, dtype=torch.int32)
         seq_idx = (torch.searchsorted(cu[1:], flat, right=True)).to(torch.int32)
-        return cls(
-            cu_seqlens=cu,
-            max_seqlen=int(max_seqlen),
-            seq_idx=seq_idx,
-            shape=(batch, length),
-            is_packed=True,
+        return cls(cu_seqlens=cu, max_seqlen=max_seqlen, seq_idx=seq_idx, shape=(batch, length), is_packed=True)
+
+
+@torch.library.custom_op("hf_varlen::checked_cu_seqlens", mutates_args=())
+def _checked_cu_seqlens(
+    cu_seqlens: torch.Tensor,
+    cu_seqlens_k: torch.Tensor | None,
+    attention_mask: torch.Tensor | None,
+    max_seqlen: int,
+    batch: int,
+    length: int,
+) -> torch.Tensor:
+    """The offsets as int32 after validating them on the host (raises MalformedBoundariesError)."""
+    host = cu_seqlens.detach().to("cpu", torch.int64)
+    if cu_seqlens_k is not None and not torch.equal(host, cu_seqlens_k.detach().to("cpu", torch.int64)):
+        raise MalformedBoundariesError(
+            "cu_seq_lens_q and cu_seq_lens_k differ; packed self-attention needs the same "
+            "boundaries for queries and keys (no cache)."
         )
+    if attention_mask is not None and not bool(attention_mask.all()):
+        raise MalformedBoundariesError(
+            "attention_mask has padding but cu_seq_lens_q/k were given; describe padding as a "
+            "sequence of its own in cu_seq_lens (or pass position_ids and the mask instead)."
+        )
+    _validate_cu_seqlens(host, max_seqlen, batch, length)
+    return cu_seqlens.to(torch.int32, copy=True)
+
+
+@_checked_cu_seqlens.register_fake
+def _(cu_seqlens, cu_seqlens_k, attention_mask, max_seqlen, batch, length):
+    return torch.empty_like(cu_seqlens, dtype=torch.int32)
 
 
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import wrapt
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .attention import BOUNDARIES_KWARG, packed_mask_placeholder
@@ -61,8 +60,20 @@ class Patcher:
         self.undo_log.append(undo)
 
     def wrap_method(self, obj: Any, name: str, wrapper: Callable) -> None:
-        """Wrap ``obj.name`` for this instance only; the wrapper has wrapt's signature."""
-        self.set_attr(obj, name, wrapt.FunctionWrapper(getattr(obj, name), wrapper))
+        """Wrap ``obj.name`` for this instance only: ``wrapper(wrapped, instance, args, kwargs)``.
+
+        A plain function, not a proxy object, so torch.compile traces through it (dynamo cannot
+        trace wrapt's ``FunctionWrapper``); ``__wrapped__`` keeps ``inspect.signature`` (Trainer's
+        column pruning, PEFT) seeing the original parameters.
+        """
+        bound = getattr(obj, name)
+        instance = getattr(bound, "__self__", obj)
+
+        @functools.wraps(bound)
+        def patched(*args: Any, **kwargs: Any) -> Any:
+            return wrapper(bound, instance, args, kwargs)
+
+        self.set_attr(obj, name, patched)
 
     def undo(self) -> None:
         while self.undo_log:
@@ -146,40 +157,40 @@ def boundaries_for_call(call: dict, *, check_inputs: bool, rows_are_sequences: b
         if cu_q is not None or cu_k is not None:
             raise MalformedBoundariesError("cu_seq_lens_q/k given without input_ids or inputs_embeds.")
         return None
-    mask = call.get("attention_mask")
     if cu_q is not None or cu_k is not None:
-        cu = cu_q if cu_q is not None else cu_k
-        if cu_q is not None and cu_k is not None and cu_q is not cu_k:
-            if check_inputs and not torch.equal(cu_q.cpu(), cu_k.cpu()):
-                raise MalformedBoundariesError(
-                    "cu_seq_lens_q and cu_seq_lens_k differ; packed self-attention needs the same "
-                    "boundaries for queries and keys (no cache)."
-                )
+        if not _cache_is_empty(cache_of(call)):
+            raise VarlenPatchError("packed inputs (cu_seq_lens_q/k) need an empty cache (past_key_values).")
         max_len = call.get("max_length_q")
         if max_len is None:
             max_len = call.get("max_length_k")
-        if max_len is None:
-            max_len = int((cu[1:] - cu[:-1]).max())
-        if isinstance(mask, torch.Tensor) and mask.ndim == 2 and check_inputs and not bool(mask.all()):
-            raise MalformedBoundariesError(
-                "attention_mask has padding but cu_seq_lens_q/k were given; describe padding as a "
-                "sequence of its own in cu_seq_lens (or pass position_ids and the mask instead)."
-            )
-        if not _cache_is_empty(cache_of(call)):
-            raise VarlenPatchError("packed inputs (cu_seq_lens_q/k) need an empty cache (past_key_values).")
-        return Boundaries.from_cu_seqlens(cu, max_len, shape=shape, check=check_inputs)
-
+        mask = call.get("attention_mask")
+        return Boundaries.from_cu_seqlens(
+            cu_q if cu_q is not None else cu_k,
+            max_len,
+            shape=shape,
+            check=check_inputs,
+            cu_seqlens_k=cu_k if cu_q is not None and cu_k is not cu_q else None,
+            attention_mask=mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None,
+        )
     position_ids = call.get("position_ids")
     if position_ids is None or shape[1] <= 1:
         return None
+    mask = call.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.ndim != 2:
         return None  # a custom 4-D mask: the caller built the attention pattern, respect it.
+    return _boundaries_from_positions(position_ids, shape, mask, cache_of(call), rows_are_sequences)
+
+
+@torch.compiler.disable(reason="packing is read from position_ids on the host; pass cu_seq_lens_q/k to avoid it")
+def _boundaries_from_positions(
+    position_ids: torch.Tensor, shape: tuple[int, int], mask: Any, cache: Any, rows_are_sequences: bool
+) -> Boundaries | None:
     boundaries = Boundaries.from_position_ids(position_ids, shape=shape, attention_mask=mask)
     if not boundaries.is_packed:
-        if rows_are_sequences and shape[0] > 1 and _cache_is_empty(cache_of(call)):
+        if rows_are_sequences and shape[0] > 1 and _cache_is_empty(cache):
             return boundaries
         return None
-    if not _cache_is_empty(cache_of(call)):
+    if not _cache_is_empty(cache):
         raise VarlenPatchError(
             "position_ids restart inside a row while past_key_values already holds tokens; packed "
             "batches need an empty cache (pass use_cache=False or a fresh cache)."
@@ -210,7 +221,9 @@ def remember_boundaries(key: Any, boundaries: Boundaries) -> Any:
     is unchanged in place (a reused buffer with new contents is not the same call), so nothing
     outlives the tensor. Returns ``key``; a non-tensor key is ignored.
     """
-    if isinstance(key, torch.Tensor):
+    if isinstance(key, torch.Tensor) and not torch.compiler.is_compiling():
+        # compiled graphs replay their own inputs (checkpoint recomputation happens inside the
+        # graph), and their traced tensors have no identity to key on
         _REPLAYED[key] = (boundaries, key._version)
     return key
 
@@ -219,6 +232,10 @@ def remembered_boundaries(key: Any) -> Boundaries | None:
     """The boundaries :func:`remember_boundaries` tied to this very, unchanged tensor (else None)."""
     if not isinstance(key, torch.Tensor):
         return None
+    if torch.compiler.is_compiling():
+        # traced tensors have no identity to look up; compiled code never runs outside its forward
+        # (the graph replays checkpointed layers itself), so the running forward's are the ones
+        return current_boundaries()
     found = _REPLAYED.get(key)
     if found is None or found[1] != key._version:
         return None  # never registered, or changed in place since (a reused buffer)
@@ -235,6 +252,9 @@ def boundaries_for_positions(position_ids: Any) -> Boundaries | None:
 
 
 _CURRENT: contextvars.ContextVar[Boundaries | None] = contextvars.ContextVar("hf_varlen_boundaries", default=None)
+#: The packed forwards running inside compiled code: dynamo cannot trace ``ContextVar.set``, but
+#: it traces (and replays after its graph) pushes and pops of a module-level list.
+_COMPILED: list[Boundaries] = []
 _LAST_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -245,7 +265,26 @@ def current_boundaries() -> Boundaries | None:
     registered with :func:`track_layer` so that gradient-checkpoint recomputation, which runs
     outside the forward, sees the same boundaries.
     """
+    if torch.compiler.is_compiling():  # dynamo traces neither ContextVar.get nor .set
+        return _COMPILED[-1] if _COMPILED else None
     return _CURRENT.get()
+
+
+def enter_packed(boundaries: Boundaries) -> Any:
+    """Make ``boundaries`` the :func:`current_boundaries` until :func:`leave_packed` with the
+    returned token: a context variable in eager code, a stack that torch.compile can trace in
+    compiled code (so entering a packed forward is no graph break)."""
+    if torch.compiler.is_compiling():
+        _COMPILED.append(boundaries)
+        return None
+    return _CURRENT.set(boundaries)
+
+
+def leave_packed(token: Any) -> None:
+    if token is None:
+        _COMPILED.pop()
+    else:
+        _CURRENT.reset(token)
 
 
 def boundaries_for_layer_call(module: torch.nn.Module, first: Any) -> Boundaries | None:
@@ -256,10 +295,11 @@ def boundaries_for_layer_call(module: torch.nn.Module, first: Any) -> Boundaries
     passes again. After a packed call, a recomputation that finds none (``use_reentrant=True``
     detaches the inputs) raises instead of silently attending across sequences.
     """
-    boundaries = _CURRENT.get()
+    boundaries = current_boundaries()
     if boundaries is not None:
         remember_boundaries(first, boundaries)
-        _LAST_PACKED[module] = True
+        if not torch.compiler.is_compiling():
+            _LAST_PACKED[module] = True
         return boundaries
     found = remembered_boundaries(first)
     if found is None:
@@ -284,15 +324,15 @@ def track_layer(patcher: Patcher, layer: torch.nn.Module) -> None:
 
     def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        outer = _CURRENT.get()
+        outer = current_boundaries()
         boundaries = boundaries_for_layer_call(instance, first)
         if outer is not None or boundaries is None:
             return wrapped(*args, **kwargs)
-        token = _CURRENT.set(boundaries)
+        token = enter_packed(boundaries)
         try:
             return wrapped(*args, **kwargs)
         finally:
-            _CURRENT.reset(token)
+            leave_packed(token)
 
     patcher.wrap_method(layer, "forward", wrapper)
 
@@ -308,7 +348,7 @@ class _CheckpointCarryingBoundaries:
         self.inner = inner
 
     def __call__(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
-        if _CURRENT.get() is None:
+        if current_boundaries() is None or torch.compiler.is_compiling():  # a graph recomputes from its inputs
             return self.inner(function, *args, **kwargs)
         context = contextvars.copy_context()
         return self.inner(functools.partial(context.run, function), *args, **kwargs)
@@ -375,7 +415,7 @@ def attach_boundaries(
         if boundaries is None:
             boundaries = boundaries_for_positions(call_as_kwargs(wrapped, args, kwargs).get("position_ids"))
         if boundaries is None:
-            boundaries = _CURRENT.get()
+            boundaries = current_boundaries()
         if boundaries is None:
             return wrapped(*args, **kwargs)
         kwargs = {**kwargs, BOUNDARIES_KWARG: boundaries}
@@ -397,7 +437,7 @@ def index_positions_per_sequence(patcher: Patcher, module: torch.nn.Module) -> N
     """
 
     def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        boundaries = _CURRENT.get()
+        boundaries = current_boundaries()
         try:
             out = wrapped(*args, **kwargs)
         except IndexError as err:
@@ -437,7 +477,7 @@ def make_entry_wrapper(
     takes_position_ids: bool = True,
     takes_seq_idx: bool = True,
 ) -> Callable:
-    """The wrapt wrapper around a patched model's ``forward``.
+    """The wrapper (:meth:`Patcher.wrap_method`) around a patched model's ``forward``.
 
     It derives the boundaries once (or takes them from an outer patched forward) and passes them
     down as a keyword argument. In packed mode the base model gets a zero-memory 4-D mask (or,
@@ -445,14 +485,17 @@ def make_entry_wrapper(
     A forward that takes no ``position_ids`` (older encoder-decoder causal LMs) still accepts
     them, and the collator's kwargs, from the caller: the boundaries reach its layers through the
     context instead. Unpacked calls go through untouched.
+
+    Under torch.compile the wrapper is traced like the model's own code: with the collator's
+    ``cu_seq_lens_*`` (or boundaries passed in) nothing breaks the graph; deriving boundaries
+    from ``position_ids`` alone reads them on the host, which is one graph break at the entry.
     """
 
-    @torch.compiler.disable  # host-side bookkeeping: keep it out of compiled graphs
     def prepare(call: dict) -> Boundaries | None:
         """Edit ``call`` for a packed forward and return its boundaries (None: not packed)."""
         # From an outer patched forward (kwarg or context), never from an earlier forward: a caller
         # may reuse the same position_ids tensor with new contents.
-        boundaries = call.pop(BOUNDARIES_KWARG, None) or _CURRENT.get()
+        boundaries = call.pop(BOUNDARIES_KWARG, None) or current_boundaries()
         if boundaries is None:
             boundaries = boundaries_for_call(call, check_inputs=check_inputs, rows_are_sequences=rows_are_sequences)
             if boundaries is None:
@@ -484,11 +527,11 @@ def make_entry_wrapper(
             kwargs.pop("position_ids", None)
         if boundaries is None:
             return wrapped(*args, **kwargs)
-        token = _CURRENT.set(boundaries)
+        token = enter_packed(boundaries)
         try:
             return wrapped(**call)
         finally:
-            _CURRENT.reset(token)
+            leave_packed(token)
 
     return entry
 

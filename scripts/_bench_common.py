@@ -23,6 +23,14 @@ class Result:
     recompiles_after_warmup: int | None = None
     note: str = ""
     all_ms: list[float] = field(default_factory=list)
+    #: median time until the step's work was issued (its Python returned), before waiting for the
+    #: GPU: close to median_ms means the step is bound by the host, not the GPU
+    host_ms: float = 0.0
+
+
+def failed_result(row: str, reason: str) -> Result:
+    """A row that could not run (out of memory, an implementation error): reported, not dropped."""
+    return Result(row=row, median_ms=float("nan"), peak_gb=float("nan"), steps=0, note=f"FAILED: {reason}")
 
 
 def sync() -> None:
@@ -48,11 +56,12 @@ def time_steps(
         step(i)
     sync()
     graphs_before = graphs_compiled() if compiled else None
-    times, tokens = [], []
+    times, tokens, issued = [], [], []
     for i in range(warmup, warmup + steps):
         sync()
         t0 = time.perf_counter()
         tokens.append(step(i))
+        issued.append((time.perf_counter() - t0) * 1e3)
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
@@ -68,6 +77,7 @@ def time_steps(
         recompiles_after_warmup=None if graphs_before is None else graphs_compiled() - graphs_before,
         note=note,
         all_ms=times,
+        host_ms=statistics.median(issued),
     )
 
 
@@ -80,20 +90,25 @@ def device_name() -> str:
 def write_outputs(results: list[Result], out: Path, name: str, title: str, meta: dict, baseline: str) -> str:
     """Print and save a markdown table (with ratios to ``baseline``), JSON and a PNG bar chart."""
     out.mkdir(parents=True, exist_ok=True)
-    base = next((r for r in results if r.row == baseline), results[0])
+    ran = [r for r in results if not r.note.startswith("FAILED")] or results
+    base = next((r for r in ran if r.row == baseline), ran[0])
     lines = [
         f"### {title}",
         "",
         f"device: {meta.get('device')}; torch {meta.get('torch')}; transformers {meta.get('transformers')}",
         "",
-        "| row | median ms/step | speed-up vs " + baseline + " | tokens/s | peak GB | recompiles after warm-up |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| row | median ms/step | speed-up vs " + baseline + " | tokens/s | peak GB | host ms (issue) "
+        "| recompiles after warm-up | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
+        if r.note.startswith("FAILED"):
+            lines.append(f"| {r.row} | {r.note} | | | | | | |")
+            continue
         rec = "-" if r.recompiles_after_warmup is None else str(r.recompiles_after_warmup)
         lines.append(
             f"| {r.row} | {r.median_ms:.1f} | {base.median_ms / r.median_ms:.2f}x | {r.tokens_per_s:,.0f} | "
-            f"{r.peak_gb:.1f} | {rec} |"
+            f"{r.peak_gb:.1f} | {r.host_ms:.1f} | {rec} | {r.note} |"
         )
     table = "\n".join(lines)
     print(table, flush=True)
@@ -106,6 +121,7 @@ def write_outputs(results: list[Result], out: Path, name: str, title: str, meta:
         import matplotlib.pyplot as plt
 
         fig, axes = plt.subplots(1, 2, figsize=(12, 0.5 * len(results) + 2))
+        results = ran
         labels = [r.row for r in results]
         axes[0].barh(labels, [r.median_ms for r in results], color="tab:blue")
         axes[0].set_xlabel("median ms / training step (lower is better)")

@@ -5,13 +5,18 @@ uniformly random length 1..1023, bf16 autocast, SGD, median training-step time a
 
   a) padded to 1024, SDPA (eager and torch.compile)
   b) upstream packed: one row, position_ids restarting (DataCollatorWithFlattening layout), SDPA, use_cache=False
-  c) packed + hf_varlen_patch.apply(backend), eager and compiled; position_ids or the collator's cu_seq_lens
-  d) oracle: the same model on a dense batch of equal-length sequences holding as many real tokens (no mask)
+  b) upstream packed with attn_implementation="flash_attention_4" (where transformers has it)
+  c) packed + hf_varlen_patch.apply(backend) for each of ``--backends``, eager and compiled;
+     position_ids, or the collator's cu_seq_lens (no host read: one graph under torch.compile)
+  d) the dense oracle: the same model on a (32, L) batch of real tokens, no padding, no mask, with L
+     the mean sequence length over the run's steps (about as many tokens as the packed rows), the
+     same L every step. ``d_oracle_varlen_*`` is the oracle as first built, L = that step's mean
+     length, a new shape every step: it measures what a new shape per step costs a dense model.
 
 Every row sees the same sequence lengths. Usage (GPU):
     python scripts/bench_gpt2.py --out benchmarks                     # all rows
-    python scripts/bench_gpt2.py --rows c_eager,d_eager --steps 5     # a subset
-    python scripts/bench_gpt2.py --tiny --device cpu --backend sdpa   # smoke test on CPU
+    python scripts/bench_gpt2.py --rows c_torch_eager,d_oracle_eager --steps 5     # a subset
+    python scripts/bench_gpt2.py --tiny --device cpu --backends sdpa   # smoke test on CPU
 """
 
 from __future__ import annotations
@@ -23,19 +28,29 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import device_name, time_steps, write_outputs  # noqa: E402
+from _bench_common import device_name, failed_result, time_steps, write_outputs  # noqa: E402
 
-ROWS = {
+BASE_ROWS = {
     "a_padded_eager": "a) padded to 1024, SDPA, eager",
     "a_padded_compiled": "a) padded to 1024, SDPA, compiled",
     "b_upstream_packed": "b) upstream packed, SDPA, use_cache=False, eager",
-    "c_patched_eager": "c) packed + apply, eager (position_ids)",
-    "c_patched_cu_eager": "c) packed + apply, eager (collator cu_seq_lens)",
-    "c_patched_compiled": "c) packed + apply, compiled (position_ids)",
-    "c_patched_cu_compiled": "c) packed + apply, compiled (collator cu_seq_lens)",
-    "d_oracle_eager": "d) oracle dense batch, eager",
-    "d_oracle_compiled": "d) oracle dense batch, compiled",
+    "b_upstream_fa4": "b) upstream packed, attn_implementation=flash_attention_4, eager",
 }
+ORACLE_ROWS = {
+    "d_oracle_eager": "d) dense oracle (32 x mean length, fixed), eager",
+    "d_oracle_compiled": "d) dense oracle (32 x mean length, fixed), compiled",
+    "d_oracle_varlen_eager": "d') dense oracle, a new length every step, eager",
+    "d_oracle_varlen_compiled": "d') dense oracle, a new length every step, compiled",
+}
+
+
+def packed_rows(backends: list[str]) -> dict[str, str]:
+    rows = {}
+    for backend in backends:
+        for mode in ("eager", "compiled"):
+            rows[f"c_{backend}_{mode}"] = f"c) packed + apply[{backend}], {mode} (position_ids)"
+            rows[f"c_{backend}_cu_{mode}"] = f"c) packed + apply[{backend}], {mode} (collator cu_seq_lens)"
+    return rows
 
 
 def make_lengths(step: int, batch: int, max_len: int, seed: int) -> list[int]:
@@ -68,10 +83,16 @@ def packed_batch(lengths, vocab, device, cu: bool):
     return batch
 
 
-def oracle_batch(lengths, vocab, device):
-    per_row = max(1, round(sum(lengths) / len(lengths)))
-    ids = torch.randint(0, vocab, (len(lengths), per_row), device=device)
+def oracle_batch(rows: int, per_row: int, vocab, device):
+    ids = torch.randint(0, vocab, (rows, per_row), device=device)
     return dict(input_ids=ids, labels=ids)
+
+
+def oracle_length(args) -> int:
+    """The mean sequence length over every step the run takes (warm-up and timed)."""
+    steps = args.warmup + args.compile_warmup + args.steps + 1
+    total = sum(sum(make_lengths(i, args.batch, args.max_len, args.seed)) for i in range(steps))
+    return max(1, round(total / (steps * args.batch)))
 
 
 def build_model(args, attn: str):
@@ -83,16 +104,25 @@ def build_model(args, attn: str):
     else:
         cfg = GPT2Config(n_layer=24, n_embd=1024, n_head=16, vocab_size=1024, n_positions=1024)
     cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.0
-    return GPT2LMHeadModel(cfg).to(args.device).train(), cfg
+    model = GPT2LMHeadModel._from_config(cfg, attn_implementation=attn)
+    return model.to(args.device).train(), cfg
+
+
+def row_backend(key: str, args) -> str | None:
+    """The apply backend of a ``c_<backend>[_cu]_<mode>`` row."""
+    for backend in args.backends:
+        if key.startswith(f"c_{backend}_"):
+            return backend
+    return None
 
 
 def run_row(key: str, args) -> object:
     import hf_varlen_patch
 
     torch._dynamo.reset()
-    model, cfg = build_model(args, attn="sdpa")
+    model, cfg = build_model(args, attn="flash_attention_4" if key == "b_upstream_fa4" else "sdpa")
     if key.startswith("c_"):
-        hf_varlen_patch.apply(model, backend=args.backend, check_inputs=False)
+        hf_varlen_patch.apply(model, backend=row_backend(key, args), check_inputs=False)
     compiled = key.endswith("compiled")
     fn = torch.compile(model) if compiled else model
     opt = torch.optim.SGD(model.parameters(), lr=1e-4)
@@ -103,8 +133,10 @@ def run_row(key: str, args) -> object:
         lengths = make_lengths(i, args.batch, args.max_len, args.seed)
         if key.startswith("a_"):
             batch = padded_batch(lengths, width, vocab, args.device)
+        elif key.startswith("d_oracle_varlen"):
+            batch = oracle_batch(args.batch, max(1, round(sum(lengths) / len(lengths))), vocab, args.device)
         elif key.startswith("d_"):
-            batch = oracle_batch(lengths, vocab, args.device)
+            batch = oracle_batch(args.batch, args.oracle_len, vocab, args.device)
         else:
             batch = packed_batch(lengths, vocab, args.device, cu="_cu_" in key)
         batch["use_cache"] = False  # every row: no KV cache in training
@@ -116,28 +148,29 @@ def run_row(key: str, args) -> object:
         return float(sum(lengths))
 
     warmup = args.warmup + (args.compile_warmup if compiled else 0)
-    result = time_steps(step, steps=args.steps, warmup=warmup, row=ROWS[key], compiled=compiled)
+    result = time_steps(step, steps=args.steps, warmup=warmup, row=args.rows_all[key], compiled=compiled)
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             step(warmup + args.steps)
             torch.cuda.synchronize()
-        print(f"--- profile of one step: {ROWS[key]}")
+        print(f"--- profile of one step: {args.rows_all[key]}")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile))
     return result
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of " + ", ".join(ROWS))
+    parser.add_argument("--rows", default="", help="comma-separated subset of the rows (default: all); see --list")
+    parser.add_argument("--list", action="store_true", help="print the row keys and exit")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--compile-warmup", type=int, default=3, help="extra warm-up steps for compiled rows")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--max-len", type=int, default=1023)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--backends", default="torch", help="comma-separated apply backends for the c) rows")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model (smoke test)")
     parser.add_argument("--out", default="benchmarks")
@@ -145,6 +178,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.tiny:
         args.max_len = min(args.max_len, 64)
+    args.backends = args.backends.split(",")
+    args.rows_all = {**BASE_ROWS, **packed_rows(args.backends), **ORACLE_ROWS}
+    if args.list:
+        print("\n".join(f"{k}: {v}" for k, v in args.rows_all.items()))
+        return
+    args.oracle_len = oracle_length(args)
 
     import transformers
 
@@ -153,23 +192,28 @@ def main() -> None:
         device=device_name(),
         torch=torch.__version__,
         transformers=transformers.__version__,
-        backend=args.backend,
+        backends=args.backends,
+        oracle_len=args.oracle_len,
         batch=args.batch,
         max_len=args.max_len,
         steps=args.steps,
         warmup=args.warmup,
     )
-    for key in args.rows.split(","):
-        print(f"running {ROWS[key]} ...", flush=True)
+    for key in args.rows.split(",") if args.rows else list(args.rows_all):
+        print(f"running {args.rows_all[key]} ...", flush=True)
         try:
             results.append(run_row(key, args))
             print(f"  {results[-1].median_ms:.1f} ms, {results[-1].peak_gb:.1f} GB", flush=True)
-        except torch.OutOfMemoryError as err:
-            print(f"  {key}: out of memory ({err})", flush=True)
+        except Exception as err:  # out of memory, or an implementation that fails: a measured result
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
+            print(f"  {key}: FAILED {reason}", flush=True)
+            results.append(failed_result(args.rows_all[key], reason))
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         # written after every row, so a run cut short still leaves its results
-        write_outputs(results, Path(args.out), "gpt2_packing", "GPT-2 packing experiment", meta, ROWS["a_padded_eager"])
+        write_outputs(
+            results, Path(args.out), "gpt2_packing", "GPT-2 packing experiment", meta, BASE_ROWS["a_padded_eager"]
+        )
 
 
 if __name__ == "__main__":

@@ -3,12 +3,23 @@
 Two synthetic length distributions, shaped like the published experiments:
   FLAN-like     short and widely varying: lognormal, median 200 tokens, sigma 1.0, clipped to [8, 2048]
   OrcaMath-like longer and narrow:        normal, mean 600, sd 150, clipped to [200, 1100]
-Each step trains on the same 8 sequences either padded to the batch's longest (SDPA with an
-attention_mask, upstream) or packed into one row (hf_varlen_patch.apply, backend `torch`).
-Reports tokens/s (real tokens) and peak memory, as a table + JSON + PNG.
+Each step trains on the same 8 sequences, in one of these modes (``--modes``):
+  padded    padded to the batch's longest, SDPA with an attention_mask (upstream)
+  upstream  packed into one row with restarting position_ids, unpatched (upstream's own packing)
+  packed    packed into one row after hf_varlen_patch.apply, once per ``--backends`` entry
+  oracle    a dense (8, L) batch, no padding, no mask, L the run's mean length (the same every step)
+Reports tokens/s (real tokens), peak memory and host time, as a table + JSON + PNG. One model is
+built per run and patched/unpatched between rows. ``--repeats N`` runs every row N times,
+interleaved, and reports the median of the medians with their spread.
+
+``--shape 8b``: Llama-3-8B-shaped (32 layers, 4096 wide, GQA 32/8, vocab 128256), random bf16
+weights, only q_proj/v_proj trainable in every layer, gradient checkpointing (non-reentrant): how
+people fine-tune at that size on one GPU.
 
     python scripts/bench_llama.py --out benchmarks
-    python scripts/bench_llama.py --tiny --device cpu --backend sdpa     # smoke test
+    python scripts/bench_llama.py --shape 8b --dists flan --modes padded,upstream,packed,oracle \
+        --backends torch,flash_attn --repeats 3
+    python scripts/bench_llama.py --tiny --device cpu --backends sdpa     # smoke test
 """
 
 from __future__ import annotations
@@ -16,12 +27,13 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import device_name, time_steps, write_outputs  # noqa: E402
+from _bench_common import device_name, failed_result, time_steps, write_outputs  # noqa: E402
 
 
 def lengths_for(dist: str, step: int, n: int, seed: int, cap: int) -> list[int]:
@@ -35,10 +47,31 @@ def lengths_for(dist: str, step: int, n: int, seed: int, cap: int) -> list[int]:
     return raw.round().clamp(lo, min(hi, cap)).long().tolist()
 
 
+SHAPES = {
+    "0.85b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+                  num_key_value_heads=8, vocab_size=32000),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
+}  # fmt: skip
+
+
 def build(args):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
+    if args.shape == "8b" and not args.tiny:
+        cfg = LlamaConfig(**SHAPES["8b"], max_position_embeddings=8192)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.bfloat16)  # initialise in bf16 on the device: no fp32 copy
+        try:
+            with torch.device(args.device):
+                model = LlamaForCausalLM(cfg).train()
+        finally:
+            torch.set_default_dtype(default)
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.endswith(("q_proj.weight", "v_proj.weight")))
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model, cfg
     if args.tiny:
         cfg = LlamaConfig(
             hidden_size=64,
@@ -50,33 +83,50 @@ def build(args):
             max_position_embeddings=4096,
         )
     else:
-        cfg = LlamaConfig(
-            hidden_size=2048,
-            intermediate_size=5632,
-            num_hidden_layers=16,
-            num_attention_heads=32,
-            num_key_value_heads=8,
-            vocab_size=32000,
-            max_position_embeddings=4096,
-        )
+        cfg = LlamaConfig(**SHAPES["0.85b"], max_position_embeddings=4096)
     model = LlamaForCausalLM(cfg).to(args.device).train()
     return model, cfg
 
 
-def run(dist: str, mode: str, args):
+def mean_length(dist: str, args, cap: int) -> int:
+    steps = range(args.warmup + args.steps)
+    total = sum(sum(lengths_for(dist, i, args.batch, args.seed, cap)) for i in steps)
+    return max(1, round(total / (len(steps) * args.batch)))
+
+
+def row_label(dist: str, mode: str, backend: str | None) -> str:
+    return (
+        f"{dist}: "
+        + {
+            "padded": "padded to longest, SDPA",
+            "upstream": "upstream packed (position_ids), SDPA",
+            "packed": f"packed + apply({backend})",
+            "oracle": "dense oracle (8 x mean length)",
+        }[mode]
+    )
+
+
+def run(dist: str, mode: str, args, backend: str | None = None):
     import hf_varlen_patch
 
-    model, cfg = args.builder(args)
+    if getattr(args, "model", None) is None:
+        args.model, args.cfg = args.builder(args)
+    model, cfg = args.model, args.cfg
     if mode == "packed":
-        hf_varlen_patch.apply(model, backend=args.backend, check_inputs=False)
-    opt = torch.optim.SGD(model.parameters(), lr=1e-5)
+        hf_varlen_patch.apply(model, backend=backend, check_inputs=False)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     cap = 128 if args.tiny else 2048
     params = sum(p.numel() for p in model.parameters())
+    oracle_len = mean_length(dist, args, cap)
 
     def step(i: int) -> float:
         lengths = lengths_for(dist, i, args.batch, args.seed, cap)
         seqs = [torch.randint(0, cfg.vocab_size, (n,)) for n in lengths]
-        if mode == "padded":
+        if mode == "oracle":
+            ids = torch.randint(0, cfg.vocab_size, (args.batch, oracle_len))
+            batch = dict(input_ids=ids, labels=ids)
+            lengths = [oracle_len] * args.batch
+        elif mode == "padded":
             width = max(lengths)
             ids = torch.zeros(len(seqs), width, dtype=torch.long)
             mask = torch.zeros_like(ids)
@@ -96,11 +146,30 @@ def run(dist: str, mode: str, args):
         opt.zero_grad(set_to_none=True)
         return float(sum(lengths))
 
-    label = f"{dist}: {'padded to longest, SDPA' if mode == 'padded' else 'packed + apply(' + args.backend + ')'}"
-    result = time_steps(step, steps=args.steps, warmup=args.warmup, row=label, note=f"{params / 1e9:.2f}B params")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    label = row_label(dist, mode, backend)
+    try:
+        result = time_steps(step, steps=args.steps, warmup=args.warmup, row=label, note=f"{params / 1e9:.2f}B params")
+    except Exception as err:  # out of memory or a failing implementation: a measured result
+        result = failed_result(label, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}")
+    finally:
+        if mode == "packed":
+            hf_varlen_patch.unapply(model)
+        opt.zero_grad(set_to_none=True)
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     return result
+
+
+def combine(runs: list) -> object:
+    """One row from its repeats: the median of their medians, the spread in the note."""
+    ok = [r for r in runs if not r.note.startswith("FAILED")]
+    if len(runs) == 1 or not ok:
+        return runs[0]
+    medians = sorted(r.median_ms for r in ok)
+    best = sorted(ok, key=lambda r: r.median_ms)[len(ok) // 2]
+    spread = f"repeats {', '.join(f'{m:.0f}' for m in (r.median_ms for r in runs))} ms"
+    hosts = ", ".join(f"{r.host_ms:.0f}" for r in ok)
+    return replace(best, note=f"{best.note}; {spread} (spread {medians[-1] / medians[0] - 1:.0%}); host {hosts} ms")
 
 
 def main(
@@ -118,7 +187,10 @@ def main(
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--backend", default="torch")
+    parser.add_argument("--modes", default="padded,packed", help="padded, upstream, packed, oracle")
+    parser.add_argument("--backends", default="torch", help="apply backends for the packed rows")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="0.85b")
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default="benchmarks")
@@ -127,29 +199,48 @@ def main(
 
     import transformers
 
-    results = []
-    for dist in args.dists.split(","):
-        for mode in ("padded", "packed"):
-            print(f"running {dist} {mode} ...", flush=True)
-            results.append(run(dist, mode, args))
-            r = results[-1]
-            print(f"  {r.median_ms:.1f} ms/step, {r.tokens_per_s:,.0f} tok/s, {r.peak_gb:.1f} GB", flush=True)
+    rows = [
+        (dist, mode, backend)
+        for dist in args.dists.split(",")
+        for mode in args.modes.split(",")
+        for backend in (args.backends.split(",") if mode == "packed" else [None])
+    ]
+    runs: dict[tuple, list] = {row: [] for row in rows}
+    for repeat in range(args.repeats):
+        for row in rows:
+            print(f"running {row_label(*row)} (repeat {repeat + 1}/{args.repeats}) ...", flush=True)
+            r = run(row[0], row[1], args, row[2])
+            runs[row].append(r)
+            print(f"  {r.median_ms:.1f} ms/step (host {r.host_ms:.1f}), {r.tokens_per_s:,.0f} tok/s, "
+                  f"{r.peak_gb:.1f} GB {r.note}", flush=True)  # fmt: skip
+    results = [combine(runs[row]) for row in rows]
     meta = dict(
         device=device_name(),
         torch=torch.__version__,
         transformers=transformers.__version__,
-        backend=args.backend,
+        backends=args.backends,
+        shape=args.shape,
+        repeats=args.repeats,
         **(extra_meta or {}),
         batch=args.batch,
         steps=args.steps,
         warmup=args.warmup,
     )
     table = write_outputs(results, Path(args.out), name, title, meta, results[0].row)
-    ratios = ["", "| mix | packed / padded tokens/s | packed / padded peak memory |", "| --- | --- | --- |"]
-    for k in range(0, len(results) - 1, 2):
-        pad, pack = results[k], results[k + 1]
-        mem = pack.peak_gb / pad.peak_gb if pad.peak_gb else float("nan")
-        ratios.append(f"| {pad.row.split(':')[0]} | {pack.tokens_per_s / pad.tokens_per_s:.2f}x | {mem:.2f}x |")
+    ratios = [
+        "",
+        "| row | tokens/s vs padded | peak memory vs padded | ms/step vs dense oracle |",
+        "| --- | --- | --- | --- |",
+    ]
+    by_row = dict(zip(rows, results))
+    for (dist, _mode, _backend), r in by_row.items():
+        pad, oracle = by_row.get((dist, "padded", None)), by_row.get((dist, "oracle", None))
+        if r.note.startswith("FAILED"):
+            continue
+        tok = f"{r.tokens_per_s / pad.tokens_per_s:.2f}x" if pad and pad.tokens_per_s else "-"
+        mem = f"{r.peak_gb / pad.peak_gb:.2f}x" if pad and pad.peak_gb else "-"
+        vs_oracle = f"{r.median_ms / oracle.median_ms:.2f}x" if oracle and oracle.median_ms == oracle.median_ms else "-"
+        ratios.append(f"| {r.row} | {tok} | {mem} | {vs_oracle} |")
     print("\n".join(ratios))
     (Path(args.out) / f"{name}.md").write_text(table + "\n" + "\n".join(ratios) + "\n")
 

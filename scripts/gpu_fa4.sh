@@ -1,15 +1,25 @@
 #!/usr/bin/env bash
-# FlashAttention-4 (flash-attn-4 4.0.0b36, module flash_attn.cute) onto the GPU machine (no network),
-# in stages. The wheels (pip download --no-deps --only-binary=:all: --python-version 3.12
-# --platform manylinux_2_28_x86_64 ...) are more than one call may carry, so:
+# flash-attn on the GPU machine (no network there), in stages; results under $OUT.
+#
+# FlashAttention-4 (flash-attn-4 4.0.0b36, module flash_attn.cute): the wheels (pip download
+# --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 ...) are
+# more than one call may carry, so:
 #   here:   bash scripts/gpu_fa4.sh split      cut the 92 MB libs-cu13 wheel into .whl/fa4/part1 and part2
 #   call 1: bash scripts/gpu_fa4.sh stash      (carry .whl/fa4/part1) copies part 1 to /tmp/fa4
-#   call 2: bash scripts/gpu_fa4.sh install probe bench   (carry .whl/fa4/part2, within 30 s of call 1)
-# install joins the parts and installs everything with --target /tmp/site; probe runs scripts/fa4_probe.py.
+#   call 2: bash scripts/gpu_fa4.sh install tests compile   (carry .whl/fa4/part2, within 30 s of call 1)
+#   call 3: bash scripts/gpu_fa4.sh bench-gpt2 bench-llama  (the machine still warm: /tmp/site stays)
+# FA2 (flash-attn 2.8.3, source only: .whl/fa2/flash_attn-2.8.3.tar.gz from PyPI's files host):
+#   fa2-start   build it for sm_90 in the background (FLASH_ATTN_CUDA_ARCHS=90, MAX_JOBS), log in /tmp/fa2
+#   fa2-wait    wait for the build (at most FA2_WAIT seconds), report objects built and elapsed time
+#   fa2-tests   install the wheel into /tmp/site_fa2 and run the flash GPU tests with FA2 alone
 set -euo pipefail
 W="${W:-.whl/fa4}"
 SITE=/tmp/site
-export PYTHONPATH="$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages${PYTHONPATH:+:$PYTHONPATH}"
+OUT="${OUT:-/tmp/out}"
+mkdir -p "$OUT"
+FA4_PATH="$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages"
+with_fa4() { PYTHONPATH="$FA4_PATH${PYTHONPATH:+:$PYTHONPATH}" "$@"; }
+install_self() { python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1; }
 for stage in "$@"; do
   echo "== $stage ($(date +%T))"
   case "$stage" in
@@ -21,7 +31,8 @@ for stage in "$@"; do
       for w in "$W"/*.whl; do case "$w" in *libs_cu13*) ;; *cuda_bindings*) cp "$w" "$W/part2/" ;; *) cp "$w" "$W/part1/" ;; esac; done
       du -sh "$W/part1" "$W/part2" ;;
     stash)
-      mkdir -p /tmp/fa4 && cp "$W"/part1/* /tmp/fa4/ && ls /tmp/fa4 | wc -l ;;
+      mkdir -p /tmp/fa4 && cp "$W"/part1/* /tmp/fa4/ && ls /tmp/fa4 | wc -l
+      nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,power.draw --format=csv ;;
     install)
       cp "$W"/part2/* /tmp/fa4/
       cd /tmp/fa4 && cat nvidia_cutlass_dsl_libs_cu13-*.whl.part00 nvidia_cutlass_dsl_libs_cu13-*.whl.part01 \
@@ -30,14 +41,44 @@ for stage in "$@"; do
       python3 -c "import cuda.bindings" 2>/dev/null && rm -f /tmp/fa4/cuda_bindings-* /tmp/fa4/cuda_python-* /tmp/fa4/cuda_pathfinder-*
       python3 -c "import google.protobuf" 2>/dev/null && rm -f /tmp/fa4/protobuf-*
       python3 -m pip install -q --no-deps --target "$SITE" /tmp/fa4/*.whl
-      python3 -c "import flash_attn.cute as f; print('flash_attn.cute', f.flash_attn_varlen_func.__module__)" ;;
+      with_fa4 python3 -c "import flash_attn.cute as f; print('flash_attn.cute', f.flash_attn_varlen_func.__module__)"
+      install_self ;;
+    tests)  # every GPU test, the flash ones on the real FA4
+      install_self
+      with_fa4 python3 -m pytest tests/test_gpu.py -q -x -p no:cacheprovider -s -k "${TESTS:-flash_attn or compiled}" \
+        2>&1 | grep -E "relative error|compiled:|passed|failed|PASS|FAIL|Error|error" | tail -${TAIL:-150} | tee "$OUT/gpu_tests_fa4.log" ;;
     probe)
-      python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
-      python3 scripts/fa4_probe.py 2>&1 | tee "${OUT:-/tmp}/fa4_probe.log" ;;
-    bench)  # the GPT-2 packing experiment's packed rows, torch then flash_attn backend, one call
+      with_fa4 python3 scripts/fa4_probe.py 2>&1 | tee "$OUT/fa4_probe.log" ;;
+    compile)  # graph breaks and recompiles with inductor and the real kernels
       for backend in torch flash_attn; do
-        python3 scripts/bench_gpt2.py --backend "$backend" --rows "${ROWS:-c_patched_eager,c_patched_compiled}" \
-          --out "${OUT:-/tmp}/gpt2_$backend" 2>&1 | grep -vi "warn\|exe_args" | tail -6
+        with_fa4 python3 scripts/compile_check.py --device cuda --dtype bfloat16 --backend "$backend" \
+          --compiler inductor --batches 20 --types "${TYPES:-llama,gpt2,mistral,qwen2,gemma2,qwen3}" 2>&1 \
+          | grep -v "^\[transformers\]" | tee "$OUT/compile_$backend.md" || true
       done ;;
+    bench-gpt2)  # the GPT-2 table, every row, both backends, one run
+      with_fa4 python3 scripts/bench_gpt2.py --backends torch,flash_attn --out "$OUT/gpt2" 2>&1 \
+        | grep -vi "warn\|exe_args" | tail -${TAIL:-40} ;;
+    bench-llama)  # Llama-3-8B shape with gradient checkpointing, repeated for the spread
+      with_fa4 python3 scripts/bench_llama.py --shape 8b --dists flan --modes padded,upstream,packed,oracle \
+        --backends torch,flash_attn --repeats "${REPEATS:-3}" --steps "${STEPS:-6}" --warmup 2 --out "$OUT/llama8b" 2>&1 \
+        | grep -vi "warn" | tail -${TAIL:-40} ;;
+    fa2-start)
+      mkdir -p /tmp/fa2 && tar xzf .whl/fa2/flash_attn-2.8.3.tar.gz -C /tmp/fa2
+      date +%s > /tmp/fa2/started
+      (cd /tmp/fa2/flash_attn-2.8.3 && FLASH_ATTENTION_FORCE_BUILD=TRUE FLASH_ATTN_CUDA_ARCHS=90 MAX_JOBS="${MAX_JOBS:-15}" \
+        NVCC_THREADS=1 nohup python3 -m pip wheel -v --no-build-isolation --no-deps -w /tmp/fa2/wheel . \
+        > /tmp/fa2/build.log 2>&1; echo "exit $?" >> /tmp/fa2/build.log; date +%s > /tmp/fa2/finished) &
+      sleep 5; tail -3 /tmp/fa2/build.log ;;
+    fa2-wait)
+      end=$(( $(date +%s) + ${FA2_WAIT:-540} ))
+      while [ ! -f /tmp/fa2/finished ] && [ "$(date +%s)" -lt "$end" ]; do sleep 10; done
+      built=$(find /tmp/fa2/flash_attn-2.8.3/build -name "*.o" 2>/dev/null | wc -l)
+      echo "objects built: $built of 73; elapsed $(( $(date +%s) - $(cat /tmp/fa2/started) )) s; finished: $([ -f /tmp/fa2/finished ] && echo yes || echo no)"
+      grep -E "error|Error|exit" /tmp/fa2/build.log | tail -5; cp /tmp/fa2/build.log "$OUT/fa2_build.log" ;;
+    fa2-tests)
+      python3 -m pip install -q --no-deps --target /tmp/site_fa2 /tmp/fa2/wheel/flash_attn-*.whl
+      PYTHONPATH=/tmp/site_fa2 python3 -c "import flash_attn; print('flash_attn', flash_attn.__version__)"
+      PYTHONPATH=/tmp/site_fa2 python3 -m pytest tests/test_gpu.py -q -x -p no:cacheprovider -s -k "flash_attn" 2>&1 \
+        | grep -E "relative error|compiled:|passed|failed|Error" | tail -60 | tee "$OUT/gpu_tests_fa2.log" ;;
   esac
 done

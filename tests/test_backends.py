@@ -3,6 +3,7 @@ signatures of the kernels they wrap; the auto/named selection rules."""
 
 import inspect
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
 import pytest
@@ -186,7 +187,74 @@ def fake_fa4(
     assert qv is None and isinstance(cu_seqlens_q, torch.Tensor) and isinstance(max_seqlen_q, int)
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     out = _fake_flash_semantics(q, k, v, cu_seqlens_q, causal, *window_size, scale, softcap, None, learnable_sink)
-    return out, None
+    return out, torch.zeros(q.shape[1], q.shape[0]) if return_lse else None
+
+
+def fake_fa4_bwd(
+    q,
+    k,
+    v,
+    out,
+    dout,
+    lse,
+    softmax_scale=None,
+    causal=False,
+    softcap=0.0,
+    window_size_left=None,
+    window_size_right=None,
+    m_block_size=64,
+    n_block_size=128,
+    num_threads=256,
+    pack_gqa=False,
+    num_stages_Q=2,
+    num_stages_dO=2,
+    SdP_swapAB=False,
+    dKV_swapAB=False,
+    dQ_swapAB=False,
+    AtomLayoutMSdP=2,
+    AtomLayoutNdKV=2,
+    AtomLayoutMdQ=2,
+    V_in_regs=False,
+    cu_seqlens_q=None,
+    cu_seqlens_k=None,
+    seqused_q=None,
+    seqused_k=None,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    deterministic=False,
+    dq=None,
+    dk=None,
+    dv=None,
+    score_mod=None,
+    score_mod_bwd=None,
+    mask_mod=None,
+    aux_tensors=None,
+    aux_scalars=None,
+    block_sparse_tensors=None,
+    dlse=None,
+    learnable_sink=None,
+):
+    """FA4's backward by autograd through the reference (the kernel's maths, not its code)."""
+    assert torch.equal(cu_seqlens_q, cu_seqlens_k) and lse.shape == (q.shape[1], q.shape[0])
+    assert window_size_right is None or window_size_right == (0 if causal else window_size_left)
+    spec = AttentionSpec(
+        causal=causal,
+        scale=softmax_scale,
+        window=None if window_size_left is None else window_size_left + 1,
+        softcap=softcap or None,
+        sinks=None if learnable_sink is None else learnable_sink.detach().requires_grad_(),
+    )
+    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
+    b = Boundaries.from_cu_seqlens(cu_seqlens_q, max_seqlen_q, shape=(1, q.shape[0]))
+
+    def grads():
+        ref = reference_attention(*inputs, b, spec)
+        wrt = inputs + ([spec.sinks] if learnable_sink is not None else [])
+        return torch.autograd.grad(ref, wrt, dout)
+
+    # a custom op's implementation runs below autograd; a fresh thread has autograd again
+    with ThreadPoolExecutor(1) as pool:
+        return pool.submit(grads).result()
 
 
 #: The real kernels' parameters, in order, as published (the fakes above must declare exactly these,
@@ -200,24 +268,31 @@ REAL_SIGNATURES = {
     "gather_kv_indices page_table softmax_scale causal window_size learnable_sink softcap num_splits pack_gqa "
     "deterministic score_mod score_mod_bwd mask_mod block_sparse_tensors aux_tensors aux_scalars return_lse "
     "scheduler_metadata seqlen_k_per_split disable_scheduler_metadata gather_bwd_recompute_p gather_bwd_token_chunk",
+    fake_fa4_bwd: "q k v out dout lse softmax_scale causal softcap window_size_left window_size_right m_block_size "
+    "n_block_size num_threads pack_gqa num_stages_Q num_stages_dO SdP_swapAB dKV_swapAB dQ_swapAB AtomLayoutMSdP "
+    "AtomLayoutNdKV AtomLayoutMdQ V_in_regs cu_seqlens_q cu_seqlens_k seqused_q seqused_k max_seqlen_q max_seqlen_k "
+    "deterministic dq dk dv score_mod score_mod_bwd mask_mod aux_tensors aux_scalars block_sparse_tensors dlse "
+    "learnable_sink",
 }
 
 
-@pytest.mark.parametrize("fake", list(REAL_SIGNATURES), ids=["fa2_2.8.3", "fa4_4.0.0b36"])
+@pytest.mark.parametrize("fake", list(REAL_SIGNATURES), ids=["fa2_2.8.3", "fa4_4.0.0b36", "fa4_bwd_4.0.0b36"])
 def test_flash_fakes_declare_the_real_signatures(fake):
     assert list(inspect.signature(fake).parameters) == REAL_SIGNATURES[fake].split()
 
 
 @contextmanager
-def _fake_flash(fn):
-    flash._flash.cache_clear()
-    original = flash._flash
-    flash._flash = lambda: (fn, dict(inspect.signature(fn).parameters), "fake")
+def _fake_flash(fn, module="fake", backward=None):
+    saved = dict(flash._FOUND)
+    flash._FOUND.clear()
+    flash._FOUND["found"] = (fn, dict(inspect.signature(fn).parameters), module)
+    if backward is not None:
+        flash._FOUND["cute_bwd"] = backward
     try:
         yield
     finally:
-        flash._flash = original
-        original.cache_clear()
+        flash._FOUND.clear()
+        flash._FOUND.update(saved)
 
 
 @pytest.mark.parametrize(
@@ -238,6 +313,55 @@ def test_flash_adapter_maps_the_spec(fake, names):
             got = flash.flash_varlen_attention(q, k, v, b, spec)
             assert (got.double() - naive(q, k, v, b.cu_seqlens.tolist(), spec)).abs().max() < FP64_TOL, name
     assert ("alibi" in feats) == (fake is fake_fa2) and ("sinks" in feats) == (fake is fake_fa4)
+
+
+def _cute_args(spec, seed=3):
+    q, k, v = (t.requires_grad_() for t in _inputs(seed))
+    b = Boundaries.from_position_ids(POS.reshape(1, -1))
+    return q, k, v, b
+
+
+@pytest.mark.parametrize("name", ["causal", "window", "softcap", "scale", "sinks", "bidirectional_window"])
+def test_fa4_runs_as_custom_ops_forward_and_backward(name):
+    """FA4 (flash_attn.cute) goes through hf_varlen's custom ops: outputs and gradients (sinks
+    included) are the kernel's, the ops pass torch.library.opcheck (schema, fake tensors,
+    autograd registration, AOT dispatch with dynamic shapes)."""
+    spec = SPECS[name]
+    if spec.sinks is not None:
+        spec = AttentionSpec(sinks=spec.sinks.clone().requires_grad_())
+    q, k, v, b = _cute_args(spec)
+    with _fake_flash(fake_fa4, module=flash.CUTE, backward=fake_fa4_bwd):
+        got = flash.flash_varlen_attention(q, k, v, b, spec)
+        assert (got.double() - naive(q, k, v, b.cu_seqlens.tolist(), spec)).abs().max() < FP64_TOL
+        dout = torch.randn_like(got)
+        wrt = [q, k, v] + ([spec.sinks] if spec.sinks is not None else [])
+        grads = torch.autograd.grad(got, wrt, dout)
+        expected = torch.autograd.grad(reference_attention(q, k, v, b, spec), wrt, dout)
+        for g, e in zip(grads, expected):
+            assert (g - e).abs().max() < 1e-5
+        left, right = flash._window(flash._flash()[1], spec)["window_size"]
+        args = (
+            q,
+            k,
+            v,
+            b.cu_seqlens,
+            b.max_seqlen,
+            spec.scale or 8**-0.5,
+            spec.causal,
+            left,
+            right,
+            float(spec.softcap or 0.0),
+            spec.sinks,
+        )
+        torch.library.opcheck(torch.ops.hf_varlen.flash_cute_varlen_fwd, args)
+
+
+def test_fa4_custom_op_keeps_one_graph():
+    spec = SPECS["window"]
+    q, k, v, b = _cute_args(spec)
+    with _fake_flash(fake_fa4, module=flash.CUTE, backward=fake_fa4_bwd):
+        explained = torch._dynamo.explain(lambda q, k, v: flash.flash_varlen_attention(q, k, v, b, spec) * 2)(q, k, v)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
 
 
 def fake_varlen_211(

@@ -144,3 +144,90 @@ def test_no_device_sync_inside_layers_with_collator_kwargs():
             model(input_ids=ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=40, max_length_k=40, use_cache=False)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+def _flash_or_skip():
+    from hf_varlen_patch.backends import flash
+
+    if flash._flash() is None:
+        pytest.skip("flash-attn is not installed on this machine")
+    return flash._flash()[2]
+
+
+@pytest.mark.parametrize("model_type, variant", registered_variants())
+def test_bf16_flash_attn_backend(model_type, variant):
+    """The real flash-attn kernel (FA4, FA3 or FA2, whichever is installed) serves every layer
+    whose features it has, packed == separate within bf16's noise, forward and gradients; what it
+    lacks is refused by name."""
+    _flash_or_skip()
+    try:
+        used = _bf16_check(model_type, variant, "flash_attn")
+    except BackendUnavailableError as err:
+        missing = re.search(r"lacks \[(.*?)\]", str(err))
+        assert missing and any(f in missing.group(1) for f in ("alibi", "dropout", "value_head_dim", "sinks")), err
+        return
+    assert set(used) == {"flash_attn"} or (not used and model_type in ATTENTION_FREE)
+
+
+COMPILE_LAYOUTS = [[1, 33, 7, 64, 64, 2], [5, 9, 3, 11, 40, 64, 2, 17]]
+
+
+def _compiled_run(compiled, model, lengths, vocab, seed):
+    """One packed training step through ``compiled`` with the collator's kwargs, as a Run."""
+    from hf_varlen_patch.testing import Run, _grads, _token_loss_sum
+
+    batch = make_packed_batch([lengths], vocab, seed=seed).to("cuda")
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    kwargs = dict(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths), max_length_k=max(lengths))
+    model.zero_grad(set_to_none=True)
+    out = compiled(input_ids=batch.input_ids, use_cache=False, **kwargs)
+    pieces = [out.logits[r, s : s + n] for r, s, n in batch.spans]
+    loss = sum(_token_loss_sum(p, q) for p, q in zip(pieces, batch.sequences)) / sum(n - 1 for n in lengths)
+    loss.backward()
+    return Run([p.detach().float() for p in pieces], float(loss.detach()), None, _grads(model)), batch
+
+
+@pytest.mark.parametrize(
+    "model_type, backend", [("llama", "torch"), ("mistral", "torch"), ("llama", "flash_attn"), ("gemma2", "flash_attn")]
+)
+def test_compiled_packed_step_is_one_graph_on_the_gpu(model_type, backend):
+    """inductor, bf16, the real kernel: no graph break, at most two recompiles over 20 batches of
+    new lengths, and the compiled packed step equals the separate bf16 runs within bf16's noise."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    if backend == "flash_attn":
+        _flash_or_skip()
+    torch._dynamo.reset()
+    fp32 = _eager_experts(tiny_model(model_type, next(iter(test_variants(model_type))), device="cuda").train())
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    vocab = fp32.config.vocab_size
+    truths = [
+        (
+            run_separate(fp32, make_packed_batch([r], vocab, seed=i)),
+            run_separate(bf16, make_packed_batch([r], vocab, seed=i)),
+        )
+        for i, r in enumerate(COMPILE_LAYOUTS)
+    ]
+    hf_varlen_patch.apply(bf16, backend=backend, check_inputs=False)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(bf16, backend=counter)
+    batch = make_packed_batch([COMPILE_LAYOUTS[0]], vocab).to("cuda")
+    cu = torch.tensor([0, *torch.tensor(COMPILE_LAYOUTS[0]).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+    explained = torch._dynamo.explain(bf16)(
+        input_ids=batch.input_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=64, max_length_k=64, use_cache=False
+    )
+    assert explained.graph_break_count == 0, [str(r.reason)[:300] for r in explained.break_reasons]
+    gen = torch.Generator().manual_seed(0)
+    for i in range(20):
+        lengths = torch.randint(1, 80, (int(torch.randint(2, 7, (1,), generator=gen)),), generator=gen).tolist()
+        _compiled_run(compiled, bf16, lengths, vocab, 100 + i)
+    assert counter.frame_count <= 3, counter.frame_count
+    for (truth, separate), lengths in zip(truths, COMPILE_LAYOUTS):
+        packed, _ = _compiled_run(compiled, bf16, lengths, vocab, COMPILE_LAYOUTS.index(lengths))
+        noise, err = relative_errors(separate, truth), relative_errors(packed, separate)
+        print(
+            f"{model_type} {backend} compiled: logits {err[0]:.2e} (noise {noise[0]:.2e}), "
+            f"grads {err[1]:.2e} (noise {noise[1]:.2e})"
+        )
+        assert err[0] <= 2 * noise[0] and err[1] <= 2 * noise[1], (err, noise)
+    hf_varlen_patch.unapply(bf16)

@@ -19,12 +19,13 @@ import torch
 
 from ..boundaries import Boundaries
 from ..errors import BackendUnavailableError
+from ..memo import computed_once
 from . import AttentionSpec, Backend, register_backend
 
 logger = logging.getLogger("hf_varlen_patch")
 
 
-@functools.cache
+@computed_once
 def _flex():
     try:
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
@@ -33,7 +34,7 @@ def _flex():
     return flex_attention, create_block_mask
 
 
-@functools.cache
+@functools.cache  # eager only (never traced)
 def _compiled_kernel():
     return torch.compile(_flex()[0], dynamic=True)
 
@@ -64,12 +65,12 @@ def _run(kernel_key: tuple, device: torch.device, *args, **kwargs):
         ) from err
 
 
-@functools.cache
+@computed_once
 def _takes_return_aux() -> bool:
     return "return_aux" in inspect.signature(_flex()[0]).parameters
 
 
-@functools.cache
+@computed_once
 def _mask_takes_compile() -> bool:
     return "_compile" in inspect.signature(_flex()[1]).parameters
 

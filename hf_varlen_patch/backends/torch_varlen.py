@@ -8,7 +8,6 @@ reads the installed signature once and maps the spec onto whichever form is ther
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
@@ -17,13 +16,21 @@ from ..boundaries import Boundaries
 from . import AttentionSpec, Backend, register_backend
 
 
-@functools.cache
-def _varlen() -> tuple[object, frozenset[str]] | None:
+def _find_varlen() -> tuple[object, frozenset[str]] | None:
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return None
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+#: Read once at import, not through functools.cache: dynamo warns at every cached call it traces.
+#: ``varlen_attn`` is a torch custom op with its own fake and backward, so compiled graphs keep it.
+_VARLEN = _find_varlen()
+
+
+def _varlen() -> tuple[object, frozenset[str]] | None:
+    return _VARLEN
 
 
 def _features() -> frozenset[str]:

@@ -15,7 +15,6 @@ paths run instead.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import inspect
 import os
@@ -23,6 +22,8 @@ from collections import Counter
 from collections.abc import Callable
 
 import torch
+
+from ..memo import computed_once
 
 __all__ = ["kernel", "kernels_enabled", "call_with_supported", "KERNEL_USAGE"]
 
@@ -54,7 +55,7 @@ def kernels_enabled(name: str | None = None) -> bool:
     return setting == "all" or name is None or name in VERIFIED
 
 
-@functools.cache
+@computed_once
 def _load(name: str) -> Callable | None:
     module, attr = KERNELS[name]
     try:
@@ -73,7 +74,7 @@ def kernel(name: str, *tensors: torch.Tensor) -> Callable | None:
     return found
 
 
-@functools.cache
+@computed_once
 def _parameters(fn: Callable) -> frozenset[str]:
     return frozenset(inspect.signature(fn).parameters)
 

@@ -1,0 +1,124 @@
+"""torch.compile on patched models: graph breaks (torch._dynamo.explain) and recompiles.
+
+For each registered model_type's tiny twin, patched with ``--backend``: the graph breaks of one
+packed forward (and their reasons), then the number of compilations over ``--batches`` packed
+training steps of new lengths, and whether the compiled step's loss and gradients equal the eager
+step's. ``--layout cu`` feeds the collator's ``cu_seq_lens_q/k`` + ``max_length_q/k``
+(``PackingCollator(return_flash_attn_kwargs=True)``, ``DataCollatorWithFlattening``);
+``--layout pos`` only ``position_ids``, which the entry reads on the host (one graph break).
+
+    python scripts/compile_check.py                                  # every type, CPU, sdpa, cu
+    python scripts/compile_check.py --types llama,gpt2 --layout pos
+    python scripts/compile_check.py --device cuda --dtype bfloat16 --backend flash_attn --compiler inductor
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import warnings
+
+import torch
+
+import hf_varlen_patch
+from hf_varlen_patch.testing import registered_variants, tiny_model
+
+
+def packed_inputs(lengths: list[int], vocab: int, layout: str, device: str, seed: int) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    total = sum(lengths)
+    ids = torch.randint(1, vocab, (1, total), generator=gen).to(device)
+    batch = dict(input_ids=ids, labels=ids.clone(), use_cache=False)
+    if layout == "pos":
+        batch["position_ids"] = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
+    else:
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device=device)
+        batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths), max_length_k=max(lengths))
+    return batch
+
+
+def step(model, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
+
+
+def check(model_type: str, variant: str, args) -> dict:
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    dtype = getattr(torch, args.dtype)
+    model = tiny_model(model_type, variant, device=args.device, dtype=dtype).train()
+    hf_varlen_patch.apply(model, backend=args.backend, check_inputs=args.check_inputs)
+    vocab = model.config.get_text_config().vocab_size
+    rng = random.Random(args.seed)
+    batches = [
+        packed_inputs([rng.randint(2, 24) for _ in range(rng.randint(2, 5))], vocab, args.layout, args.device, i)
+        for i in range(args.batches)
+    ]
+    explained = torch._dynamo.explain(model)(**batches[0])
+    reasons = sorted({str(r.reason).splitlines()[0][:160] for r in explained.break_reasons})
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend(args.compiler)
+    compiled = torch.compile(model, backend=counter)
+    worst = 0.0
+    for batch in batches:
+        loss_c, grads_c = step(compiled, batch)
+        if len(grads_c) == 0:
+            raise RuntimeError("no gradients")
+    for batch in batches[-2:]:
+        loss_c, grads_c = step(compiled, batch)
+        loss_e, grads_e = step(model, batch)
+        worst = max(
+            [worst, float((loss_c - loss_e).abs())] + [float((a - b).abs().max()) for a, b in zip(grads_c, grads_e)]
+        )
+    hf_varlen_patch.unapply(model)
+    return dict(
+        graphs=explained.graph_count,
+        breaks=explained.graph_break_count,
+        reasons=reasons,
+        compiles=counter.frame_count,
+        compiled_vs_eager=worst,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--types", default="", help="comma-separated model_types (default: every registered one)")
+    parser.add_argument("--layout", choices=("cu", "pos"), default="cu")
+    parser.add_argument("--backend", default="sdpa")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--compiler", default="aot_eager", help="torch.compile backend for the recompile count")
+    parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument("--check-inputs", action="store_true", help="validate cu_seq_lens (a host sync per step)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    variants = dict(registered_variants())
+    types = args.types.split(",") if args.types else sorted(variants)
+    failures = 0
+    print(f"layout={args.layout} backend={args.backend} device={args.device} compiler={args.compiler}")
+    print("| model_type | graphs | breaks | compiles over batches | compiled vs eager | break reasons |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for model_type in types:
+        try:
+            r = check(model_type, variants.get(model_type, "default"), args)
+        except Exception as err:  # a failure is a result to report
+            failures += 1
+            print(
+                f"| {model_type} | ERROR | | | | {type(err).__name__}: {str(err).splitlines()[0][:200]} |", flush=True
+            )
+            continue
+        print(
+            f"| {model_type} | {r['graphs']} | {r['breaks']} | {r['compiles']} | {r['compiled_vs_eager']:.1e} | "
+            f"{'; '.join(r['reasons'])} |",
+            flush=True,
+        )
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()
