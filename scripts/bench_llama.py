@@ -176,7 +176,7 @@ def main(
     *,
     builder=build,
     name: str = "llama_padding_vs_packing",
-    title: str = "Llama-style 0.85B: padding vs packing",
+    title: str = "",
     extra_meta: dict | None = None,
     description: str = __doc__,
 ) -> None:
@@ -226,6 +226,13 @@ def main(
         steps=args.steps,
         warmup=args.warmup,
     )
+    if not title:
+        size = (
+            "tiny"
+            if args.tiny
+            else {"0.85b": "0.85B", "8b": "Llama-3-8B-shaped, q/v trainable, checkpointed"}[args.shape]
+        )
+        title = f"Llama-style ({size}): padding vs packing"
     table = write_outputs(results, Path(args.out), name, title, meta, results[0].row)
     ratios = [
         "",

@@ -55,8 +55,36 @@ def _eager_experts(model):
     return model
 
 
-def _bf16_check(model_type, variant, backend, grads=True):
-    fp32 = _eager_experts(tiny_model(model_type, variant, device="cuda").train())
+def _widened(model_type, variant):
+    """The twin with heads of at least 32 (flash kernels' smallest trained head dim, see
+    CUTE_MIN_TRAIN_HEAD_DIM): hidden sizes and explicit head dims scaled up by the same factor."""
+    from transformers import AutoModelForCausalLM
+
+    from hf_varlen_patch.patching import nested_configs
+    from hf_varlen_patch.testing import long_memory
+
+    config = copy.deepcopy(test_variants(model_type)[variant])
+    for sub in nested_configs(config):
+        heads, hidden = getattr(sub, "num_attention_heads", None), getattr(sub, "hidden_size", None)
+        if not heads or not hidden:
+            continue
+        head_dim = getattr(sub, "head_dim", None) or hidden // heads
+        if head_dim >= 32:
+            continue
+        factor = -(-32 // head_dim)
+        sub.hidden_size = hidden * factor
+        if vars(sub).get("head_dim"):  # (a property on some configs: derived from hidden_size)
+            sub.head_dim = head_dim * factor
+    torch.manual_seed(0)
+    try:
+        return long_memory(AutoModelForCausalLM.from_config(config))
+    except Exception:  # sizes tied to the head dim (longrope factors): the twin as it is
+        return tiny_model(model_type, variant)
+
+
+def _bf16_check(model_type, variant, backend, grads=True, widen=False):
+    model = _widened(model_type, variant) if widen else tiny_model(model_type, variant)
+    fp32 = _eager_experts(model.to("cuda").train())
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     for layout in LAYOUTS:
         batch = make_packed_batch(vocab_size=fp32.config.vocab_size, **layout)
@@ -161,12 +189,24 @@ def test_bf16_flash_attn_backend(model_type, variant):
     lacks is refused by name."""
     _flash_or_skip()
     try:
-        used = _bf16_check(model_type, variant, "flash_attn")
+        used = _bf16_check(model_type, variant, "flash_attn", widen=True)
     except BackendUnavailableError as err:
+        if "backward is wrong for" in str(err):  # a twin whose heads could not be widened
+            return
         missing = re.search(r"lacks \[(.*?)\]", str(err))
         assert missing and any(f in missing.group(1) for f in ("alibi", "dropout", "value_head_dim", "sinks")), err
         return
     assert set(used) == {"flash_attn"} or (not used and model_type in ATTENTION_FREE)
+
+
+def test_flash_attn_refuses_to_train_heads_fa4_gets_wrong():
+    """FA4 4.0.0b36's backward is wrong for 16-dim heads (scripts/fa4_grad_probe.py): training
+    there is refused by name, and auto runs those layers on another backend, correctly."""
+    if _flash_or_skip() != "flash_attn.cute":
+        pytest.skip("the installed flash-attn is not FA4")
+    with pytest.raises(BackendUnavailableError, match="backward is wrong for 16-dim heads"):
+        _bf16_check("llama", "default", "flash_attn")
+    assert "flash_attn" not in _bf16_check("llama", "default", "auto")
 
 
 COMPILE_LAYOUTS = [[1, 33, 7, 64, 64, 2], [5, 9, 3, 11, 40, 64, 2, 17]]
@@ -198,7 +238,7 @@ def test_compiled_packed_step_is_one_graph_on_the_gpu(model_type, backend):
     if backend == "flash_attn":
         _flash_or_skip()
     torch._dynamo.reset()
-    fp32 = _eager_experts(tiny_model(model_type, next(iter(test_variants(model_type))), device="cuda").train())
+    fp32 = _eager_experts(_widened(model_type, next(iter(test_variants(model_type)))).to("cuda").train())
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
     vocab = fp32.config.vocab_size
     truths = [
