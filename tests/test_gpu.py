@@ -76,9 +76,12 @@ def _widened(model_type, variant):
         if vars(sub).get("head_dim"):  # (a property on some configs: derived from hidden_size)
             sub.head_dim = head_dim * factor
     torch.manual_seed(0)
-    try:
-        return long_memory(AutoModelForCausalLM.from_config(config))
-    except Exception:  # sizes tied to the head dim (longrope factors): the twin as it is
+    try:  # built and run once on the CPU: a CUDA error would poison every later test
+        model = long_memory(AutoModelForCausalLM.from_config(config))
+        with torch.no_grad():
+            model(input_ids=torch.ones(1, 8, dtype=torch.long), use_cache=False)
+        return model
+    except Exception:  # sizes tied to the head dim (rope factors, partial rotary): the twin as it is
         return tiny_model(model_type, variant)
 
 
