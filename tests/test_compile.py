@@ -11,14 +11,16 @@ import warnings
 
 import pytest
 import torch
+import transformers
 from torch._dynamo.testing import CompileCounterWithBackend
 
 import hf_varlen_patch
 from hf_varlen_patch.testing import make_packed_batch, run_separate, test_variants, tiny_model
 
 #: one per way boundaries reach attention: kwargs (llama), absolute positions (gpt2), sliding
-#: window + softcap alternation (gemma2), ALiBi (bloom), a recurrent hybrid (qwen3_next)
-FAMILIES = ["llama", "gpt2", "gemma2", "bloom", "qwen3_next"]
+#: window + softcap alternation (gemma2), ALiBi (bloom), a recurrent hybrid (qwen3_next; on 4.57
+#: upstream's own ``_update_linear_attn_mask`` branches on tensor values, a break of its own)
+FAMILIES = ["llama", "gpt2", "gemma2", "bloom"] + (["qwen3_next"] if transformers.__version__ >= "5" else [])
 
 
 def _model(model_type, **kwargs):

@@ -1,0 +1,268 @@
+"""Packed + apply under distributed training == one process training padded on the global batch.
+
+Run with torchrun (or ``python -m torch.distributed.run``), one process per rank:
+
+    torchrun --nproc_per_node 2 scripts/distributed_equivalence.py --engine ddp   # CPU, gloo
+    torchrun --nproc_per_node 2 scripts/distributed_equivalence.py --engine fsdp2 --device cuda \\
+        --dtype bfloat16 --model-type llama --size 1b                                # 2 GPUs, nccl
+
+Every step, each rank takes its own sequences (different counts and lengths per rank, so its
+packed row has its own token count), packs them into one row and trains through DDP or FSDP2
+(``fully_shard`` per decoder layer and at the root). The loss is normalised over the *global*
+number of targets, as Trainer does with ``num_items_in_batch``: each rank passes it to the
+model's loss and scales by the world size, which the gradient averaging divides out. Rank 0 then
+trains a copy of the initial model in one process, padded, on the same global batch, and
+compares every parameter. It also counts the collectives each rank's packed steps issued (from
+the profiler), with and without the patch (``--no-apply`` runs the same check unpatched). Writes JSON to
+``--out`` (rank 0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import random
+from collections import Counter
+
+import torch
+import torch.distributed as dist
+
+import hf_varlen_patch
+
+
+def collective_counts(prof) -> dict[str, int]:
+    """Collectives the profiler saw, by name (``c10d::`` ops and the process group's own events:
+    DDP's bucketed all-reduce from C++ and FSDP2's all-gathers/reduce-scatters alike)."""
+    counts: Counter[str] = Counter()
+    for event in prof.events():
+        if event.name.startswith(("c10d::", "gloo:", "nccl:")):
+            counts[event.name] += 1
+    return dict(counts)
+
+
+def build_model(args):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from hf_varlen_patch.testing import tiny_model
+
+    if args.size == "tiny":
+        return tiny_model(args.model_type)
+    assert args.model_type == "llama", "--size 1b builds a Llama-style model"
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=32000, max_position_embeddings=4096)  # fmt: skip
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def global_batches(args, vocab: int, world: int) -> list[list[list[torch.Tensor]]]:
+    """batches[step][rank] = that rank's sequences (a rank-dependent count and lengths)."""
+    rng = random.Random(args.seed)
+    gen = torch.Generator().manual_seed(args.seed)
+    out = []
+    for _ in range(args.steps):
+        step = []
+        for rank in range(world):
+            count = rng.randint(1, args.max_sequences) + rank  # ranks differ in count and tokens
+            step.append([torch.randint(1, vocab, (rng.randint(2, args.max_len),), generator=gen) for _ in range(count)])
+        out.append(step)
+    return out
+
+
+def packed_inputs(seqs: list[torch.Tensor], device) -> dict:
+    ids = torch.cat(seqs)[None]
+    pos = torch.cat([torch.arange(len(s)) for s in seqs])[None]
+    return dict(input_ids=ids.to(device), position_ids=pos.to(device), labels=ids.clone().to(device))
+
+
+def padded_inputs(seqs: list[torch.Tensor], device) -> dict:
+    width = max(len(s) for s in seqs)
+    ids = torch.zeros(len(seqs), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)] = s
+        mask[r, : len(s)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return dict(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device))
+
+
+def targets(seqs: list[torch.Tensor]) -> int:
+    return sum(len(s) - 1 for s in seqs)
+
+
+def wrap(model, args, device):
+    if args.engine == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = set(getattr(model, "_no_split_modules", None) or ())  # transformers' decoder-layer classes
+    for module in list(model.modules()):
+        if type(module).__name__ in blocks:
+            fully_shard(module)
+    fully_shard(model)
+    return model
+
+
+def full_parameters(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in model.named_parameters():
+        value = p.full_tensor() if hasattr(p, "full_tensor") else p
+        out[name.removeprefix("module.")] = value.detach().float().cpu()
+    return out
+
+
+def train_padded(model, batches, args, device) -> dict[str, torch.Tensor]:
+    """One process, padded, on every rank's sequences of each step together."""
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr)
+    for step in batches:
+        seqs = [s for rank_seqs in step for s in rank_seqs]
+        loss = model(**padded_inputs(seqs, device), use_cache=False).loss  # the mean over all targets
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return full_parameters(model)
+
+
+def update_difference(a: dict, b: dict, initial: dict) -> float:
+    """||a - b|| / ||b - initial|| over all parameters: a difference relative to how far training
+    moved them (so low-precision rounding is judged against the size of the update)."""
+    diff = sum(float((a[k] - b[k]).double().pow(2).sum()) for k in b)
+    moved = sum(float((b[k] - initial[k]).double().pow(2).sum()) for k in b)
+    return (diff / max(moved, 1e-30)) ** 0.5
+
+
+def run_bench(wrapped, opt, args, device, vocab, rank, world) -> dict:
+    """Median step time, real tokens/s and peak memory per rank: packed rows vs padded batches of
+    the same FLAN-like sequences (8 per rank per step) through the same wrapped model (padded
+    batches are not packed, so they run upstream's code)."""
+    import statistics
+    import sys
+    import time
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_llama import lengths_for
+
+    out = {}
+    for mode in ("padded", "packed"):
+        times, tokens = [], []
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for i in range(args.bench + 2):
+            lengths = lengths_for("flan", i * world + rank, 8, args.seed, 2048)
+            seqs = [torch.randint(1, vocab, (n,)) for n in lengths]
+            batch = packed_inputs(seqs, device) if mode == "packed" else padded_inputs(seqs, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                loss = wrapped(**batch, use_cache=False).loss
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            if i >= 2:  # two warm-up steps
+                times.append(time.perf_counter() - start)
+                tokens.append(sum(lengths))
+        median = statistics.median(times)
+        peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+        out[mode] = dict(median_ms=median * 1e3, tokens_per_s=statistics.mean(tokens) / median, peak_gb=peak)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, out)
+    return {f"rank{r}": g for r, g in enumerate(gathered)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--engine", choices=("ddp", "fsdp2"), default="ddp")
+    parser.add_argument("--model-type", default="llama")
+    parser.add_argument("--size", choices=("tiny", "1b"), default="tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--max-sequences", type=int, default=3)
+    parser.add_argument("--max-len", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-apply", action="store_true", help="the same check, unpatched")
+    parser.add_argument("--out", default="")
+    parser.add_argument("--trace", default="", help="write rank 0's profiler trace (Chrome JSON) here")
+    parser.add_argument("--bench", type=int, default=0, help="then time this many FLAN-like steps, packed vs padded")
+    args = parser.parse_args()
+
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if args.device == "cuda" else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dtype = getattr(torch, args.dtype)
+
+    model = build_model(args).to(device=device, dtype=dtype).train()
+    reference = copy.deepcopy(model) if rank == 0 else None
+    # in low precision, rank 0 also trains in float32: how far rounding alone moves the parameters
+    reference32 = copy.deepcopy(model).float() if rank == 0 and dtype != torch.float32 else None
+    initial = full_parameters(model) if rank == 0 else None
+    vocab = model.config.get_text_config().vocab_size
+    batches = global_batches(args, vocab, world)
+    if not args.no_apply:
+        hf_varlen_patch.apply(model, check_inputs=False)
+    wrapped = wrap(model, args, device)
+    opt = torch.optim.SGD(wrapped.parameters(), lr=args.lr)
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for step in batches:
+            n_global = sum(targets(seqs) for seqs in step)
+            out = wrapped(**packed_inputs(step[rank], device), num_items_in_batch=n_global, use_cache=False)
+            (out.loss * world).backward()  # the gradient average divides the world size out again
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    calls = collective_counts(prof)
+    if args.trace and rank == 0:
+        prof.export_chrome_trace(args.trace)
+    trained = full_parameters(wrapped)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, calls)
+
+    bench = run_bench(wrapped, opt, args, device, vocab, rank, world) if args.bench else None
+
+    if rank == 0:
+        expected = train_padded(reference, batches, args, device)
+        worst, where = 0.0, ""
+        for name, value in expected.items():
+            err = float((trained[name] - value).abs().max())
+            if err > worst:
+                worst, where = err, name
+        result = dict(
+            engine=args.engine,
+            model_type=args.model_type,
+            dtype=args.dtype,
+            applied=not args.no_apply,
+            world=world,
+            steps=args.steps,
+            tokens_per_rank=[[sum(len(s) for s in step[r]) for r in range(world)] for step in batches],
+            max_param_diff=worst,
+            worst_param=where,
+            relative_update_diff=update_difference(trained, expected, initial),
+            collectives_per_rank=gathered,
+            bench=bench,
+        )
+        if reference32 is not None:
+            # bf16's own noise: the padded run in this dtype against the same run in float32
+            result["relative_update_noise"] = update_difference(
+                expected, train_padded(reference32, batches, args, device), initial
+            )
+        print(json.dumps(result))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
