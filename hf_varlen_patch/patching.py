@@ -255,6 +255,9 @@ _CURRENT: contextvars.ContextVar[Boundaries | None] = contextvars.ContextVar("hf
 #: The packed forwards running inside compiled code: dynamo cannot trace ``ContextVar.set``, but
 #: it traces (and replays after its graph) pushes and pops of a module-level list.
 _COMPILED: list[Boundaries] = []
+#: How many eager packed forwards are running (any thread): compiled code guards on it, so it
+#: looks for an eager forward's context only when there is one.
+_EAGER_PACKED = [0]
 _LAST_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -266,7 +269,18 @@ def current_boundaries() -> Boundaries | None:
     outside the forward, sees the same boundaries.
     """
     if torch.compiler.is_compiling():  # dynamo traces neither ContextVar.get nor .set
-        return _COMPILED[-1] if _COMPILED else None
+        if _COMPILED:
+            return _COMPILED[-1]
+        if _EAGER_PACKED[0]:
+            # compiled modules inside an eager packed forward (``layer.compile()``): read the
+            # context outside the graph (a graph break, only here) rather than miss it
+            return _context_boundaries()
+        return None
+    return _CURRENT.get()
+
+
+@torch.compiler.disable(reason="a compiled module inside an eager packed forward reads its boundaries")
+def _context_boundaries() -> Boundaries | None:
     return _CURRENT.get()
 
 
@@ -277,6 +291,7 @@ def enter_packed(boundaries: Boundaries) -> Any:
     if torch.compiler.is_compiling():
         _COMPILED.append(boundaries)
         return None
+    _EAGER_PACKED[0] += 1
     return _CURRENT.set(boundaries)
 
 
@@ -284,6 +299,7 @@ def leave_packed(token: Any) -> None:
     if token is None:
         _COMPILED.pop()
     else:
+        _EAGER_PACKED[0] -= 1
         _CURRENT.reset(token)
 
 
@@ -351,7 +367,16 @@ class _CheckpointCarryingBoundaries:
         if current_boundaries() is None or torch.compiler.is_compiling():  # a graph recomputes from its inputs
             return self.inner(function, *args, **kwargs)
         context = contextvars.copy_context()
-        return self.inner(functools.partial(context.run, function), *args, **kwargs)
+
+        def rerun(*inner_args: Any, **inner_kwargs: Any) -> Any:
+            # compiled layers look for an eager forward's context only while one runs (current_boundaries)
+            _EAGER_PACKED[0] += 1
+            try:
+                return context.run(function, *inner_args, **inner_kwargs)
+            finally:
+                _EAGER_PACKED[0] -= 1
+
+        return self.inner(rerun, *args, **kwargs)
 
 
 _CARRIER = "_gradient_checkpointing_func"
