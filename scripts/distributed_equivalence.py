@@ -3,6 +3,7 @@
 Run with torchrun (or ``python -m torch.distributed.run``), one process per rank:
 
     torchrun --nproc_per_node 2 scripts/distributed_equivalence.py --engine ddp   # CPU, gloo
+    accelerate launch --multi_gpu --num_processes 2 scripts/distributed_equivalence.py --engine accelerate --device cuda
     torchrun --nproc_per_node 2 scripts/distributed_equivalence.py --engine fsdp2 --device cuda \\
         --dtype bfloat16 --model-type llama --size 1b                                # 2 GPUs, nccl
 
@@ -92,6 +93,11 @@ def targets(seqs: list[torch.Tensor]) -> int:
 
 
 def wrap(model, args, device):
+    if args.engine == "accelerate":  # Accelerator.prepare (DDP under `accelerate launch`)
+        from accelerate import Accelerator
+
+        args.accelerator = Accelerator(cpu=device.type == "cpu")
+        return args.accelerator.prepare(model)
     if args.engine == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
@@ -178,7 +184,7 @@ def run_bench(wrapped, opt, args, device, vocab, rank, world) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engine", choices=("ddp", "fsdp2"), default="ddp")
+    parser.add_argument("--engine", choices=("ddp", "fsdp2", "accelerate"), default="ddp")
     parser.add_argument("--model-type", default="llama")
     parser.add_argument("--size", choices=("tiny", "1b"), default="tiny")
     parser.add_argument("--device", default="cpu")

@@ -19,6 +19,10 @@ for engine in fsdp2 ddp; do
   echo "== $engine, unpatched (for the collective counts)"
   run --engine "$engine" --no-apply --out "$OUT/${engine}_1b_unpatched.json"
 done
+echo "== accelerate launch --multi_gpu (Accelerator.prepare), packed + apply"
+accelerate launch --multi_gpu --num_processes 2 --mixed_precision no scripts/distributed_equivalence.py \
+  --engine accelerate --device cuda --dtype bfloat16 --model-type llama --size 1b --steps 3 --lr 1e-3 \
+  --out "$OUT/accelerate_1b.json" 2>&1 | grep -E '^\{|Error' || echo "accelerate launch failed"
 python3 - "$OUT" <<'PY'
 import json, sys
 from pathlib import Path

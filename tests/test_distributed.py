@@ -1,7 +1,8 @@
 """Distributed training with packed batches, on the CPU with gloo (two processes).
 
-``scripts/distributed_equivalence.py`` trains under DDP or FSDP2 (``fully_shard`` per decoder
-layer), every rank on its own packed row of its own token count, with the loss normalised over
+``scripts/distributed_equivalence.py`` trains under DDP, FSDP2 (``fully_shard`` per decoder
+layer) or accelerate's ``Accelerator.prepare`` (under torchrun: ``accelerate launch`` on CPUs
+needs MPI), every rank on its own packed row of its own token count, with the loss normalised over
 the global number of targets (Trainer's ``num_items_in_batch``); rank 0 compares every parameter
 with one process trained padded on the same global batch. The same run unpatched shows that the
 check sees a leak, and the profiler's collectives match: the patch adds none.
@@ -26,7 +27,10 @@ def _run(tmp_path, engine, model_type, *extra):
     return json.loads(out.read_text())
 
 
-@pytest.mark.parametrize("engine, model_type", [("ddp", "llama"), ("fsdp2", "llama"), ("ddp", "opt"), ("fsdp2", "opt")])
+ENGINES = [("ddp", "llama"), ("fsdp2", "llama"), ("ddp", "opt"), ("fsdp2", "opt"), ("accelerate", "opt")]
+
+
+@pytest.mark.parametrize("engine, model_type", ENGINES)
 def test_packed_ranks_train_like_one_padded_process(tmp_path, engine, model_type):
     patched = _run(tmp_path, engine, model_type)
     assert len({tuple(t) for t in patched["tokens_per_rank"]}) > 1  # ranks really differ
