@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
 from dataclasses import dataclass
 from typing import TypeVar
@@ -175,6 +177,26 @@ def apply_entry(
         patcher.undo()
         raise
     patcher.set_attr(hf_model, STATE_ATTR, PatchState(entry, options, patcher))
+    # copy.deepcopy (EMA models, TRL's reference model) looks __deepcopy__ up on the instance
+    patcher.set_attr(hf_model, "__deepcopy__", functools.partial(_deepcopy_patched, hf_model))
+
+
+def _deepcopy_patched(hf_model: torch.nn.Module, memo: dict) -> torch.nn.Module:
+    """A deep copy of a patched model: the upstream model copied, then patched the same way.
+
+    Copying the patched instance itself would copy wrappers and patch state that refer to the
+    original (a copy running the original's modules); this copies what ``unapply`` restores, then
+    patches both with the same entry and options, so the copy is exactly ``apply(deepcopy(...))``.
+    """
+    state: PatchState = vars(hf_model)[STATE_ATTR]
+    state.patcher.undo()
+    options = dict(backend=state.options.backend, check_inputs=state.options.check_inputs, loss=state.options.loss)
+    try:
+        copied = copy.deepcopy(hf_model, memo)
+    finally:
+        apply_entry(hf_model, state.entry, **options)
+    apply_entry(copied, state.entry, **options)
+    return copied
 
 
 _WARNED: set[str] = set()

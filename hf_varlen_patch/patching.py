@@ -10,6 +10,7 @@ import contextvars
 import copy
 import functools
 import inspect
+import types
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,7 +23,20 @@ from .attention import BOUNDARIES_KWARG, packed_mask_placeholder
 from .boundaries import Boundaries
 from .errors import MalformedBoundariesError, VarlenPatchError
 
-_MISSING = object()
+
+class _Missing:
+    """ "No such attribute before the patch"; one object, also through ``copy.deepcopy``."""
+
+    def __deepcopy__(self, memo: dict) -> _Missing:
+        return self
+
+    def __copy__(self) -> _Missing:
+        return self
+
+
+_MISSING = _Missing()
+#: Instance attribute holding, per wrapped name, the methods that wrappers wrap (bound to it).
+_WRAPPED = "_hf_varlen_wrapped"
 
 #: kwargs of DataCollatorWithFlattening(return_flash_attn_kwargs=True).
 COLLATOR_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -40,40 +54,70 @@ def cache_of(call: dict) -> Any:
 
 
 @dataclass
+class RestoreAttr:
+    """Undo record: put ``obj.name`` back to ``old`` (or remove it). A record, not a closure, so
+    that ``copy.deepcopy`` of a patched model maps it onto the copy (and ``unapply`` of the copy
+    restores the copy)."""
+
+    obj: Any
+    name: str
+    old: Any
+
+    def __call__(self) -> None:
+        if self.old is _MISSING:
+            if self.name in vars(self.obj):
+                delattr(self.obj, self.name)
+        else:
+            setattr(self.obj, self.name, self.old)
+
+
+@dataclass
+class CallOnUndo:
+    """Undo record: ``fn(*args)``; ``args`` are deep-copied with the model, ``fn`` is shared."""
+
+    fn: Callable[..., None]
+    args: tuple = ()
+
+    def __call__(self) -> None:
+        self.fn(*self.args)
+
+
+@dataclass
 class Patcher:
     """Records instance-level changes so that they can be undone in reverse order."""
 
     undo_log: list[Callable[[], None]] = field(default_factory=list)
 
     def set_attr(self, obj: Any, name: str, value: Any) -> None:
-        had = name in vars(obj)
-        old = vars(obj)[name] if had else _MISSING
-
-        def undo() -> None:
-            if old is _MISSING:
-                if name in vars(obj):
-                    delattr(obj, name)
-            else:
-                setattr(obj, name, old)
-
+        old = vars(obj)[name] if name in vars(obj) else _MISSING
         setattr(obj, name, value)
-        self.undo_log.append(undo)
+        self.undo_log.append(RestoreAttr(obj, name, old))
 
     def wrap_method(self, obj: Any, name: str, wrapper: Callable) -> None:
         """Wrap ``obj.name`` for this instance only: ``wrapper(wrapped, instance, args, kwargs)``.
 
-        A plain function, not a proxy object, so torch.compile traces through it (dynamo cannot
-        trace wrapt's ``FunctionWrapper``); ``__wrapped__`` keeps ``inspect.signature`` (Trainer's
-        column pruning, PEFT) seeing the original parameters.
+        The patched attribute is a bound method of ``obj`` (a plain function underneath, which
+        torch.compile traces; dynamo cannot trace wrapt's proxies), and the method it wraps is kept
+        on the instance too. So ``copy.deepcopy`` (EMA and reference models) rebinds both to the
+        copy, and the copy runs its own weights. ``inspect.signature`` sees the wrapped method's
+        parameters (Trainer's column pruning, PEFT).
         """
-        bound = getattr(obj, name)
-        instance = getattr(bound, "__self__", obj)
+        previous = getattr(obj, name)
+        if _WRAPPED not in vars(obj):
+            self.set_attr(obj, _WRAPPED, {})
+        chain = vars(obj)[_WRAPPED].setdefault(name, [])
+        level = len(chain)
+        chain.append(previous)
+        self.undo_log.append(CallOnUndo(list.pop, (chain,)))
 
-        @functools.wraps(bound)
-        def patched(*args: Any, **kwargs: Any) -> Any:
-            return wrapper(bound, instance, args, kwargs)
+        def patched(instance: Any, *args: Any, **kwargs: Any) -> Any:
+            return wrapper(getattr(instance, _WRAPPED)[name][level], instance, args, kwargs)
 
-        self.set_attr(obj, name, patched)
+        functools.update_wrapper(patched, previous)
+        signature = inspect.signature(previous)
+        own = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
+        patched.__signature__ = signature.replace(parameters=[own, *signature.parameters.values()])
+        self.set_attr(obj, name, types.MethodType(patched, obj))
 
     def undo(self) -> None:
         while self.undo_log:
@@ -382,6 +426,13 @@ class _CheckpointCarryingBoundaries:
 _CARRIER = "_gradient_checkpointing_func"
 
 
+def _take_off_carriers(modules: list[torch.nn.Module]) -> None:
+    for module in modules:
+        current = vars(module).get(_CARRIER)
+        if isinstance(current, _CheckpointCarryingBoundaries):
+            setattr(module, _CARRIER, current.inner)
+
+
 def carry_boundaries_through_checkpoints(patcher: Patcher, model: torch.nn.Module) -> None:
     """Make every checkpointed module of ``model`` recompute inside the packed forward's context.
 
@@ -401,18 +452,12 @@ def carry_boundaries_through_checkpoints(patcher: Patcher, model: torch.nn.Modul
             if current is not None and not isinstance(current, _CheckpointCarryingBoundaries):
                 setattr(module, _CARRIER, _CheckpointCarryingBoundaries(current))
 
-    def take_off() -> None:
-        for module in modules:
-            current = vars(module).get(_CARRIER)
-            if isinstance(current, _CheckpointCarryingBoundaries):
-                setattr(module, _CARRIER, current.inner)
-
     def after_setting(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
         result = wrapped(*args, **kwargs)
         install()
         return result
 
-    patcher.undo_log.append(take_off)
+    patcher.undo_log.append(CallOnUndo(_take_off_carriers, (modules,)))
     install()  # checkpointing enabled before apply
     # enabled after apply: gradient_checkpointing_enable / activation_checkpointing_enable (4.57 and
     # 5.x, called on the model or its base model) set every module's function through this method;

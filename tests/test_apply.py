@@ -16,7 +16,7 @@ from hf_varlen_patch import (
     UnsupportedVersionError,
     VarlenPatchError,
 )
-from hf_varlen_patch.testing import make_packed_batch, tiny_model
+from hf_varlen_patch.testing import make_packed_batch, registered_variants, tiny_model
 
 MODEL_TYPES = ["llama", "gpt2", "gemma2", "qwen2_moe", "mistral"]
 
@@ -315,3 +315,33 @@ def test_an_unpatched_causal_lm_without_position_ids_still_rejects_them():
     hf_varlen_patch.apply(model)
     out = model(input_ids=batch.input_ids, position_ids=batch.position_ids, use_cache=False)
     assert out.logits.shape[:2] == batch.input_ids.shape
+
+
+@pytest.mark.parametrize("model_type, variant", registered_variants())
+def test_a_deep_copy_of_a_patched_model_is_patched_on_its_own_weights(model_type, variant):
+    """``copy.deepcopy`` (EMA models, TRL's reference model) of a patched model: the copy runs
+    its *own* weights (its wrappers were bound to the copy, not the original), packs exactly, and
+    ``unapply`` of either leaves the other patched. (Wrappers that closed over the original
+    made the copy run the original's forward.)"""
+    import copy
+
+    from hf_varlen_patch.testing import compare_packed, make_packed_batch
+
+    model = tiny_model(model_type, variant).train()
+    hf_varlen_patch.apply(model)
+    batch = make_packed_batch([[5, 9, 3]], model.config.get_text_config().vocab_size, seed=2)
+    ids = batch.sequences[1][None]
+    with torch.no_grad():
+        before = model(input_ids=ids, use_cache=False).logits
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for param in twin.parameters():
+            param.mul_(1.01)
+        moved = twin(input_ids=ids, use_cache=False).logits
+        still = model(input_ids=ids, use_cache=False).logits
+    assert torch.equal(before, still) and not torch.equal(before, moved)
+    result = compare_packed(twin, batch)
+    assert result.ok(1e-5), f"{model_type}/{variant}: {result}"
+    hf_varlen_patch.unapply(twin)
+    assert not hf_varlen_patch.is_patched(twin) and hf_varlen_patch.is_patched(model)
+    assert compare_packed(model, batch).ok(1e-5)

@@ -263,16 +263,28 @@ def route_recurrent_functions(patcher: Any, module: types.ModuleType) -> list[st
             route = _ROUTES[key] = _Route(upstream, _make_router(name, upstream, RECURRENT_OPS[name], module))
             setattr(module, name, route.router)
         route.users += 1
-
-        def release(key: tuple[str, str] = key, name: str = name) -> None:
-            route = _ROUTES[key]
-            route.users -= 1
-            if route.users == 0:
-                setattr(module, name, route.upstream)
-                del _ROUTES[key]
-
-        patcher.undo_log.append(release)
+        patcher.undo_log.append(_RouteUser(module, name))
     return names
+
+
+class _RouteUser:
+    """Undo record: one patched model's use of a routed function; the last user's undo restores
+    upstream's. A deep copy of a patched model is one more user."""
+
+    def __init__(self, module: Any, name: str) -> None:
+        self.module, self.name = module, name
+
+    def __deepcopy__(self, memo: dict) -> _RouteUser:
+        _ROUTES[(self.module.__name__, self.name)].users += 1
+        return _RouteUser(self.module, self.name)
+
+    def __call__(self) -> None:
+        key = (self.module.__name__, self.name)
+        route = _ROUTES[key]
+        route.users -= 1
+        if route.users == 0:
+            setattr(self.module, self.name, route.upstream)
+            del _ROUTES[key]
 
 
 def route_recurrent_attribute(patcher: Any, layer: torch.nn.Module, attr: str, op_name: str) -> None:
