@@ -98,9 +98,9 @@ class Patcher:
 
         The patched attribute is a bound method of ``obj`` (a plain function underneath, which
         torch.compile traces; dynamo cannot trace wrapt's proxies), and the method it wraps is kept
-        on the instance too. So ``copy.deepcopy`` (EMA and reference models) rebinds both to the
-        copy, and the copy runs its own weights. ``inspect.signature`` sees the wrapped method's
-        parameters (Trainer's column pruning, PEFT).
+        on the instance, not in a closure. ``inspect.signature`` sees the wrapped method's
+        parameters (Trainer's column pruning, PEFT). (``copy.deepcopy`` of a patched model copies
+        the unpatched model and patches the copy: see ``api._deepcopy_patched``.)
         """
         previous = getattr(obj, name)
         if _WRAPPED not in vars(obj):

@@ -269,14 +269,10 @@ def route_recurrent_functions(patcher: Any, module: types.ModuleType) -> list[st
 
 class _RouteUser:
     """Undo record: one patched model's use of a routed function; the last user's undo restores
-    upstream's. A deep copy of a patched model is one more user."""
+    upstream's."""
 
     def __init__(self, module: Any, name: str) -> None:
         self.module, self.name = module, name
-
-    def __deepcopy__(self, memo: dict) -> _RouteUser:
-        _ROUTES[(self.module.__name__, self.name)].users += 1
-        return _RouteUser(self.module, self.name)
 
     def __call__(self) -> None:
         key = (self.module.__name__, self.name)
