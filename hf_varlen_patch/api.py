@@ -235,7 +235,8 @@ def _patch(hf_model: torch.nn.Module, entry: PatchEntry, options: PatchOptions, 
 
     own_config(hf_model, patcher)
     if generic:
-        for config in nested_configs(hf_model.config):
+        configs = entry.attention_configs or nested_configs
+        for config in configs(hf_model.config):
             original = config._attn_implementation or "eager"
             if parse_implementation(original) is not None:
                 continue

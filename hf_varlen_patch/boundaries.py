@@ -253,9 +253,12 @@ def _check_position_ids(position_ids: torch.Tensor, shape: tuple[int, int] | Non
     pos = position_ids
     if pos.ndim == 1:
         pos = pos.unsqueeze(0)
+    if pos.ndim == 3:
+        pos = text_positions(pos)
     if pos.ndim != 2:
         raise MalformedBoundariesError(
-            f"position_ids must have shape (batch, seq_len), got {tuple(position_ids.shape)}."
+            f"position_ids must have shape (batch, seq_len) (or (3|4, batch, seq_len) for multimodal "
+            f"rotary positions), got {tuple(position_ids.shape)}."
         )
     if shape is not None:
         batch, length = shape
@@ -307,3 +310,31 @@ def _validate_cu_seqlens(cu: torch.Tensor, max_seqlen: int, batch: int, length: 
             f"max_length_q/k is {max_seqlen} but the longest sequence in cu_seq_lens has "
             f"{int(lengths.max())} tokens; pass the true maximum."
         )
+
+
+def text_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """The (batch, seq_len) positions whose restarts mark the sequences of multimodal rotary
+    (mRoPE) ``position_ids``.
+
+    ``(4, B, T)`` is transformers' packed layout: a text row (restarting per sequence) before the
+    temporal, height and width rows; the text row is returned. ``(3, B, T)`` has no text row: a
+    sample's temporal row never decreases (text after an image resumes above it) and never holds
+    two all-zero (t, h, w) positions in a row, so a sequence starts where the temporal row drops or
+    where two all-zero positions follow each other; positions counting from those starts are
+    returned (one device-to-host copy).
+    """
+    if position_ids.shape[0] == 4:
+        return position_ids[0]
+    if position_ids.shape[0] != 3:
+        raise MalformedBoundariesError(
+            f"3-D position_ids must be mRoPE rows, shape (3, batch, seq_len) or (4, batch, seq_len) with "
+            f"a text row first; got {tuple(position_ids.shape)}."
+        )
+    rows = position_ids.detach().to("cpu", torch.int64)
+    temporal = rows[0]
+    zero = (rows == 0).all(dim=0)
+    starts = torch.ones_like(temporal, dtype=torch.bool)
+    starts[:, 1:] = (temporal[:, 1:] < temporal[:, :-1]) | (zero[:, 1:] & zero[:, :-1])
+    index = torch.arange(temporal.shape[1]).expand_as(temporal)
+    last_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
+    return (index - last_start).to(position_ids.device)

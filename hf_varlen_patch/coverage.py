@@ -65,6 +65,61 @@ def causal_lm_types() -> list[str]:
     return list(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
 
 
+def multimodal_types() -> list[str]:
+    """The image-text-to-text model_types with a registry entry (scanned with image samples)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    from .registry import REGISTRY, _load_entries
+
+    _load_entries()
+    return [t for t in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES if t in REGISTRY and "sample" in REGISTRY[t].extra]
+
+
+#: Samples of a multimodal scan: several per row, with 0, 1 and 2 images (and a video where the
+#: model takes one).
+MULTIMODAL_LAYOUTS = [[4, "image", 5], [6], [3, "image", 2, "image", 4]]
+VIDEO_LAYOUT = [5, "video", 2]
+
+
+def _scan_multimodal(model_type: str, entry: Any, twin: Any, backend: str, tol: float) -> CoverageRow:
+    from transformers import AutoModelForImageTextToText
+
+    from . import api
+    from .attention import BACKEND_USAGE
+    from .testing import compare_multimodal, multimodal_samples, worst_error
+
+    nan = math.nan
+    refusal = entry.refuse(twin) if entry.refuse is not None else None
+    if refusal:
+        return CoverageRow(model_type, "multimodal", nan, nan, nan, "-", "REFUSED", refusal[:200])
+    try:
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_config(twin).float()
+    except Exception as err:
+        return CoverageRow(model_type, "multimodal", nan, nan, nan, "-", "UNBUILDABLE", f"twin does not build: {_err(err)}")
+    layouts = list(MULTIMODAL_LAYOUTS)
+    if hasattr(model.base_model, "get_video_features"):
+        layouts.append(VIDEO_LAYOUT)
+    samples = multimodal_samples(model, layouts)
+    up_nc = compare_multimodal(model, samples, grads=False).logits
+    up_def = compare_multimodal(model, samples, grads=False, use_cache=None).logits
+    try:
+        api.apply_entry(model, entry, backend=backend)
+        BACKEND_USAGE.clear()
+        patched = worst_error(
+            compare_multimodal(model, samples, layout=layout, use_cache=use_cache).max_error
+            for layout in ("positions", "cu")
+            for use_cache in (None, False)
+        )
+    except VarlenPatchError as err:
+        return CoverageRow(model_type, "multimodal", up_nc, up_def, nan, "-", "REFUSED", str(err)[:200])
+    except Exception as err:
+        return CoverageRow(model_type, "multimodal", up_nc, up_def, nan, "-", "FAIL", _err(err))
+    used = ",".join(sorted(BACKEND_USAGE)) or "upstream"
+    verdict = "PASS" if math.isfinite(patched) and patched <= tol else "FAIL"
+    return CoverageRow(model_type, "multimodal", up_nc, up_def, patched, used, verdict)
+
+
 def kind_of(config: Any, model: torch.nn.Module | None = None) -> str:
     """ "multimodal" (a vision/audio sub-config), "hybrid" (conv/SSM/recurrent modules) or "text"."""
     if any(getattr(config, name, None) is not None for name in MODALITY_CONFIGS):
@@ -139,6 +194,8 @@ def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, conf
         if refusal:
             return CoverageRow(model_type, "?", nan, nan, nan, "-", "REFUSED", refusal[:200])
         return CoverageRow(model_type, "?", nan, nan, nan, "-", "UNBUILDABLE", " ".join(str(err).split())[:200])
+    if entry is not None and "sample" in entry.extra:
+        return _scan_multimodal(model_type, entry, twin, backend, tol)
     kind = kind_of(twin)
     try:
         torch.manual_seed(0)
@@ -198,13 +255,18 @@ def scan_all(
     tol: float = 1e-5,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> list[CoverageRow]:
-    """One :class:`CoverageRow` per model_type (default: every causal LM of the installed release)."""
+    """One :class:`CoverageRow` per model_type (default: every causal LM of the installed release,
+    then the registered image-text-to-text types)."""
     import logging
     import warnings
 
     from transformers.utils import logging as hf_logging
 
-    types = list(model_types) if model_types else causal_lm_types()
+    if model_types:
+        types = list(model_types)
+    else:
+        types = causal_lm_types()
+        types += [t for t in multimodal_types() if t not in types]
     rows = []
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()

@@ -24,7 +24,7 @@ import torch
 
 from .errors import VarlenPatchError
 
-__all__ = ["STRATEGIES", "IGNORE_INDEX", "SampleTooLongError", "pack_into_bins", "PackingCollator"]
+__all__ = ["STRATEGIES", "IGNORE_INDEX", "SampleTooLongError", "pack_into_bins", "PackingCollator", "pack_multimodal"]
 
 #: The bin-packing strategies :func:`pack_into_bins` knows.
 STRATEGIES = ("ffd", "bfd")
@@ -288,3 +288,95 @@ class PackingCollator:
             ids = torch.arange(len(segments), dtype=torch.int32)
             batch["seq_idx"] = ids.repeat_interleave(torch.tensor(segments)).view(len(rows), width)
         return batch
+
+
+#: Per-token keys of processor outputs: concatenated along the sequence.
+PER_TOKEN_KEYS = ("input_ids", "labels", "mm_token_type_ids", "token_type_ids")
+
+
+def pack_multimodal(samples: Sequence[Mapping[str, Any]], *, flash_attn_kwargs: bool = True) -> dict[str, Any]:
+    """One packed row from the processor outputs of several image/video-text samples.
+
+    Each sample is what a processor returns for one example (batch dimension 1, no padding):
+    ``input_ids`` (1, n) with the model's image/video placeholder tokens, optionally ``labels``,
+    ``mm_token_type_ids``/``token_type_ids`` (1, n), and its vision inputs (``pixel_values``,
+    ``image_grid_thw``, ``pixel_values_videos``, ``video_grid_thw``, ``image_sizes``,
+    ``pixel_attention_mask``, ...). The batch a patched model (:func:`hf_varlen_patch.apply`)
+    runs exactly as if every sample ran alone:
+
+    - per-token keys concatenated into (1, T); ``labels`` default to ``input_ids``, with -100 at
+      every sample start (no loss term predicts across a boundary);
+    - ``position_ids`` (1, T): 0, 1, 2, ... from every sample start. mRoPE models (Qwen-VL) get
+      their (temporal, height, width) rows computed per sample by the patched model;
+    - with ``flash_attn_kwargs``: ``cu_seq_lens_q/k`` (int32) and ``max_length_q/k`` (int);
+    - every other tensor concatenated along its first dimension (images in sample order, which
+      is the order of their placeholder tokens in the row), zero-padded where later dimensions
+      differ (patches per image, images per sample: the padding images and patches processors
+      add themselves, which the models skip); lists are concatenated.
+
+    No ``attention_mask`` is returned; a sample whose own mask has padding is refused.
+    """
+    if not samples:
+        raise ValueError("pack_multimodal needs at least one sample.")
+    lengths, pieces = [], {}
+    for index, sample in enumerate(samples):
+        ids = sample.get("input_ids")
+        if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
+            raise ValueError(
+                f"sample {index}: input_ids must be a (1, n) tensor with n > 0 (one processor output per "
+                "sample, return_tensors='pt', no padding)."
+            )
+        mask = sample.get("attention_mask")
+        if isinstance(mask, torch.Tensor) and not bool((mask == 1).all()):
+            raise ValueError(
+                f"sample {index} has padding (attention_mask 0); run the processor on each sample alone "
+                "without padding."
+            )
+        lengths.append(int(ids.shape[1]))
+        for key, value in sample.items():
+            if key in ("attention_mask", "position_ids"):
+                continue
+            pieces.setdefault(key, []).append((index, value))
+    missing = [key for key in PER_TOKEN_KEYS if key in pieces and len(pieces[key]) != len(samples)]
+    if missing:
+        raise ValueError(f"{missing[0]} is given for some samples and not for others; give it for all or none.")
+    batch: dict[str, Any] = {}
+    for key, values in pieces.items():
+        tensors = [v for _, v in values]
+        if key in PER_TOKEN_KEYS:
+            for (index, v), n in zip(values, lengths):
+                if not isinstance(v, torch.Tensor) or tuple(v.shape) != (1, n):
+                    raise ValueError(f"sample {index}: {key} must have the shape of its input_ids, (1, {n}).")
+            batch[key] = torch.cat(tensors, dim=1)
+        elif all(isinstance(v, torch.Tensor) for v in tensors):
+            batch[key] = _cat_padded(tensors)
+        elif all(isinstance(v, (list, tuple)) for v in tensors):
+            batch[key] = [x for v in tensors for x in v]
+        else:
+            batch[key] = tensors[0]  # a scalar or flag the samples share
+    labels = batch.get("labels", batch["input_ids"]).clone()
+    starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
+    labels[0, starts] = IGNORE_INDEX
+    batch["labels"] = labels
+    batch["position_ids"] = torch.cat([torch.arange(n) for n in lengths])[None]
+    if flash_attn_kwargs:
+        cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+        batch["cu_seq_lens_q"] = batch["cu_seq_lens_k"] = cu
+        batch["max_length_q"] = batch["max_length_k"] = max(lengths)
+    return batch
+
+
+def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0, zero-padding every later dimension to the largest."""
+    if len({t.ndim for t in tensors}) != 1:
+        raise ValueError(f"cannot pack tensors of {sorted({t.ndim for t in tensors})} dimensions together.")
+    if tensors[0].ndim == 0:
+        return torch.stack(tensors)
+    sizes = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].ndim)]
+    padded = []
+    for t in tensors:
+        pad: list[int] = []
+        for d in reversed(range(1, t.ndim)):
+            pad += [0, sizes[d - 1] - t.shape[d]]
+        padded.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
+    return torch.cat(padded, dim=0)

@@ -52,6 +52,9 @@ class PatchEntry:
             ``patch`` makes its attention modules read the boundaries with
             :func:`~hf_varlen_patch.patching.attach_boundaries` (and registers the layers around
             them with :func:`~hf_varlen_patch.patching.track_layer` for checkpointing).
+        attention_configs: ``config -> configs`` whose attention the generic route takes (default:
+            the config and every sub-config). A multimodal entry names its language model's, so
+            the vision tower keeps upstream's attention.
         test_dtype: the dtype the equivalence tests and ``scan`` run the tiny models in (float32;
             float64 where fp32 rounding alone exceeds the 1e-5 tolerance, say so in ``notes``).
         notes: one line for the README table.
@@ -67,6 +70,7 @@ class PatchEntry:
     test_dtype: torch.dtype = torch.float32
     rows_are_sequences: Callable[[Any], bool] | None = None
     boundaries_from_context: bool | Callable[[torch.nn.Module], bool] = False
+    attention_configs: Callable[[Any], list[Any]] | None = None
     notes: str = ""
     extra: dict = field(default_factory=dict)
 

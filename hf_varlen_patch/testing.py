@@ -80,16 +80,18 @@ def tiny_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> torch.nn.Module:
-    """A tiny, randomly initialised causal LM of ``model_type`` (one of its test variants), in
+    """A tiny, randomly initialised causal LM (or vision-language model) of ``model_type`` (one of its test variants), in
     ``dtype`` (default: the entry's ``test_dtype``, float32 for almost all). Recurrent layers get
     :func:`long_memory` weights, so a state leak across packed sequences cannot hide."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     variants = test_variants(model_type)
     config = variants[variant] if variant is not None else next(iter(variants.values()))
     torch.manual_seed(seed)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = long_memory(AutoModelForCausalLM.from_config(config, **kwargs))
+    # a vision-language entry's twins are image-text-to-text models (vision tower included)
+    auto = AutoModelForImageTextToText if "sample" in lookup(model_type).extra else AutoModelForCausalLM
+    model = long_memory(auto.from_config(config, **kwargs))
     return model.to(device=device, dtype=dtype or lookup(model_type).test_dtype)
 
 
@@ -500,3 +502,105 @@ def assert_packing_equivalent(
     finally:
         if patched_here:
             unapply(model)
+
+
+# ---------------------------------------------------------------- multimodal samples
+
+
+def multimodal_samples(model: torch.nn.Module, layouts: Sequence[Sequence[Any]], seed: int = 0) -> list[dict]:
+    """Processor-like inputs of one sample per layout for a tiny vision-language twin (its entry's
+    sample builder). A layout lists text lengths and ``"image"`` / ``"video"`` in order:
+    ``[[5, "image", 3], [7], [2, "image", 1, "image", 4]]``."""
+    from .api import find_hf_model
+    from .registry import lookup
+
+    hf_model = find_hf_model(model)
+    build = lookup(hf_model.config.model_type).extra.get("sample")
+    if build is None:
+        raise ValueError(f"{hf_model.config.model_type} has no multimodal sample builder")
+    generator = torch.Generator().manual_seed(seed)
+    return [build(hf_model, list(layout), generator) for layout in layouts]
+
+
+def _run_samples(model: torch.nn.Module, samples: Sequence[dict], *, grads: bool) -> Run:
+    device = _model_device(model)
+    denom = max(sum(s["input_ids"].shape[1] - 1 for s in samples), 1)
+    model.zero_grad(set_to_none=True)
+    logits_out, loss_sum, model_loss = [], 0.0, 0.0
+    for sample in samples:
+        sample = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
+        ids = sample["input_ids"][0]
+        with torch.set_grad_enabled(grads):
+            logits = model(**sample, use_cache=False).logits[0]
+            loss = _token_loss_sum(logits, ids) / denom
+            if grads:
+                loss.backward()
+        logits_out.append(logits.detach().float())
+        loss_sum += float(loss.detach())
+        if ids.numel() > 1:
+            with torch.no_grad():
+                own = model(**sample, labels=ids[None], use_cache=False).loss
+            model_loss += float(own) * (ids.numel() - 1) / denom
+    return Run(logits_out, loss_sum, model_loss, _grads(model) if grads else {})
+
+
+def _run_multimodal_packed(
+    model: torch.nn.Module, samples: Sequence[dict], *, grads: bool, layout: str, use_cache: bool | None
+) -> Run:
+    from .packing import pack_multimodal
+
+    device = _model_device(model)
+    batch = pack_multimodal(samples, flash_attn_kwargs=layout == "cu")
+    if layout == "cu":
+        del batch["position_ids"]
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    labels = batch.pop("labels")
+    if use_cache is not None:
+        batch["use_cache"] = use_cache
+    lengths = [s["input_ids"].shape[1] for s in samples]
+    denom = max(sum(n - 1 for n in lengths), 1)
+    model.zero_grad(set_to_none=True)
+    with torch.set_grad_enabled(grads):
+        logits = model(**batch).logits[0]
+        pieces = list(logits.split(lengths))
+        ids = batch["input_ids"][0].split(lengths)
+        loss = sum(_token_loss_sum(p, t) for p, t in zip(pieces, ids)) / denom
+        if grads:
+            loss.backward()
+    with torch.no_grad():
+        model_loss = float(model(**batch, labels=labels).loss)
+    return Run([p.detach().float() for p in pieces], float(loss.detach()), model_loss, _grads(model) if grads else {})
+
+
+def compare_multimodal(
+    model: torch.nn.Module,
+    samples: Sequence[dict],
+    *,
+    grads: bool = True,
+    layout: str = "positions",
+    use_cache: bool | None = False,
+    train: bool = True,
+) -> Comparison:
+    """Run each multimodal sample alone and all of them packed in one row
+    (:func:`~hf_varlen_patch.packing.pack_multimodal`, boundaries from ``layout``: restarting
+    ``"positions"`` or ``"cu"`` seq lens; ``use_cache=None`` keeps the model's default for the
+    packed run); return the largest differences (logits, losses and every gradient, the vision
+    tower's included)."""
+    if layout not in ("positions", "cu"):
+        raise ValueError(f"layout must be 'positions' or 'cu', not {layout!r}")
+    was_training = model.training
+    model.train(train)
+    try:
+        separate = _run_samples(model, samples, grads=grads)
+        packed = _run_multimodal_packed(model, samples, grads=grads, layout=layout, use_cache=use_cache)
+        grad_err, worst = max_grad_error(packed, separate) if grads else (0.0, "")
+        return Comparison(
+            logits=max_logits_error(packed, separate),
+            loss=abs(packed.loss - separate.loss),
+            model_loss=abs(packed.model_loss - separate.model_loss),
+            grads=grad_err,
+            worst_grad=worst,
+        )
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)

@@ -131,7 +131,7 @@ SECONDARY_HEAD_KEYS = (
     "n_mamba_heads",
     "encoder_attention_heads",
 )
-LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers", "encoder_layers")
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "n_layers", "num_layers", "decoder_layers", "encoder_layers", "depth")
 VOCAB_KEYS = ("vocab_size",)
 EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 TOP_K_KEYS = ("num_experts_per_tok", "moe_topk", "moe_k", "num_experts_per_token", "top_k")
@@ -504,8 +504,10 @@ def _shrink_dict(d: dict, *, top: bool, context: _Scale | None = None) -> dict:
         if _is_int(d.get("max_window_layers")) and d["max_window_layers"] >= len(kept):
             out["max_window_layers"] = max(1, len(kept) // 2)
 
-    # ---- token ids must index the shrunk vocabulary
+    # ---- token ids must index the shrunk vocabulary (a composite config's: its text model's)
     vocab = out.get("vocab_size")
+    if vocab is None and isinstance(out.get("text_config"), dict):
+        vocab = out["text_config"].get("vocab_size")
     if _is_int(vocab):
         taken: set[int] = set()
         for k, v in d.items():

@@ -1,0 +1,307 @@
+"""Vision-language models (image-text-to-text) whose language model is a causal decoder.
+
+The language model takes the generic route (its config only: the vision tower keeps upstream's
+attention, and every image is encoded alone there, as upstream does). Each sample's images fill its
+own placeholder tokens because a packed row keeps the samples, and their images, in order.
+
+mRoPE models (the Qwen-VL family) rotate with (temporal, height, width) positions that upstream
+computes from the whole row (``get_rope_index``): packed, the second sample's positions would go on
+from the first's. In a packed forward they are computed per sample, with the model's own
+``get_rope_index`` on the samples laid out as rows, and handed down in transformers' packed
+layout ``(4, B, T)``: the text row (restarting per sample) before the three rotary rows. Rotary
+rows the caller passes (``(3|4, B, T)``) are checked against that per-sample computation.
+
+Refused: models whose attention is not causal over the text (bidirectional image or prefix blocks),
+cross-attention to images, and models whose language model has no entry.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+
+from hf_varlen_patch.errors import MalformedBoundariesError, VarlenPatchError
+from hf_varlen_patch.patching import call_as_kwargs, current_boundaries, nested_configs
+from hf_varlen_patch.registry import PatchEntry, register
+from hf_varlen_patch.twins import register_twin_overrides
+
+#: Rotary positions over (temporal, height, width) from ``get_rope_index`` on the base model.
+MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+#: Causal language models over text and image tokens alike, 1-D positions.
+CAUSAL = ("llava", "llava_next", "mistral3", "idefics3", "smolvlm", "internvl")
+
+REFUSED = {
+    "gemma3": "its image tokens attend bidirectionally within each image (token_type_ids), which the varlen "
+    "kernels (causal within each sample) do not express",
+    "paligemma": "it is a prefix-LM: image and prefix tokens attend bidirectionally (token_type_ids), which the "
+    "varlen kernels (causal within each sample) do not express",
+    "mllama": "its cross-attention layers attend from every text token to the row's images; packed samples "
+    "would see each other's images",
+    "llama4": "its vision-language model is not covered yet (chunked attention with image tokens, "
+    "no tiny twin); its text model llama4_text is",
+    "glm4v": "its rotary positions are not covered yet (mRoPE from get_rope_index over image and video start "
+    "tokens of their own)",
+    "qwen3_5": "its language model mixes gated delta-rule layers with mRoPE attention; packed multimodal rows "
+    "are not covered yet (its text model qwen3_5_text is)",
+}
+
+
+def _language_configs(config: Any) -> list[Any]:
+    """The language model's config (and its sub-configs): only it takes the generic route."""
+    return nested_configs(config.get_text_config())
+
+
+#: On transformers 4.57 upstream builds these models' attention mask from the temporal rotary row
+#: (``position_ids[0]`` of the usual 3-row positions): every image splits its own sample into
+#: pieces that cannot see each other, even unpacked. 5.x takes the mask from a text row only.
+MASK_FROM_TEMPORAL_ROW_ON_4 = ("qwen3_vl", "qwen3_vl_moe")
+
+
+def _refuse(config: Any) -> str | None:
+    import transformers
+
+    reason = REFUSED.get(config.model_type)
+    if reason is None and config.model_type in MASK_FROM_TEMPORAL_ROW_ON_4 and transformers.__version__.startswith("4."):
+        reason = (
+            f"on transformers {transformers.__version__} upstream derives its attention mask from the temporal "
+            "rotary row, so even an unpacked sample with an image is cut into pieces at its image tokens: "
+            "there is no correct per-sample result to match; upgrade to transformers 5.x"
+        )
+    return f"{reason}." if reason else None
+
+
+# ---------------------------------------------------------------- mRoPE positions per sample
+
+
+def _segments(boundaries) -> list[tuple[int, int]]:
+    cu = boundaries.cu_seqlens.tolist()  # one sync; get_rope_index reads its inputs on the host anyway
+    return list(zip(cu[:-1], cu[1:]))
+
+
+def per_sample_rope_positions(model: torch.nn.Module, call: dict, boundaries) -> torch.Tensor | None:
+    """(3, B, T) rotary positions, each sample's as if it ran alone; None where upstream would not
+    compute mRoPE positions (no input ids, or, on 5.x, no ``mm_token_type_ids``): there each
+    sample alone gets plain positions."""
+    input_ids = call.get("input_ids")
+    rope_index = model.get_rope_index
+    params = inspect.signature(rope_index).parameters
+    if input_ids is None or ("mm_token_type_ids" in params and call.get("mm_token_type_ids") is None):
+        return None
+    batch, length = boundaries.shape
+    segments = _segments(boundaries)
+    longest = max(e - s for s, e in segments)
+    flat_ids = input_ids.reshape(-1)
+    rows = flat_ids.new_zeros(len(segments), longest)
+    mask = flat_ids.new_zeros(len(segments), longest)
+    types = call.get("mm_token_type_ids")
+    flat_types = types.reshape(-1) if types is not None else None
+    type_rows = rows.clone() if types is not None else None
+    for i, (s, e) in enumerate(segments):
+        rows[i, : e - s] = flat_ids[s:e]
+        mask[i, : e - s] = 1
+        if type_rows is not None:
+            type_rows[i, : e - s] = flat_types[s:e]
+    given = dict(
+        input_ids=rows,
+        attention_mask=mask,
+        image_grid_thw=call.get("image_grid_thw"),
+        video_grid_thw=call.get("video_grid_thw"),
+        second_per_grid_ts=call.get("second_per_grid_ts"),
+        mm_token_type_ids=type_rows,
+    )
+    with torch.no_grad():
+        positions, _ = rope_index(**{k: v for k, v in given.items() if k in params})
+    flat = positions.new_zeros(3, batch * length)
+    for i, (s, e) in enumerate(segments):
+        flat[:, s:e] = positions[:, i, : e - s]
+    return flat.view(3, batch, length)
+
+
+def _mrope_forward(check_inputs: bool):
+    def forward(wrapped, instance, args, kwargs):
+        boundaries = current_boundaries()
+        if boundaries is None:
+            return wrapped(*args, **kwargs)
+        call = call_as_kwargs(wrapped, args, kwargs)
+        given = call.get("position_ids")
+        text = boundaries.position_ids()
+        rotary = given[-3:] if isinstance(given, torch.Tensor) and given.ndim == 3 else None
+        if rotary is None or check_inputs:
+            expected = per_sample_rope_positions(instance, call, boundaries)
+            if expected is None:
+                if call.get("image_grid_thw") is not None or call.get("video_grid_thw") is not None:
+                    if rotary is None:
+                        raise VarlenPatchError(
+                            f"{type(instance).__name__} needs input_ids (and, on transformers 5.x, "
+                            "mm_token_type_ids from the processor) to place each packed sample's images in "
+                            "its rotary positions; pass them, or pass the (3, batch, seq_len) rotary "
+                            "position_ids each sample gets alone."
+                        )
+                expected = text.unsqueeze(0).expand(3, -1, -1) if rotary is None else rotary
+            if rotary is not None and not torch.equal(rotary.to(expected.device), expected):
+                raise MalformedBoundariesError(
+                    "the rotary (temporal, height, width) position_ids of this packed batch differ from what "
+                    "each sample gets alone: they must restart per sample as get_rope_index computes them for "
+                    "that sample on its own. Pass 2-D position_ids (restarting at 0 per sample) or "
+                    "cu_seq_lens and the patched model computes them."
+                )
+            rotary = expected
+        call["position_ids"] = torch.cat([text.unsqueeze(0).to(rotary.device), rotary.to(text.dtype)], dim=0)
+        return wrapped(**call)
+
+    return forward
+
+
+def _patch(model, patcher, options) -> None:
+    if model.config.model_type in MROPE:
+        patcher.wrap_method(model.base_model, "forward", _mrope_forward(options.check_inputs))
+
+
+# ---------------------------------------------------------------- samples for tests and scan
+
+
+def _vision_inputs(model, kind: str, generator: torch.Generator) -> dict:
+    """One image's (or video's) vision inputs for a tiny twin, shaped as its processor gives them."""
+    config = model.config
+    vision = config.vision_config
+    model_type = config.model_type
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=generator)
+
+    if model_type in MROPE:
+        p, tp, c = vision.patch_size, vision.temporal_patch_size, vision.in_channels
+        t, h, w = (2, 4, 4) if kind == "video" else (1, 4 + 4 * int(torch.randint(2, (1,), generator=generator)), 8)
+        prefix = "pixel_values_videos" if kind == "video" else "pixel_values"
+        grid = "video_grid_thw" if kind == "video" else "image_grid_thw"
+        return {prefix: randn(t * h * w, c * tp * p * p), grid: torch.tensor([[t, h, w]])}
+    if kind == "video":
+        raise ValueError(f"{model_type} twins take no videos")
+    size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
+    channels = getattr(vision, "num_channels", 3)
+    if model_type in ("idefics3", "smolvlm"):
+        return {"pixel_values": randn(1, 1, channels, size, size)}
+    if model_type == "mistral3":
+        return {"pixel_values": randn(1, channels, 56, 56), "image_sizes": torch.tensor([[56, 56]])}
+    if model_type == "llava_next":
+        return {"pixel_values": randn(1, 2, channels, size, size), "image_sizes": torch.tensor([[size, size]])}
+    return {"pixel_values": randn(1, channels, size, size)}
+
+
+def _features(output) -> list[torch.Tensor]:
+    output = getattr(output, "pooler_output", output)
+    if isinstance(output, torch.Tensor):
+        return [output.reshape(-1, output.shape[-1])]
+    if isinstance(output, (list, tuple)) and output and isinstance(output[0], (list, tuple)):
+        output = output[0]  # (features, deepstack features)
+    return [f.reshape(-1, f.shape[-1]) for f in output]
+
+
+def _placeholders(model, kind: str, inputs: dict) -> int:
+    """How many placeholder tokens these vision inputs fill: the model's own feature count."""
+    base = model.base_model
+    with torch.no_grad():
+        if kind == "video":
+            out = base.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
+        else:
+            extra = {k: v for k, v in inputs.items() if k != "pixel_values"}
+            if "image_grid_thw" in extra:
+                out = base.get_image_features(inputs["pixel_values"], extra["image_grid_thw"])
+            else:
+                out = base.get_image_features(inputs["pixel_values"], **extra)
+    return sum(f.shape[0] for f in _features(out))
+
+
+def _token(config, *names: str) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise AttributeError(f"{config.model_type} config has none of {names}")
+
+
+def multimodal_sample(model, parts: list, generator: torch.Generator) -> dict:
+    """Processor-like inputs of one sample for a tiny twin: ``parts`` is a list of text lengths
+    (ints) and ``"image"`` / ``"video"``, in order."""
+    config = model.config
+    image_token = _token(config, "image_token_id", "image_token_index")
+    special = {v for k, v in config.to_dict().items() if k.endswith(("token_id", "token_index")) and isinstance(v, int)}
+    vocab = config.get_text_config().vocab_size
+    text_ids = torch.tensor([i for i in range(1, vocab) if i not in special])
+    mrope = config.model_type in MROPE
+    ids, types, vision = [], [], {}
+    for part in parts:
+        if isinstance(part, int):
+            ids += text_ids[torch.randint(len(text_ids), (part,), generator=generator)].tolist()
+            types += [0] * part
+            continue
+        inputs = _vision_inputs(model, part, generator)
+        count = _placeholders(model, part, inputs)
+        token = _token(config, "video_token_id") if part == "video" else image_token
+        # Qwen3-VL lays a video out frame by frame, each frame between its own start/end tokens
+        frames = int(inputs["video_grid_thw"][0, 0]) if part == "video" and config.model_type.startswith("qwen3") else 1
+        for _ in range(frames):
+            block = [token] * (count // frames)
+            if mrope:
+                block = [config.vision_start_token_id, *block, config.vision_end_token_id]
+            ids += block
+            types += [0 if t != token else (2 if part == "video" else 1) for t in block]
+        for key, value in inputs.items():
+            vision[key] = torch.cat([vision[key], value]) if key in vision else value
+    sample = {"input_ids": torch.tensor([ids])}
+    if "mm_token_type_ids" in inspect.signature(model.base_model.forward).parameters:
+        sample["mm_token_type_ids"] = torch.tensor([types])
+    sample.update(vision)
+    return sample
+
+
+register(
+    PatchEntry(
+        family="multimodal",
+        model_types=MROPE + CAUSAL + tuple(REFUSED),
+        patch=_patch,
+        refuse=_refuse,
+        attention_configs=_language_configs,
+        notes="language model via AttentionInterface (vision tower upstream); mRoPE positions per sample",
+        extra={"sample": multimodal_sample},
+    )
+)
+
+
+# ---------------------------------------------------------------- tiny twins
+
+
+#: Twins' mRoPE sections (temporal, height, width) over half the 16-dim heads. The default configs
+#: leave them out (the models then assume a 128-dim head); released checkpoints set them.
+MROPE_SECTIONS = {"qwen3_vl": [3, 3, 2], "qwen3_vl_moe": [3, 3, 2]}
+
+
+def _mrope_twin(config) -> dict:
+    section = MROPE_SECTIONS.get(config.model_type, [2, 3, 3])
+    text = config.get_text_config()
+    rope = dict(getattr(text, "rope_parameters", None) or getattr(text, "rope_scaling", None) or {})
+    rope["mrope_section"] = section
+    key = "rope_parameters" if hasattr(text, "rope_parameters") else "rope_scaling"
+    if key == "rope_scaling":
+        rope.setdefault("type", "mrope")
+        rope.setdefault("rope_type", "default")
+    vision = {"out_hidden_size": 64}
+    if config.model_type == "qwen2_5_vl":
+        # windows of 2x2 merged patches; the last of the two blocks attends over the whole image
+        vision.update(fullatt_block_indexes=[1], window_size=56)
+    if config.model_type in ("qwen3_vl", "qwen3_vl_moe"):
+        vision.update(deepstack_visual_indexes=[0])
+    if config.model_type == "qwen2_vl":
+        vision = {"hidden_size": 64}
+    return {"text_config": {key: rope}, "vision_config": vision}
+
+
+register_twin_overrides(MROPE, _mrope_twin)
+# images of 4x4 patches (16 tokens; internvl's pixel shuffle makes 4): the default sizes give hundreds
+register_twin_overrides(("llava",), {"vision_config": {"image_size": 56}})
+# one any-resolution grid the size of the base image: each image is the base view plus one tile
+register_twin_overrides(("llava_next",), {"vision_config": {"image_size": 56}, "image_grid_pinpoints": [[56, 56]]})
+register_twin_overrides(("internvl",), {"vision_config": {"image_size": [56, 56]}})
+register_twin_overrides(("idefics3", "smolvlm"), {"vision_config": {"image_size": 64, "patch_size": 16}})
