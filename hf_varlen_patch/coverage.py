@@ -96,7 +96,8 @@ def _scan_multimodal(model_type: str, entry: Any, twin: Any, backend: str, tol: 
         torch.manual_seed(0)
         model = AutoModelForImageTextToText.from_config(twin).float()
     except Exception as err:
-        return CoverageRow(model_type, "multimodal", nan, nan, nan, "-", "UNBUILDABLE", f"twin does not build: {_err(err)}")
+        reason = f"twin does not build: {_err(err)}"
+        return CoverageRow(model_type, "multimodal", nan, nan, nan, "-", "UNBUILDABLE", reason)
     layouts = list(MULTIMODAL_LAYOUTS)
     if hasattr(model.base_model, "get_video_features"):
         layouts.append(VIDEO_LAYOUT)

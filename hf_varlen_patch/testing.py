@@ -80,8 +80,8 @@ def tiny_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
 ) -> torch.nn.Module:
-    """A tiny, randomly initialised causal LM (or vision-language model) of ``model_type`` (one of its test variants), in
-    ``dtype`` (default: the entry's ``test_dtype``, float32 for almost all). Recurrent layers get
+    """A tiny, randomly initialised causal LM (or vision-language model) of ``model_type`` (one of
+    its test variants), in ``dtype`` (default: the entry's ``test_dtype``, float32 for almost all). Recurrent layers get
     :func:`long_memory` weights, so a state leak across packed sequences cannot hide."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 

@@ -63,7 +63,8 @@ def _refuse(config: Any) -> str | None:
     import transformers
 
     reason = REFUSED.get(config.model_type)
-    if reason is None and config.model_type in MASK_FROM_TEMPORAL_ROW_ON_4 and transformers.__version__.startswith("4."):
+    on_4 = transformers.__version__.startswith("4.")
+    if reason is None and config.model_type in MASK_FROM_TEMPORAL_ROW_ON_4 and on_4:
         reason = (
             f"on transformers {transformers.__version__} upstream derives its attention mask from the temporal "
             "rotary row, so even an unpacked sample with an image is cut into pieces at its image tokens: "
