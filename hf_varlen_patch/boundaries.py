@@ -317,11 +317,11 @@ def text_positions(position_ids: torch.Tensor) -> torch.Tensor:
     (mRoPE) ``position_ids``.
 
     ``(4, B, T)`` is transformers' packed layout: a text row (restarting per sequence) before the
-    temporal, height and width rows; the text row is returned. ``(3, B, T)`` has no text row: a
-    sample's temporal row never decreases (text after an image resumes above it) and never holds
-    two all-zero (t, h, w) positions in a row, so a sequence starts where the temporal row drops or
-    where two all-zero positions follow each other; positions counting from those starts are
-    returned (one device-to-host copy).
+    temporal, height and width rows; the text row is returned. ``(3, B, T)`` has no text row: every
+    sample's first token, text or image patch, sits at (0, 0, 0) and no later one does (text and
+    images after it start above 0, a video's later frames too), so a sequence starts at every
+    all-zero position; positions counting from those starts are returned (one device-to-host copy).
+    The temporal row alone cannot tell: it falls back inside a sample after a video.
     """
     if position_ids.shape[0] == 4:
         return position_ids[0]
@@ -331,10 +331,8 @@ def text_positions(position_ids: torch.Tensor) -> torch.Tensor:
             f"a text row first; got {tuple(position_ids.shape)}."
         )
     rows = position_ids.detach().to("cpu", torch.int64)
-    temporal = rows[0]
-    zero = (rows == 0).all(dim=0)
-    starts = torch.ones_like(temporal, dtype=torch.bool)
-    starts[:, 1:] = (temporal[:, 1:] < temporal[:, :-1]) | (zero[:, 1:] & zero[:, :-1])
-    index = torch.arange(temporal.shape[1]).expand_as(temporal)
+    starts = (rows == 0).all(dim=0)
+    starts[:, 0] = True
+    index = torch.arange(starts.shape[1]).expand_as(starts)
     last_start = torch.where(starts, index, torch.zeros_like(index)).cummax(dim=1).values
     return (index - last_start).to(position_ids.device)

@@ -71,6 +71,14 @@ def registered_variants(*, refused: bool = False) -> list[tuple[str, str]]:
     return out
 
 
+def auto_class(model_type: str) -> type:
+    """The Auto class that builds ``model_type``'s models for tests: image-text-to-text for a
+    vision-language entry (vision tower included), else causal LM."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText if "sample" in lookup(model_type).extra else AutoModelForCausalLM
+
+
 def tiny_model(
     model_type: str,
     variant: str | None = None,
@@ -83,15 +91,11 @@ def tiny_model(
     """A tiny, randomly initialised causal LM (or vision-language model) of ``model_type`` (one of
     its test variants), in ``dtype`` (default: the entry's ``test_dtype``, float32 for almost all). Recurrent layers get
     :func:`long_memory` weights, so a state leak across packed sequences cannot hide."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
-
     variants = test_variants(model_type)
     config = variants[variant] if variant is not None else next(iter(variants.values()))
     torch.manual_seed(seed)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    # a vision-language entry's twins are image-text-to-text models (vision tower included)
-    auto = AutoModelForImageTextToText if "sample" in lookup(model_type).extra else AutoModelForCausalLM
-    model = long_memory(auto.from_config(config, **kwargs))
+    model = long_memory(auto_class(model_type).from_config(config, **kwargs))
     return model.to(device=device, dtype=dtype or lookup(model_type).test_dtype)
 
 

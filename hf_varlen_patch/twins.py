@@ -605,6 +605,8 @@ def _check_standalone(model_type: str, config_cls: type | None = None) -> None:
 
     if model_type not in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or model_type not in CONFIG_MAPPING:
         return
+    if model_type in modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES:
+        return  # a vision-language model: its twin is built whole (AutoModelForImageTextToText)
     config_cls = config_cls or CONFIG_MAPPING[model_type]
     try:
         model_cls = modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING[config_cls]

@@ -58,7 +58,6 @@ def _eager_experts(model):
 def _widened(model_type, variant):
     """The twin with heads of at least 32 (flash kernels' smallest trained head dim, see
     CUTE_MIN_TRAIN_HEAD_DIM): hidden sizes and explicit head dims scaled up by the same factor."""
-    from transformers import AutoModelForCausalLM
 
     from hf_varlen_patch.patching import nested_configs
     from hf_varlen_patch.testing import long_memory
@@ -77,7 +76,7 @@ def _widened(model_type, variant):
             sub.head_dim = head_dim * factor
     torch.manual_seed(0)
     try:  # built and run once on the CPU: a CUDA error would poison every later test
-        model = long_memory(AutoModelForCausalLM.from_config(config))
+        model = long_memory(hf_varlen_patch.testing.auto_class(model_type).from_config(config))
         with torch.no_grad():
             model(input_ids=torch.ones(1, 8, dtype=torch.long), use_cache=False)
         return model
