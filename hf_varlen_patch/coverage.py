@@ -99,7 +99,7 @@ def _scan_multimodal(model_type: str, entry: Any, twin: Any, backend: str, tol: 
         reason = f"twin does not build: {_err(err)}"
         return CoverageRow(model_type, "multimodal", nan, nan, nan, "-", "UNBUILDABLE", reason)
     layouts = list(MULTIMODAL_LAYOUTS)
-    if hasattr(model.base_model, "get_video_features"):
+    if model_type in entry.extra.get("videos_with_images", ()):
         layouts.append(VIDEO_LAYOUT)
     samples = multimodal_samples(model, layouts)
     up_nc = compare_multimodal(model, samples, grads=False).logits

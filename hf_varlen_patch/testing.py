@@ -45,9 +45,11 @@ def test_variants(model_type: str) -> dict[str, Any]:
 test_variants.__test__ = False  # not a pytest test despite the name
 
 
-def registered_variants(*, refused: bool = False) -> list[tuple[str, str]]:
+def registered_variants(*, refused: bool = False, multimodal: bool = False) -> list[tuple[str, str]]:
     """(model_type, variant) for every test config of every registry entry whose model_type the
-    installed transformers has; with ``refused=True`` the ones the entry refuses instead."""
+    installed transformers has; with ``refused=True`` the ones the entry refuses instead. Text
+    models by default (batches of token ids); ``multimodal=True``: the vision-language entries'
+    types instead (samples with images: :func:`multimodal_samples`)."""
     from transformers import CONFIG_MAPPING
 
     from .registry import supported_model_types
@@ -57,6 +59,8 @@ def registered_variants(*, refused: bool = False) -> list[tuple[str, str]]:
         if mt not in CONFIG_MAPPING:
             continue  # a model_type of another transformers release
         entry = lookup(mt)
+        if ("sample" in entry.extra) != multimodal:
+            continue
         try:
             variants = test_variants(mt)
         except TwinError:

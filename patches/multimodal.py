@@ -28,7 +28,7 @@ from hf_varlen_patch.registry import PatchEntry, register
 from hf_varlen_patch.twins import register_twin_overrides
 
 #: Rotary positions over (temporal, height, width) from ``get_rope_index`` on the base model.
-MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
+MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v")
 #: Causal language models over text and image tokens alike, 1-D positions.
 CAUSAL = ("llava", "llava_next", "mistral3", "idefics3", "smolvlm", "internvl")
 
@@ -41,10 +41,6 @@ REFUSED = {
     "would see each other's images",
     "llama4": "its vision-language model is not covered yet (chunked attention with image tokens, "
     "no tiny twin); its text model llama4_text is",
-    "glm4v": "its rotary positions are not covered yet (mRoPE from get_rope_index over image and video start "
-    "tokens of their own)",
-    "qwen3_5": "its language model mixes gated delta-rule layers with mRoPE attention; packed multimodal rows "
-    "are not covered yet (its text model qwen3_5_text is)",
 }
 
 
@@ -53,22 +49,38 @@ def _language_configs(config: Any) -> list[Any]:
     return nested_configs(config.get_text_config())
 
 
-#: On transformers 4.57 upstream builds these models' attention mask from the temporal rotary row
-#: (``position_ids[0]`` of the usual 3-row positions): every image splits its own sample into
-#: pieces that cannot see each other, even unpacked. 5.x takes the mask from a text row only.
-MASK_FROM_TEMPORAL_ROW_ON_4 = ("qwen3_vl", "qwen3_vl_moe")
+#: What is wrong upstream on transformers 4.57, unpacked already: nothing correct to match there.
+BROKEN_ON_4 = {
+    "qwen3_vl": "upstream derives its attention mask from the temporal rotary row, so even an unpacked sample with an "
+    "image is cut into pieces at its image tokens",
+    "qwen3_vl_moe": "upstream derives its attention mask from the temporal rotary row, so even an unpacked sample "
+    "with an image is cut into pieces at its image tokens",
+    "glm4v": "upstream hands its own (3, batch, seq_len) rotary positions to create_causal_mask, which crashes on "
+    "every sample with an image, unpacked already",
+}
+
+
+def _text_entry(config: Any) -> PatchEntry | None:
+    """The registry entry of the language model's type (its quirks apply inside the VLM too)."""
+    from hf_varlen_patch.registry import REGISTRY
+
+    text = config.get_text_config()
+    return REGISTRY.get(text.model_type) if text is not config else None
 
 
 def _refuse(config: Any) -> str | None:
     import transformers
 
     reason = REFUSED.get(config.model_type)
-    on_4 = transformers.__version__.startswith("4.")
-    if reason is None and config.model_type in MASK_FROM_TEMPORAL_ROW_ON_4 and on_4:
+    text_entry = _text_entry(config)
+    if reason is None and text_entry is not None and text_entry.refuse is not None:
+        text_reason = text_entry.refuse(config.get_text_config())
+        if text_reason:
+            reason = f"its language model ({config.get_text_config().model_type}): {text_reason.rstrip('.')}"
+    if reason is None and config.model_type in BROKEN_ON_4 and transformers.__version__.startswith("4."):
         reason = (
-            f"on transformers {transformers.__version__} upstream derives its attention mask from the temporal "
-            "rotary row, so even an unpacked sample with an image is cut into pieces at its image tokens: "
-            "there is no correct per-sample result to match; upgrade to transformers 5.x"
+            f"on transformers {transformers.__version__} {BROKEN_ON_4[config.model_type]}: there is no correct "
+            "per-sample result to match; upgrade to transformers 5.x"
         )
     return f"{reason}." if reason else None
 
@@ -156,6 +168,10 @@ def _mrope_forward(check_inputs: bool):
 
 
 def _patch(model, patcher, options) -> None:
+    text_entry = _text_entry(model.config)
+    if text_entry is not None and text_entry.patch is not None:
+        # the language model's own quirks (recurrent layers, chunked attention, ...)
+        text_entry.patch(model, patcher, options)
     if model.config.model_type in MROPE:
         patcher.wrap_method(model.base_model, "forward", _mrope_forward(options.check_inputs))
 
@@ -215,6 +231,10 @@ def _placeholders(model, kind: str, inputs: dict) -> int:
     return sum(f.shape[0] for f in _features(out))
 
 
+#: GLM-4V places video frames on image tokens (between its video start/end tokens).
+VIDEO_IN_IMAGE_TOKENS = ("glm4v",)
+
+
 def _token(config, *names: str) -> int:
     for name in names:
         value = getattr(config, name, None)
@@ -240,13 +260,18 @@ def multimodal_sample(model, parts: list, generator: torch.Generator) -> dict:
             continue
         inputs = _vision_inputs(model, part, generator)
         count = _placeholders(model, part, inputs)
-        token = _token(config, "video_token_id") if part == "video" else image_token
-        # Qwen3-VL lays a video out frame by frame, each frame between its own start/end tokens
-        frames = int(inputs["video_grid_thw"][0, 0]) if part == "video" and config.model_type.startswith("qwen3") else 1
+        video = part == "video" and config.model_type not in VIDEO_IN_IMAGE_TOKENS
+        token = _token(config, "video_token_id") if video else image_token
+        # Qwen3-VL/3.5 and GLM-4V lay a video out frame by frame, each between its own start/end tokens
+        per_frame = part == "video" and config.model_type.startswith(("qwen3", "glm4v"))
+        frames = int(inputs["video_grid_thw"][0, 0]) if per_frame else 1
         for _ in range(frames):
             block = [token] * (count // frames)
             if mrope:
-                block = [config.vision_start_token_id, *block, config.vision_end_token_id]
+                kind = "video" if part == "video" else "image"
+                start = _token(config, "vision_start_token_id", f"{kind}_start_token_id")
+                end = _token(config, "vision_end_token_id", f"{kind}_end_token_id")
+                block = [start, *block, end]
             ids += block
             types += [0 if t != token else (2 if part == "video" else 1) for t in block]
         for key, value in inputs.items():
@@ -266,7 +291,11 @@ register(
         refuse=_refuse,
         attention_configs=_language_configs,
         notes="language model via AttentionInterface (vision tower upstream); mRoPE positions per sample",
-        extra={"sample": multimodal_sample},
+        # GLM-4V cannot mix images and videos in one batch upstream (its videos fill image tokens)
+        extra={
+            "sample": multimodal_sample,
+            "videos_with_images": tuple(t for t in MROPE if t not in VIDEO_IN_IMAGE_TOKENS),
+        },
     )
 )
 
@@ -276,7 +305,10 @@ register(
 
 #: Twins' mRoPE sections (temporal, height, width) over half the 16-dim heads. The default configs
 #: leave them out (the models then assume a 128-dim head); released checkpoints set them.
-MROPE_SECTIONS = {"qwen3_vl": [3, 3, 2], "qwen3_vl_moe": [3, 3, 2]}
+MROPE_SECTIONS = {"qwen3_vl": [3, 3, 2], "qwen3_vl_moe": [3, 3, 2], "qwen3_5": [2, 1, 1], "qwen3_5_moe": [2, 1, 1]}
+#: Qwen3.5 rotates a quarter of each head (partial_rotary_factor 0.25): 32-dim heads leave 8 rotary
+#: dims, enough for every axis to get frequencies.
+TEXT_HEAD_DIM = {"qwen3_5": 32, "qwen3_5_moe": 32}
 
 
 def _mrope_twin(config) -> dict:
@@ -286,8 +318,8 @@ def _mrope_twin(config) -> dict:
     rope["mrope_section"] = section
     key = "rope_parameters" if hasattr(text, "rope_parameters") else "rope_scaling"
     if key == "rope_scaling":
-        rope.setdefault("type", "mrope")
         rope.setdefault("rope_type", "default")
+        rope.setdefault("type", rope["rope_type"])
     vision = {"out_hidden_size": 64}
     if config.model_type == "qwen2_5_vl":
         # windows of 2x2 merged patches; the last of the two blocks attends over the whole image
@@ -296,7 +328,10 @@ def _mrope_twin(config) -> dict:
         vision.update(deepstack_visual_indexes=[0])
     if config.model_type == "qwen2_vl":
         vision = {"hidden_size": 64}
-    return {"text_config": {key: rope}, "vision_config": vision}
+    text_overrides = {key: rope}
+    if config.model_type in TEXT_HEAD_DIM:
+        text_overrides["head_dim"] = TEXT_HEAD_DIM[config.model_type]
+    return {"text_config": text_overrides, "vision_config": vision}
 
 
 register_twin_overrides(MROPE, _mrope_twin)

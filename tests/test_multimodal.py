@@ -2,10 +2,12 @@
 packed in one row == each sample alone, logits and every gradient (vision tower included), with
 boundaries from restarting 2-D position_ids, from cu_seq_lens, and from mRoPE rows."""
 
+import copy
+
 import pytest
 import torch
 import transformers
-from hf_varlen_patch.patches.multimodal import CAUSAL, MROPE
+from hf_varlen_patch.patches.multimodal import MROPE
 
 import hf_varlen_patch
 from hf_varlen_patch import MalformedBoundariesError, UnsupportedArchitectureError, VarlenPatchError
@@ -14,13 +16,15 @@ from hf_varlen_patch.packing import pack_multimodal
 from hf_varlen_patch.testing import compare_multimodal, multimodal_samples, registered_variants, tiny_model
 
 TOL = 1e-5
-SUPPORTED = sorted({mt for mt, _ in registered_variants() if mt in MROPE + CAUSAL})
+SUPPORTED = sorted({mt for mt, _ in registered_variants(multimodal=True)})
+REFUSED = sorted({mt for mt, _ in registered_variants(multimodal=True, refused=True)})
 LAYOUTS = [[4, "image", 5], [6], [3, "image", 2, "image", 4]]
 VIDEO = [5, "video", 2]
 
 
 def _samples(model, model_type):
-    layouts = LAYOUTS + ([VIDEO] if model_type in MROPE else [])
+    with_videos = hf_varlen_patch.lookup(model_type).extra["videos_with_images"]
+    layouts = LAYOUTS + ([VIDEO] if model_type in with_videos else [])
     return multimodal_samples(model, layouts, seed=1)
 
 
@@ -60,6 +64,8 @@ def test_the_vision_tower_keeps_upstream_attention_and_unapply_restores(model_ty
     hf_varlen_patch.apply(model)
     assert model.config.vision_config._attn_implementation == vision
     assert model.config.get_text_config()._attn_implementation.startswith("hf_varlen")
+    copied = copy.deepcopy(model)  # EMA / reference models: a copy patched the same way
+    assert hf_varlen_patch.is_patched(copied) and compare_multimodal(copied, samples).ok(TOL)
     hf_varlen_patch.unapply(model)
     assert model.config.get_text_config()._attn_implementation == text
     assert compare_multimodal(model, samples, grads=False) == before
@@ -154,13 +160,17 @@ def test_pack_multimodal_lays_samples_out_in_one_row():
         pack_multimodal([{**b, "mm_token_type_ids": torch.zeros(1, 2, dtype=torch.long)}, a])
 
 
-@pytest.mark.parametrize("model_type", ["gemma3", "paligemma", "mllama"])
-def test_vlms_with_non_causal_text_attention_are_refused(model_type):
-    if model_type not in transformers.CONFIG_MAPPING:
-        pytest.skip(f"{model_type} is not in this transformers release")
+def test_vlms_with_non_causal_text_attention_are_refused():
+    assert {"gemma3", "paligemma", "mllama"} <= set(REFUSED)
+    for model_type in ("gemma3", "paligemma", "mllama"):
+        assert "attend" in hf_varlen_patch.lookup(model_type).refuse(hf_varlen_patch.testing.tiny_config(model_type))
+
+
+@pytest.mark.parametrize("model_type", REFUSED)
+def test_refused_vlms_say_why(model_type):
     config = hf_varlen_patch.testing.tiny_config(model_type)
     reason = hf_varlen_patch.lookup(model_type).refuse(config)
-    assert reason and "attend" in reason
+    assert reason
     try:
         model = transformers.AutoModelForImageTextToText.from_config(config)
     except Exception:  # mllama's default config does not build on 4.57: the reason stands on its own
