@@ -98,7 +98,10 @@ def _scan_multimodal(model_type: str, entry: Any, twin: Any, backend: str, tol: 
     except Exception as err:
         reason = f"twin does not build: {_err(err)}"
         return CoverageRow(model_type, "multimodal", nan, nan, nan, "-", "UNBUILDABLE", reason)
-    layouts = list(MULTIMODAL_LAYOUTS)
+    if model_type in entry.extra.get("text_only", ()):
+        layouts = [[n for n in layout if isinstance(n, int)] for layout in MULTIMODAL_LAYOUTS]
+    else:
+        layouts = list(MULTIMODAL_LAYOUTS)
     if model_type in entry.extra.get("videos_with_images", ()):
         layouts.append(VIDEO_LAYOUT)
     samples = multimodal_samples(model, layouts)

@@ -32,13 +32,17 @@ MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3
 #: Causal language models over text and image tokens alike, 1-D positions.
 CAUSAL = ("llava", "llava_next", "mistral3", "idefics3", "smolvlm", "internvl")
 
+#: Packed text-only batches are supported; a packed batch with images raises (the reason).
+TEXT_ONLY = {
+    "gemma3": "its image tokens attend bidirectionally within each image (token_type_ids), which the varlen kernels "
+    "(causal within each sample) do not express",
+    "mllama": "its cross-attention layers attend from every text token to the row's images, so packed samples "
+    "would see each other's images",
+}
+
 REFUSED = {
-    "gemma3": "its image tokens attend bidirectionally within each image (token_type_ids), which the varlen "
-    "kernels (causal within each sample) do not express",
     "paligemma": "it is a prefix-LM: image and prefix tokens attend bidirectionally (token_type_ids), which the "
     "varlen kernels (causal within each sample) do not express",
-    "mllama": "its cross-attention layers attend from every text token to the row's images; packed samples "
-    "would see each other's images",
     "llama4": "its vision-language model is not covered yet (chunked attention with image tokens, "
     "no tiny twin); its text model llama4_text is",
 }
@@ -57,6 +61,11 @@ BROKEN_ON_4 = {
     "with an image is cut into pieces at its image tokens",
     "glm4v": "upstream hands its own (3, batch, seq_len) rotary positions to create_causal_mask, which crashes on "
     "every sample with an image, unpacked already",
+}
+#: What this entry cannot reach on transformers 4.57.
+NOT_ON_4 = {
+    "gemma3": "Gemma3ForConditionalGeneration has no base model of its own (base_model_prefix is empty) and computes "
+    "its loss from the attention mask, which a packed forward replaces",
 }
 
 
@@ -77,10 +86,15 @@ def _refuse(config: Any) -> str | None:
         text_reason = text_entry.refuse(config.get_text_config())
         if text_reason:
             reason = f"its language model ({config.get_text_config().model_type}): {text_reason.rstrip('.')}"
-    if reason is None and config.model_type in BROKEN_ON_4 and transformers.__version__.startswith("4."):
+    on_4 = transformers.__version__.startswith("4.")
+    if reason is None and config.model_type in BROKEN_ON_4 and on_4:
         reason = (
             f"on transformers {transformers.__version__} {BROKEN_ON_4[config.model_type]}: there is no correct "
             "per-sample result to match; upgrade to transformers 5.x"
+        )
+    if reason is None and config.model_type in NOT_ON_4 and on_4:
+        reason = (
+            f"on transformers {transformers.__version__} {NOT_ON_4[config.model_type]}; upgrade to transformers 5.x"
         )
     return f"{reason}." if reason else None
 
@@ -167,6 +181,24 @@ def _mrope_forward(check_inputs: bool):
     return forward
 
 
+#: Vision inputs of a forward (any of them makes a batch multimodal).
+VISION_INPUTS = ("pixel_values", "pixel_values_videos", "cross_attention_states")
+
+
+def _refuse_packed_images(reason: str):
+    def forward(wrapped, instance, args, kwargs):
+        if current_boundaries() is not None:
+            call = call_as_kwargs(wrapped, args, kwargs)
+            if any(call.get(name) is not None for name in VISION_INPUTS):
+                raise VarlenPatchError(
+                    f"hf_varlen_patch packs {instance.config.model_type} text-only batches, not batches with images: "
+                    f"{reason}. Run samples with images unpacked (one per row, padded), or pack text-only samples."
+                )
+        return wrapped(*args, **kwargs)
+
+    return forward
+
+
 def _patch(model, patcher, options) -> None:
     text_entry = _text_entry(model.config)
     if text_entry is not None and text_entry.patch is not None:
@@ -174,6 +206,8 @@ def _patch(model, patcher, options) -> None:
         text_entry.patch(model, patcher, options)
     if model.config.model_type in MROPE:
         patcher.wrap_method(model.base_model, "forward", _mrope_forward(options.check_inputs))
+    if model.config.model_type in TEXT_ONLY:
+        patcher.wrap_method(model.base_model, "forward", _refuse_packed_images(TEXT_ONLY[model.config.model_type]))
 
 
 # ---------------------------------------------------------------- samples for tests and scan
@@ -286,7 +320,7 @@ def multimodal_sample(model, parts: list, generator: torch.Generator) -> dict:
 register(
     PatchEntry(
         family="multimodal",
-        model_types=MROPE + CAUSAL + tuple(REFUSED),
+        model_types=MROPE + CAUSAL + tuple(TEXT_ONLY) + tuple(REFUSED),
         patch=_patch,
         refuse=_refuse,
         attention_configs=_language_configs,
@@ -295,6 +329,7 @@ register(
         extra={
             "sample": multimodal_sample,
             "videos_with_images": tuple(t for t in MROPE if t not in VIDEO_IN_IMAGE_TOKENS),
+            "text_only": tuple(TEXT_ONLY),
         },
     )
 )
@@ -340,4 +375,6 @@ register_twin_overrides(("llava",), {"vision_config": {"image_size": 56}})
 # one any-resolution grid the size of the base image: each image is the base view plus one tile
 register_twin_overrides(("llava_next",), {"vision_config": {"image_size": 56}, "image_grid_pinpoints": [[56, 56]]})
 register_twin_overrides(("internvl",), {"vision_config": {"image_size": [56, 56]}})
+# 4x4 patches pooled to 2x2 image tokens (the default pools 64x64 patches to 16x16)
+register_twin_overrides(("gemma3",), {"vision_config": {"image_size": 56}, "mm_tokens_per_image": 4})
 register_twin_overrides(("idefics3", "smolvlm"), {"vision_config": {"image_size": 64, "patch_size": 16}})
