@@ -530,13 +530,23 @@ def multimodal_samples(model: torch.nn.Module, layouts: Sequence[Sequence[Any]],
     return [build(hf_model, list(layout), generator) for layout in layouts]
 
 
+def _to_model(model: torch.nn.Module, inputs: dict) -> dict:
+    """Tensors on the model's device, floating ones (pixels) in its dtype."""
+    param = next(model.parameters())
+    return {
+        k: (v.to(param.device, param.dtype) if v.is_floating_point() else v.to(param.device))
+        if isinstance(v, torch.Tensor)
+        else v
+        for k, v in inputs.items()
+    }
+
+
 def _run_samples(model: torch.nn.Module, samples: Sequence[dict], *, grads: bool) -> Run:
-    device = _model_device(model)
     denom = max(sum(s["input_ids"].shape[1] - 1 for s in samples), 1)
     model.zero_grad(set_to_none=True)
     logits_out, loss_sum, model_loss = [], 0.0, 0.0
     for sample in samples:
-        sample = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in sample.items()}
+        sample = _to_model(model, sample)
         ids = sample["input_ids"][0]
         with torch.set_grad_enabled(grads):
             logits = model(**sample, use_cache=False).logits[0]
@@ -557,11 +567,10 @@ def _run_multimodal_packed(
 ) -> Run:
     from .packing import pack_multimodal
 
-    device = _model_device(model)
     batch = pack_multimodal(samples, flash_attn_kwargs=layout == "cu")
     if layout == "cu":
         del batch["position_ids"]
-    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch = _to_model(model, batch)
     labels = batch.pop("labels")
     if use_cache is not None:
         batch["use_cache"] = use_cache

@@ -96,7 +96,7 @@ DECODERS = (
 )
 
 #: Decoders whose 4.57 code computes attention in legacy classes the generic route cannot reach.
-NEEDS_5X = ("moshi", "mllama_text_model", "phi4_multimodal")
+NEEDS_5X = ("moshi", "phi4_multimodal")
 #: Why, where more than the legacy classes stands in the way.
 WHY_5X = {
     "moshi": "MoshiModel builds no causal mask without an attention_mask (eager attention sees the whole "

@@ -122,6 +122,38 @@ def test_bf16_torch_backend(model_type, variant):
     assert set(used) == {"torch"} or (not used and model_type in ATTENTION_FREE)
 
 
+@pytest.mark.parametrize("model_type", sorted({mt for mt, _ in registered_variants(multimodal=True)}))
+def test_bf16_multimodal_torch_backend(model_type):
+    """Vision-language twins in bf16 on the GPU: samples with images (and a video for the mRoPE
+    models) packed in one row against the same samples alone, judged by bf16's own noise (the bf16
+    samples alone against float32)."""
+    from hf_varlen_patch.testing import _run_multimodal_packed, _run_samples, multimodal_samples
+
+    entry = hf_varlen_patch.lookup(model_type)
+    layouts = [[4, "image", 5], [6], [3, "image", 2, "image", 4]]
+    if model_type in entry.extra["text_only"]:
+        layouts = [[n for n in layout if isinstance(n, int)] for layout in layouts]
+    if model_type in entry.extra["videos_with_images"]:
+        layouts.append([5, "video", 2])
+    fp32 = tiny_model(model_type, attn_implementation="sdpa").to("cuda").train()
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    samples = multimodal_samples(fp32, layouts, seed=1)
+    truth = _run_samples(fp32, samples, grads=True)
+    separate = _run_samples(bf16, samples, grads=True)
+    hf_varlen_patch.apply(bf16, backend="torch")
+    BACKEND_USAGE.clear()
+    packed = _run_multimodal_packed(bf16, samples, grads=True, layout="cu", use_cache=None)
+    assert set(BACKEND_USAGE) == {"torch"}, dict(BACKEND_USAGE)
+    noise_logits, noise_grads = relative_errors(separate, truth)
+    err_logits, err_grads = relative_errors(packed, separate)
+    print(
+        f"{model_type} torch: relative error logits {err_logits:.2e} (bf16 noise {noise_logits:.2e}), "
+        f"grads {err_grads:.2e} (bf16 noise {noise_grads:.2e})"
+    )
+    assert err_logits <= 2 * noise_logits, (err_logits, noise_logits)
+    assert err_grads <= 2 * noise_grads, (err_grads, noise_grads)
+
+
 @pytest.mark.parametrize("model_type, variant", registered_variants())
 def test_bf16_auto_backend(model_type, variant):
     used = _bf16_check(model_type, variant, "auto")
