@@ -10,6 +10,7 @@ The matching mask function is the original's, so unpacked masks are built as bef
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections import Counter
 from collections.abc import Callable
@@ -143,7 +144,13 @@ def varlen_attention(
     q = query.transpose(1, 2).reshape(batch * length, num_heads, -1)
     k = key.transpose(1, 2).reshape(batch * length, key.shape[1], -1)
     v = value.transpose(1, 2).reshape(batch * length, value.shape[1], -1)
+    if boundaries.blocks is not None:
+        # transformers' block_sequence_ids lie over its causal mask, whatever the layer's is_causal
+        # says (PaliGemma's layers say bidirectional: only its mask makes the suffix causal)
+        spec = dataclasses.replace(spec, causal=True)
     needed = spec.features(q.shape[1], k.shape[1], q.shape[-1], v.shape[-1])
+    if boundaries.blocks is not None:
+        needed = needed | {"bidirectional_blocks"}
     chosen = select_backend(backend, q.device, q.dtype, needed)
     try:
         out = chosen.fn(q, k, v, boundaries, spec)

@@ -38,6 +38,10 @@ class Boundaries:
     is_packed: bool = True
     #: per-forward memo for backends (e.g. FlexAttention's block masks), never compared.
     cache: dict = field(default_factory=dict, repr=False)
+    #: int (B*T,) or None: transformers' ``block_sequence_ids``, flattened. Tokens of one sequence
+    #: with the same id >= 0 attend to each other in both directions, on top of the layer's causal
+    #: (and window) pattern: an image's tokens (Gemma 3), a prefix (PaliGemma). -1: no block.
+    blocks: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def num_sequences(self) -> int:
@@ -61,6 +65,16 @@ class Boundaries:
         """Flat indices of the first token of every sequence (int64, on the device)."""
         return self.cu_seqlens[:-1].to(torch.int64)
 
+    def with_blocks(self, blocks: torch.Tensor | None) -> Boundaries:
+        """These boundaries with bidirectional blocks ((B, T) or flat ids, -1 for none)."""
+        if blocks is not None:
+            if blocks.numel() != self.total_tokens:
+                raise MalformedBoundariesError(
+                    f"block ids hold {blocks.numel()} tokens for a batch of {self.shape}; give one id per token."
+                )
+            blocks = blocks.reshape(-1).to(self.device)
+        return Boundaries(self.cu_seqlens, self.max_seqlen, self.seq_idx, self.shape, self.is_packed, blocks=blocks)
+
     def chunked(self, size: int) -> Boundaries:
         """These boundaries with every sequence cut into chunks of ``size`` tokens from its start:
         chunked attention (a token sees only its own chunk) is causal attention within chunks.
@@ -76,6 +90,7 @@ class Boundaries:
                 seq_idx=((positions % size == 0).cumsum(0) - 1).to(torch.int32),
                 shape=self.shape,
                 is_packed=self.is_packed,
+                blocks=self.blocks,
             )
         return self.cache[key]
 

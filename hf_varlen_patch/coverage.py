@@ -94,7 +94,7 @@ def _scan_multimodal(model_type: str, entry: Any, twin: Any, backend: str, tol: 
         return CoverageRow(model_type, "multimodal", nan, nan, nan, "-", "REFUSED", refusal[:200])
     try:
         torch.manual_seed(0)
-        model = AutoModelForImageTextToText.from_config(twin).float()
+        model = AutoModelForImageTextToText.from_config(twin).to(entry.test_dtype)
     except Exception as err:
         reason = f"twin does not build: {_err(err)}"
         return CoverageRow(model_type, "multimodal", nan, nan, nan, "-", "UNBUILDABLE", reason)

@@ -18,12 +18,14 @@ cross-attention to images, and models whose language model has no entry.
 from __future__ import annotations
 
 import inspect
+import sys
 from typing import Any
 
 import torch
 
+from hf_varlen_patch.attention import BOUNDARIES_KWARG
 from hf_varlen_patch.errors import MalformedBoundariesError, VarlenPatchError
-from hf_varlen_patch.patching import call_as_kwargs, current_boundaries, nested_configs
+from hf_varlen_patch.patching import call_as_kwargs, current_boundaries, enter_packed, leave_packed, nested_configs
 from hf_varlen_patch.registry import PatchEntry, register
 from hf_varlen_patch.twins import register_twin_overrides
 
@@ -34,15 +36,38 @@ CAUSAL = ("llava", "llava_next", "mistral3", "idefics3", "smolvlm", "internvl")
 
 #: Packed text-only batches are supported; a packed batch with images raises (the reason).
 TEXT_ONLY = {
-    "gemma3": "its image tokens attend bidirectionally within each image (token_type_ids), which the varlen kernels "
-    "(causal within each sample) do not express",
     "mllama": "its cross-attention layers attend from every text token to the row's images, so packed samples "
     "would see each other's images",
 }
 
+
+#: Bidirectional blocks over the text (transformers' ``block_sequence_ids``) from token_type_ids, as
+#: upstream computes them: Gemma 3's images see themselves whole; PaliGemma's prefix (image and
+#: prompt, type 0) sees itself whole, the suffix is causal. type -> (block ids from token_type_ids).
+def _gemma3_blocks(model, token_type_ids: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor | None:
+    if token_type_ids is None:
+        return None  # upstream's mask is causal then, and so are Gemma 3's layers
+    module = sys.modules[type(model).__module__]
+    return module.get_block_sequence_ids_for_mask(token_type_ids, device=token_type_ids.device)
+
+
+def _prefix_blocks(model, token_type_ids: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
+    # PaliGemma's layers are bidirectional (use_bidirectional_attention); only its mask makes the
+    # suffix causal, and without token_type_ids upstream has no single answer
+    if token_type_ids is None:
+        raise VarlenPatchError(
+            "packed PaliGemma batches need token_type_ids (0 for the image and prompt prefix, 1 for the suffix; "
+            "its processor returns them): without them upstream attends causally under eager attention and "
+            "bidirectionally under sdpa, so there is no one per-sample result to keep."
+        )
+    return torch.where(token_type_ids == 0, 0, -1)
+
+
+BLOCKS = {"gemma3": _gemma3_blocks, "paligemma": _prefix_blocks}
+#: The 4.57 releases of these build their bidirectional masks another way (not routed here).
+BLOCKS_NEED_5X = ("gemma3", "paligemma")
+
 REFUSED = {
-    "paligemma": "it is a prefix-LM: image and prefix tokens attend bidirectionally (token_type_ids), which the "
-    "varlen kernels (causal within each sample) do not express",
     "llama4": "its vision-language model is not covered yet (chunked attention with image tokens, "
     "no tiny twin); its text model llama4_text is",
 }
@@ -66,6 +91,8 @@ BROKEN_ON_4 = {
 NOT_ON_4 = {
     "gemma3": "Gemma3ForConditionalGeneration has no base model of its own (base_model_prefix is empty) and computes "
     "its loss from the attention mask, which a packed forward replaces",
+    "paligemma": "PaliGemma builds its bidirectional prefix mask from token_type_ids in its own mask code, which "
+    "hf_varlen_patch routes on 5.x only (block_sequence_ids)",
 }
 
 
@@ -199,6 +226,30 @@ def _refuse_packed_images(reason: str):
     return forward
 
 
+def _blocks_forward(blocks_of):
+    """In a packed forward with ``token_type_ids``, the boundaries carry upstream's bidirectional
+    blocks, so each sample's image (or prefix) attends both ways as it does alone."""
+
+    def forward(wrapped, instance, args, kwargs):
+        boundaries = current_boundaries()
+        if boundaries is None:
+            return wrapped(*args, **kwargs)
+        call = call_as_kwargs(wrapped, args, kwargs)
+        blocks = blocks_of(instance, call.get("token_type_ids"), boundaries.shape)
+        if blocks is None:
+            return wrapped(*args, **kwargs)
+        blocked = boundaries.with_blocks(blocks)
+        if BOUNDARIES_KWARG in call:
+            call[BOUNDARIES_KWARG] = blocked
+        token = enter_packed(blocked)
+        try:
+            return wrapped(**call)
+        finally:
+            leave_packed(token)
+
+    return forward
+
+
 def _patch(model, patcher, options) -> None:
     text_entry = _text_entry(model.config)
     if text_entry is not None and text_entry.patch is not None:
@@ -206,6 +257,8 @@ def _patch(model, patcher, options) -> None:
         text_entry.patch(model, patcher, options)
     if model.config.model_type in MROPE:
         patcher.wrap_method(model.base_model, "forward", _mrope_forward(options.check_inputs))
+    if model.config.model_type in BLOCKS:
+        patcher.wrap_method(model.base_model, "forward", _blocks_forward(BLOCKS[model.config.model_type]))
     if model.config.model_type in TEXT_ONLY:
         patcher.wrap_method(model.base_model, "forward", _refuse_packed_images(TEXT_ONLY[model.config.model_type]))
 
@@ -313,25 +366,49 @@ def multimodal_sample(model, parts: list, generator: torch.Generator) -> dict:
     sample = {"input_ids": torch.tensor([ids])}
     if "mm_token_type_ids" in inspect.signature(model.base_model.forward).parameters:
         sample["mm_token_type_ids"] = torch.tensor([types])
+    if config.model_type == "gemma3":  # its processor marks image tokens 1
+        sample["token_type_ids"] = torch.tensor([[int(t == 1) for t in types]])
+    if config.model_type == "paligemma":  # prefix 0 (images and prompt), suffix 1: the last text part
+        suffix = parts[-1] if isinstance(parts[-1], int) and len(parts) > 1 else 0
+        sample["token_type_ids"] = torch.tensor([[0] * (len(ids) - suffix) + [1] * suffix])
     sample.update(vision)
     return sample
 
 
-register(
-    PatchEntry(
-        family="multimodal",
-        model_types=MROPE + CAUSAL + tuple(TEXT_ONLY) + tuple(REFUSED),
-        patch=_patch,
-        refuse=_refuse,
-        attention_configs=_language_configs,
-        notes="language model via AttentionInterface (vision tower upstream); mRoPE positions per sample",
-        # GLM-4V cannot mix images and videos in one batch upstream (its videos fill image tokens)
-        extra={
-            "sample": multimodal_sample,
-            "videos_with_images": tuple(t for t in MROPE if t not in VIDEO_IN_IMAGE_TOKENS),
-            "text_only": tuple(TEXT_ONLY),
-        },
+#: What tests and scan read: the sample builder, who takes videos next to images (GLM-4V cannot mix
+#: them in one batch upstream: its videos fill image tokens) and who packs text-only rows.
+EXTRA = {
+    "sample": multimodal_sample,
+    "videos_with_images": tuple(t for t in MROPE if t not in VIDEO_IN_IMAGE_TOKENS),
+    "text_only": tuple(TEXT_ONLY),
+}
+
+
+def _register(model_types: tuple[str, ...], **fields: Any) -> None:
+    register(
+        PatchEntry(
+            family="multimodal",
+            model_types=model_types,
+            patch=_patch,
+            refuse=_refuse,
+            attention_configs=_language_configs,
+            extra=EXTRA,
+            **fields,
+        )
     )
+
+
+_register(
+    MROPE + CAUSAL + ("paligemma",) + tuple(TEXT_ONLY) + tuple(REFUSED),
+    notes="language model via AttentionInterface (vision tower upstream); mRoPE positions per sample; "
+    "bidirectional prefix blocks (paligemma); mllama text-only rows",
+)
+#: Gemma 3: its image projection's gradients reach 3e6 on the twin, where fp32 rounding alone
+#: (2.6e-7 relative) exceeds the 1e-5 tolerance; packed == alone holds to float64 rounding.
+_register(
+    ("gemma3",),
+    test_dtype=torch.float64,
+    notes="bidirectional image blocks (token_type_ids) within each sample; tested in float64",
 )
 
 
@@ -375,6 +452,20 @@ register_twin_overrides(("llava",), {"vision_config": {"image_size": 56}})
 # one any-resolution grid the size of the base image: each image is the base view plus one tile
 register_twin_overrides(("llava_next",), {"vision_config": {"image_size": 56}, "image_grid_pinpoints": [[56, 56]]})
 register_twin_overrides(("internvl",), {"vision_config": {"image_size": [56, 56]}})
+register_twin_overrides(
+    ("paligemma",), {"vision_config": {"image_size": 56, "projection_dim": 64}, "projection_dim": 64}
+)
 # 4x4 patches pooled to 2x2 image tokens (the default pools 64x64 patches to 16x16)
 register_twin_overrides(("gemma3",), {"vision_config": {"image_size": 56}, "mm_tokens_per_image": 4})
 register_twin_overrides(("idefics3", "smolvlm"), {"vision_config": {"image_size": 64, "patch_size": 16}})
+
+
+def _mllama_twin(config) -> dict:
+    # the 4.57 default text config leaves rope_scaling None, which its rotary embedding indexes
+    text = config.get_text_config()
+    if hasattr(text, "rope_parameters") or getattr(text, "rope_scaling", None):
+        return {}
+    return {"text_config": {"rope_scaling": {"rope_type": "default"}}}
+
+
+register_twin_overrides(("mllama",), _mllama_twin)

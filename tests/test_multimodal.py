@@ -35,7 +35,8 @@ def test_the_issue_types_are_covered_or_refused():
         if model_type in transformers.CONFIG_MAPPING:
             assert model_type in SUPPORTED, model_type
     if not transformers.__version__.startswith("4."):
-        assert {"qwen3_vl", "qwen3_vl_moe"} <= set(SUPPORTED)
+        assert {"qwen3_vl", "qwen3_vl_moe", "qwen3_5", "glm4v", "gemma3", "paligemma", "mllama"} <= set(SUPPORTED)
+    assert set(REFUSED) <= {"llama4", "qwen3_vl", "qwen3_vl_moe", "glm4v", "gemma3", "paligemma", "mllama"}
 
 
 @pytest.mark.parametrize("model_type", SUPPORTED)
@@ -169,19 +170,32 @@ def test_pack_multimodal_lays_samples_out_in_one_row():
         pack_multimodal([{**b, "mm_token_type_ids": torch.zeros(1, 2, dtype=torch.long)}, a])
 
 
-def test_vlms_with_non_causal_text_attention_pack_text_only():
-    assert "paligemma" in REFUSED  # a prefix-LM: bidirectional over the prefix even without images
-    assert "attend" in hf_varlen_patch.lookup("paligemma").refuse(hf_varlen_patch.testing.tiny_config("paligemma"))
-    if "gemma3" in SUPPORTED:  # (refused on 4.57, see test_refused_vlms_say_why)
-        model = tiny_model("gemma3", attn_implementation="sdpa")
-        with_image = multimodal_samples(model, [[6], [3, "image", 2]], seed=1)
-        hf_varlen_patch.apply(model)
-        alone = model(**with_image[1], use_cache=False).logits  # unpacked, images run upstream's way
-        assert alone.shape[1] == with_image[1]["input_ids"].shape[1]
-        with pytest.raises(VarlenPatchError, match="text-only batches.*bidirectionally"):
-            compare_multimodal(model, with_image)
-    if "mllama" not in SUPPORTED:
-        return  # its default config builds no model on 4.57 (no twin): refused with that reason
+@pytest.mark.skipif(transformers.__version__.startswith("4."), reason="gemma3 and paligemma are refused on 4.57")
+@pytest.mark.parametrize("model_type", ["gemma3", "paligemma"])
+def test_bidirectional_blocks_are_kept_per_sample(model_type, monkeypatch):
+    """Gemma 3's images and PaliGemma's prefix attend both ways: without the blocks the check fails."""
+    import hf_varlen_patch.patches.multimodal as multimodal
+
+    model = tiny_model(model_type, attn_implementation="sdpa")
+    samples = multimodal_samples(model, [[3, "image", 4], [5, 6], [2, "image", 1, "image", 3]], seed=2)
+    assert all("token_type_ids" in s for s in samples)
+    hf_varlen_patch.apply(model)
+    assert compare_multimodal(model, samples).ok(TOL)
+    hf_varlen_patch.unapply(model)
+    monkeypatch.setattr(multimodal, "BLOCKS", {})  # the same entry, blind to the blocks
+    hf_varlen_patch.apply(model)
+    assert compare_multimodal(model, samples, grads=False).logits > 1e-3
+
+
+@pytest.mark.skipif(transformers.__version__.startswith("4."), reason="paligemma is refused on 4.57")
+def test_paligemma_needs_token_type_ids_and_mllama_text_only_rows():
+    model = tiny_model("paligemma", attn_implementation="sdpa")
+    samples = multimodal_samples(model, [[3, 4], [5, 6]], seed=1)
+    for s in samples:
+        s.pop("token_type_ids")
+    hf_varlen_patch.apply(model)
+    with pytest.raises(VarlenPatchError, match="need token_type_ids"):
+        compare_multimodal(model, samples)
     mllama = tiny_model("mllama", attn_implementation="sdpa")
     hf_varlen_patch.apply(mllama)
     packed = pack_multimodal(multimodal_samples(mllama, [[4], [5]]))

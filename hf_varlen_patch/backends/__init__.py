@@ -40,6 +40,7 @@ FEATURES = (
     "alibi",
     "gqa",
     "value_head_dim",  # values wider or narrower than queries/keys (multi-head latent attention)
+    "bidirectional_blocks",  # Boundaries.blocks: blocks of tokens that see each other (images, prefixes)
 )
 
 

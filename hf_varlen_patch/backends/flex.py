@@ -87,7 +87,17 @@ def _features() -> frozenset[str]:
     if _flex() is None:
         return frozenset()
     return frozenset(
-        {"causal", "bidirectional", "sliding_window", "softcap", "alibi", "sinks", "gqa", "value_head_dim"}
+        {
+            "causal",
+            "bidirectional",
+            "sliding_window",
+            "softcap",
+            "alibi",
+            "sinks",
+            "gqa",
+            "value_head_dim",
+            "bidirectional_blocks",
+        }
     )
 
 
@@ -96,15 +106,20 @@ def _block_mask(boundaries: Boundaries, spec: AttentionSpec):
     cache = boundaries.cache
     if key not in cache:
         _, create_block_mask = _flex()
-        seq = boundaries.seq_idx
+        seq, blocks = boundaries.seq_idx, boundaries.blocks
         causal, window = spec.causal, spec.window
 
         def document_mask(b, h, q_idx, kv_idx):
             keep = seq[q_idx] == seq[kv_idx]
             if causal:
-                keep = keep & (q_idx >= kv_idx)
-            if window is not None:
-                keep = keep & (q_idx - kv_idx < window) & (kv_idx - q_idx < window)
+                order = q_idx >= kv_idx
+                if blocks is not None:  # a block's tokens see each other both ways
+                    order = order | ((blocks[q_idx] == blocks[kv_idx]) & (blocks[q_idx] >= 0))
+                keep = keep & order
+            if window is not None:  # causal: only the past is bounded (a block may look further ahead)
+                keep = keep & (q_idx - kv_idx < window)
+                if not causal:
+                    keep = keep & (kv_idx - q_idx < window)
             return keep
 
         n = boundaries.total_tokens

@@ -15,16 +15,23 @@ from . import FEATURES, AttentionSpec, Backend, register_backend
 
 
 def _allowed(boundaries: Boundaries, spec: AttentionSpec) -> torch.Tensor:
-    """(B, T, T) boolean: may query i attend key j (same sequence, causal, in window)."""
+    """(B, T, T) boolean: may query i attend key j (same sequence, causal or in one block, in window)."""
     batch, length = boundaries.shape
     seq = boundaries.seq_idx.view(batch, length)
     allowed = seq[:, :, None] == seq[:, None, :]
     i = torch.arange(length, device=seq.device)[:, None]
     j = torch.arange(length, device=seq.device)[None, :]
     if spec.causal:
-        allowed = allowed & (j <= i)
+        order = j <= i
+        if boundaries.blocks is not None:  # a block's tokens see each other both ways
+            blocks = boundaries.blocks.view(batch, length)
+            order = order | ((blocks[:, :, None] == blocks[:, None, :]) & (blocks[:, :, None] >= 0))
+        allowed = allowed & order
     if spec.window is not None:
-        allowed = allowed & (j > i - spec.window) & (j < i + spec.window)
+        # causal layers: transformers' overlay bounds only the past (a block may look further ahead)
+        allowed = allowed & (j > i - spec.window)
+        if not spec.causal:
+            allowed = allowed & (j < i + spec.window)
     return allowed
 
 
