@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import pytest
 import torch
 
-from hf_varlen_patch import BACKENDS, BackendUnavailableError, Boundaries, select_backend
+from hf_varlen_patch import BACKENDS, BackendUnavailableError, Boundaries, MalformedBoundariesError, select_backend
 from hf_varlen_patch.backends import AUTO_ORDER, AttentionSpec, Backend, flash, flex, register_backend, torch_varlen
 from hf_varlen_patch.backends.reference import reference_attention
 
@@ -507,3 +507,48 @@ def test_fa4_refuses_to_train_heads_its_backward_gets_wrong():
         with torch.no_grad():
             got = flash.flash_varlen_attention(q, k, v, b, spec)
     assert (got.double() - naive(q, k, v, b.cu_seqlens.tolist(), spec)).abs().max() < FP64_TOL
+
+
+def _naive_blocks(q, k, v, boundaries, spec):
+    """The definition of bidirectional blocks (transformers' block_sequence_ids over its causal
+    mask): within a sequence, j <= i or i and j in one block; a window bounds only the past."""
+    q, k, v = q.double(), k.double(), v.double()
+    seq, blocks = boundaries.seq_idx.tolist(), boundaries.blocks.tolist()
+    scale = q.shape[-1] ** -0.5
+    out = torch.zeros(q.shape[0], q.shape[1], v.shape[-1], dtype=torch.float64)
+    for i in range(q.shape[0]):
+        keys = [
+            j
+            for j in range(q.shape[0])
+            if seq[i] == seq[j]
+            and (j <= i or (blocks[i] == blocks[j] and blocks[i] >= 0))
+            and (spec.window is None or i - j < spec.window)
+        ]
+        for h in range(q.shape[1]):
+            g = h // (q.shape[1] // k.shape[1])
+            p = torch.softmax(torch.stack([q[i, h] @ k[j, g] for j in keys]) * scale, 0)
+            out[i, h] = sum(p[n] * v[j, g] for n, j in enumerate(keys))
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@pytest.mark.parametrize("spec", [AttentionSpec(), AttentionSpec(window=3)], ids=["causal", "window"])
+def test_bidirectional_blocks(spec):
+    q, k, v = _inputs(2)
+    plain = Boundaries.from_position_ids(POS)
+    blocks = torch.full((POS.numel(),), -1)
+    blocks[2:6] = 0  # inside the first sequence
+    blocks[12:17] = 1  # inside the third sequence
+    blocks[17:19] = 1  # the same id further on in that sequence, then in the next one: not one block
+    blocks[19] = 1
+    b = plain.with_blocks(blocks)
+    expected = _naive_blocks(q, k, v, b, spec)
+    for name, fn in (("sdpa", reference_attention), ("flex", flex.flex_varlen_attention)):
+        with torch.no_grad():
+            got = fn(q, k, v, b, spec)
+        assert (got.double() - expected).abs().max() < FP64_TOL, name
+    assert (reference_attention(q, k, v, plain, spec) - reference_attention(q, k, v, b, spec)).abs().max() > 1e-3
+    needed = spec.features(4, 2, 8, 8) | {"bidirectional_blocks"}
+    assert "bidirectional_blocks" not in torch_varlen._features() and not needed <= flash._features()
+    with pytest.raises(MalformedBoundariesError, match="one id per token"):
+        plain.with_blocks(blocks[:-1])
