@@ -227,3 +227,13 @@ def test_console_entry_missing_path(tmp_path):
     assert proc.stdout == ""
     lines = proc.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(PREFIX) and missing in lines[0], proc.stderr
+
+
+def test_check_a_vision_language_checkpoint_runs_image_samples(capsys, tmp_path):
+    tiny_config("qwen2_vl").save_pretrained(tmp_path)
+    assert main(["check", str(tmp_path), "--json"]) == 0
+    report = _strict_json(capsys.readouterr()[0])
+    assert report["model_type"] == "qwen2_vl" and report["passed"] is True
+    (row,) = report["rows"]
+    assert row["verdict"] == "PASS" and row["patched"] <= 1e-5
+    assert row["upstream_no_cache"] > 1e-2  # the image samples' positions leak upstream
