@@ -1,4 +1,5 @@
-"""Coverage of the installed transformers: one verdict per causal-LM model_type.
+"""Coverage of the installed transformers: one verdict per causal-LM model_type (and per
+registered vision-language type, run with image samples).
 
 ``scan_all()`` builds each type's tiny twin, measures upstream's packed-vs-separate error (with
 ``use_cache=False`` and with the default cache), then patches it and measures again:
@@ -226,7 +227,7 @@ def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, conf
         if kind == "hybrid":
             need = "boundaries for conv/SSM/recurrent layers (hybrid issue)"
         elif kind == "multimodal":
-            need = "packed image/text samples (multimodal issue)"
+            need = "packed image/text samples: a vision-language entry (patches/multimodal.py)"
         else:
             result = self_check(twin, use_cache=False, tol=tol)
             if result.passed:
