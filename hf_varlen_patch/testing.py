@@ -278,21 +278,29 @@ def run_separate(model: torch.nn.Module, batch: PackedBatch, *, grads: bool = Tr
     """Each sequence of ``batch`` alone (no cache), as the ground truth."""
     batch = batch.to(_model_device(model))
     shifts = model_shifts_labels(model)
-    denom = max(sum(max(n - 1, 0) for _, _, n in batch.spans), 1)
+    return _run_alone(
+        model, [({"input_ids": s[None]}, s, _own_labels(s, shifts)) for s in batch.sequences], grads=grads
+    )
+
+
+def _run_alone(model: torch.nn.Module, calls: list[tuple[dict, torch.Tensor, torch.Tensor]], *, grads: bool) -> Run:
+    """Every ``(inputs, tokens, labels)`` as its own forward (no cache): the mean next-token loss over
+    all of them, and the model's own loss for ``labels`` weighted by each one's targets."""
+    denom = max(sum(max(tokens.numel() - 1, 0) for _, tokens, _ in calls), 1)
     model.zero_grad(set_to_none=True)
     logits_out, loss_sum, model_loss = [], 0.0, 0.0
-    for seq in batch.sequences:
+    for inputs, tokens, labels in calls:
         with torch.set_grad_enabled(grads):
-            logits = model(input_ids=seq[None], use_cache=False).logits[0]
-            loss = _token_loss_sum(logits, seq) / denom
+            logits = model(**inputs, use_cache=False).logits[0]
+            loss = _token_loss_sum(logits, tokens) / denom
             if grads:
                 loss.backward()
         logits_out.append(logits.detach().float())
         loss_sum += float(loss.detach())
-        if seq.numel() > 1:
+        if tokens.numel() > 1:
             with torch.no_grad():
-                own = model(input_ids=seq[None], labels=_own_labels(seq, shifts), use_cache=False).loss
-            model_loss += float(own) * (seq.numel() - 1) / denom
+                own = model(**inputs, labels=labels, use_cache=False).loss
+            model_loss += float(own) * (tokens.numel() - 1) / denom
     return Run(logits_out, loss_sum, model_loss, _grads(model) if grads else {})
 
 
@@ -542,24 +550,8 @@ def _to_model(model: torch.nn.Module, inputs: dict) -> dict:
 
 
 def _run_samples(model: torch.nn.Module, samples: Sequence[dict], *, grads: bool) -> Run:
-    denom = max(sum(s["input_ids"].shape[1] - 1 for s in samples), 1)
-    model.zero_grad(set_to_none=True)
-    logits_out, loss_sum, model_loss = [], 0.0, 0.0
-    for sample in samples:
-        sample = _to_model(model, sample)
-        ids = sample["input_ids"][0]
-        with torch.set_grad_enabled(grads):
-            logits = model(**sample, use_cache=False).logits[0]
-            loss = _token_loss_sum(logits, ids) / denom
-            if grads:
-                loss.backward()
-        logits_out.append(logits.detach().float())
-        loss_sum += float(loss.detach())
-        if ids.numel() > 1:
-            with torch.no_grad():
-                own = model(**sample, labels=ids[None], use_cache=False).loss
-            model_loss += float(own) * (ids.numel() - 1) / denom
-    return Run(logits_out, loss_sum, model_loss, _grads(model) if grads else {})
+    on_model = [_to_model(model, sample) for sample in samples]
+    return _run_alone(model, [(s, s["input_ids"][0], s["input_ids"]) for s in on_model], grads=grads)
 
 
 def _run_multimodal_packed(
