@@ -11,8 +11,11 @@ from the first's. In a packed forward they are computed per sample, with the mod
 layout ``(4, B, T)``: the text row (restarting per sample) before the three rotary rows. Rotary
 rows the caller passes (``(3|4, B, T)``) are checked against that per-sample computation.
 
-Refused: models whose attention is not causal over the text (bidirectional image or prefix blocks),
-cross-attention to images, and models whose language model has no entry.
+Bidirectional image or prefix attention (Gemma 3, PaliGemma) is transformers' ``block_sequence_ids``:
+in a packed forward the boundaries carry the blocks upstream builds from ``token_type_ids``
+(``Boundaries.blocks``). The language model's own registry entry (its patch and refusals) applies
+inside the VLM too. Mllama's cross-attention sees the row's images: it packs text-only rows.
+Refused with the reason: what upstream 4.57 gets wrong unpacked already, and Llama 4's VLM.
 """
 
 from __future__ import annotations
@@ -64,12 +67,11 @@ def _prefix_blocks(model, token_type_ids: torch.Tensor | None, shape: tuple[int,
 
 
 BLOCKS = {"gemma3": _gemma3_blocks, "paligemma": _prefix_blocks}
-#: The 4.57 releases of these build their bidirectional masks another way (not routed here).
-BLOCKS_NEED_5X = ("gemma3", "paligemma")
 
 REFUSED = {
-    "llama4": "its vision-language model is not covered yet (chunked attention with image tokens, "
-    "no tiny twin); its text model llama4_text is",
+    "llama4": "its vision-language model is not covered yet: Llama4ForConditionalGeneration wraps a whole "
+    "Llama4ForCausalLM (no base model for the packed entry) and its default config gives no tiny twin; its text "
+    "model llama4_text is covered",
 }
 
 
@@ -174,6 +176,9 @@ def per_sample_rope_positions(model: torch.nn.Module, call: dict, boundaries) ->
 
 
 def _mrope_forward(check_inputs: bool):
+    """The base model's forward in packed mode gets ``(4, B, T)`` positions: the text row of the
+    boundaries, then each sample's own rotary rows (computed, or the caller's once checked)."""
+
     def forward(wrapped, instance, args, kwargs):
         boundaries = current_boundaries()
         if boundaries is None:
@@ -213,6 +218,8 @@ VISION_INPUTS = ("pixel_values", "pixel_values_videos", "cross_attention_states"
 
 
 def _refuse_packed_images(reason: str):
+    """A packed forward with vision inputs raises ``reason``; text-only packed rows run."""
+
     def forward(wrapped, instance, args, kwargs):
         if current_boundaries() is not None:
             call = call_as_kwargs(wrapped, args, kwargs)
