@@ -78,7 +78,7 @@ def check_config(
     if entry is not None and "sample" in entry.extra:  # a vision-language model: samples with images
         from .coverage import _scan_multimodal
 
-        row = _scan_multimodal(model_type, entry, config, backend, tol)
+        row = _scan_multimodal(model_type, entry, config, backend, tol, device=device, dtype=dtype)
         return Row(model_type, variant, row.upstream_no_cache, row.upstream_default, row.patched, row.backend,
                    row.verdict, row.reason[:120])  # fmt: skip
     reason = entry.refuse(config) if entry is not None and entry.refuse is not None else None

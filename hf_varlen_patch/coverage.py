@@ -76,18 +76,21 @@ def multimodal_types() -> list[str]:
     return [t for t in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES if t in REGISTRY and "sample" in REGISTRY[t].extra]
 
 
-#: Samples of a multimodal scan: several per row, with 0, 1 and 2 images (and a video where the
-#: model takes one).
-MULTIMODAL_LAYOUTS = [[4, "image", 5], [6], [3, "image", 2, "image", 4]]
-VIDEO_LAYOUT = [5, "video", 2]
-
-
-def _scan_multimodal(model_type: str, entry: Any, twin: Any, backend: str, tol: float) -> CoverageRow:
+def _scan_multimodal(
+    model_type: str,
+    entry: Any,
+    twin: Any,
+    backend: str,
+    tol: float,
+    *,
+    device: str = "cpu",
+    dtype: torch.dtype | None = None,
+) -> CoverageRow:
     from transformers import AutoModelForImageTextToText
 
     from . import api
     from .attention import BACKEND_USAGE
-    from .testing import compare_multimodal, multimodal_samples, worst_error
+    from .testing import compare_multimodal, multimodal_layouts, multimodal_samples, worst_error
 
     nan = math.nan
     refusal = entry.refuse(twin) if entry.refuse is not None else None
@@ -95,17 +98,11 @@ def _scan_multimodal(model_type: str, entry: Any, twin: Any, backend: str, tol: 
         return CoverageRow(model_type, "multimodal", nan, nan, nan, "-", "REFUSED", refusal[:200])
     try:
         torch.manual_seed(0)
-        model = AutoModelForImageTextToText.from_config(twin).to(entry.test_dtype)
+        model = AutoModelForImageTextToText.from_config(twin).to(device=device, dtype=dtype or entry.test_dtype)
     except Exception as err:
         reason = f"twin does not build: {_err(err)}"
         return CoverageRow(model_type, "multimodal", nan, nan, nan, "-", "UNBUILDABLE", reason)
-    if model_type in entry.extra.get("text_only", ()):
-        layouts = [[n for n in layout if isinstance(n, int)] for layout in MULTIMODAL_LAYOUTS]
-    else:
-        layouts = list(MULTIMODAL_LAYOUTS)
-    if model_type in entry.extra.get("videos_with_images", ()):
-        layouts.append(VIDEO_LAYOUT)
-    samples = multimodal_samples(model, layouts)
+    samples = multimodal_samples(model, multimodal_layouts(model_type))
     up_nc = compare_multimodal(model, samples, grads=False).logits
     up_def = compare_multimodal(model, samples, grads=False, use_cache=None).logits
     try:

@@ -523,6 +523,25 @@ def assert_packing_equivalent(
 # ---------------------------------------------------------------- multimodal samples
 
 
+#: Rows of samples with 0, 1 and 2 images; a video sample is added where the model takes videos
+#: next to images.
+MULTIMODAL_LAYOUTS = ([4, "image", 5], [6], [3, "image", 2, "image", 4])
+VIDEO_LAYOUT = [5, "video", 2]
+
+
+def multimodal_layouts(model_type: str) -> list[list[Any]]:
+    """The standard sample layouts for ``model_type`` (tests, scan, check): text-only for entries
+    that pack only text rows, plus :data:`VIDEO_LAYOUT` where videos mix with images."""
+    extra = lookup(model_type).extra
+    if model_type in extra.get("text_only", ()):
+        layouts = [[n for n in layout if isinstance(n, int)] for layout in MULTIMODAL_LAYOUTS]
+    else:
+        layouts = [list(layout) for layout in MULTIMODAL_LAYOUTS]
+    if model_type in extra.get("videos_with_images", ()):
+        layouts.append(list(VIDEO_LAYOUT))
+    return layouts
+
+
 def multimodal_samples(model: torch.nn.Module, layouts: Sequence[Sequence[Any]], seed: int = 0) -> list[dict]:
     """Processor-like inputs of one sample per layout for a tiny vision-language twin (its entry's
     sample builder). A layout lists text lengths and ``"image"`` / ``"video"`` in order:

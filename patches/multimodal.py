@@ -50,8 +50,13 @@ TEXT_ONLY = {
 def _gemma3_blocks(model, token_type_ids: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor | None:
     if token_type_ids is None:
         return None  # upstream's mask is causal then, and so are Gemma 3's layers
-    module = sys.modules[type(model).__module__]
-    return module.get_block_sequence_ids_for_mask(token_type_ids, device=token_type_ids.device)
+    blocks_of = getattr(sys.modules[type(model).__module__], "get_block_sequence_ids_for_mask", None)
+    if blocks_of is None:
+        raise VarlenPatchError(
+            f"{type(model).__name__} on this transformers release has no get_block_sequence_ids_for_mask, from "
+            "which hf_varlen_patch takes Gemma 3's bidirectional image blocks; pack Gemma 3 on transformers 5.17-5.24."
+        )
+    return blocks_of(token_type_ids, device=token_type_ids.device)
 
 
 def _prefix_blocks(model, token_type_ids: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:

@@ -25,9 +25,15 @@ import math
 import torch
 
 import hf_varlen_patch
-from hf_varlen_patch.coverage import MULTIMODAL_LAYOUTS, VIDEO_LAYOUT
 from hf_varlen_patch.packing import pack_multimodal
-from hf_varlen_patch.testing import _run_samples, _to_model, multimodal_samples, registered_variants, tiny_model
+from hf_varlen_patch.testing import (
+    _run_samples,
+    _to_model,
+    multimodal_layouts,
+    multimodal_samples,
+    registered_variants,
+    tiny_model,
+)
 
 
 def rotary_rows(model, samples) -> torch.Tensor | None:
@@ -78,14 +84,8 @@ def main() -> None:
     )
     print(header)
     for model_type in types:
-        entry = hf_varlen_patch.lookup(model_type)
         model = tiny_model(model_type, attn_implementation="sdpa").eval()
-        layouts = [list(x) for x in MULTIMODAL_LAYOUTS]
-        if model_type in entry.extra["text_only"]:
-            layouts = [[n for n in x if isinstance(n, int)] for x in layouts]
-        if model_type in entry.extra["videos_with_images"]:
-            layouts.append(VIDEO_LAYOUT)
-        samples = multimodal_samples(model, layouts, seed=1)
+        samples = multimodal_samples(model, multimodal_layouts(model_type), seed=1)
         alone = _run_samples(model, samples, grads=False).logits
         results = {
             how: [packed_error(model, samples, alone, how, cache) for cache in (False, None)]  # no cache, default

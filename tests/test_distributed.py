@@ -25,7 +25,7 @@ def _run(tmp_path, engine, model_type, *extra):
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
     except subprocess.TimeoutExpired:
-        # an infrastructure hang (a gloo rank that never exited, about 1 launch in 15 under load,
+        # an infrastructure hang (a gloo rank that never exited, 2 launches in 12 under load,
         # now guarded in the script): one fresh launch; a real deadlock hangs again and fails.
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=150)
     assert done.returncode == 0, done.stderr[-3000:]

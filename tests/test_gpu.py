@@ -127,17 +127,11 @@ def test_bf16_multimodal(model_type):
     """Vision-language twins in bf16 on the GPU: samples with images (and a video for the mRoPE
     models) packed in one row against the same samples alone, judged by bf16's own noise (the bf16
     samples alone against float32)."""
-    from hf_varlen_patch.testing import _run_multimodal_packed, _run_samples, multimodal_samples
+    from hf_varlen_patch.testing import _run_multimodal_packed, _run_samples, multimodal_layouts, multimodal_samples
 
-    entry = hf_varlen_patch.lookup(model_type)
-    layouts = [[4, "image", 5], [6], [3, "image", 2, "image", 4]]
-    if model_type in entry.extra["text_only"]:
-        layouts = [[n for n in layout if isinstance(n, int)] for layout in layouts]
-    if model_type in entry.extra["videos_with_images"]:
-        layouts.append([5, "video", 2])
     fp32 = tiny_model(model_type, attn_implementation="sdpa").to("cuda").train()
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    samples = multimodal_samples(fp32, layouts, seed=1)
+    samples = multimodal_samples(fp32, multimodal_layouts(model_type), seed=1)
     truth = _run_samples(fp32, samples, grads=True)
     separate = _run_samples(bf16, samples, grads=True)
     from hf_varlen_patch.patches.multimodal import BLOCKS

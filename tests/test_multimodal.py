@@ -13,21 +13,21 @@ import hf_varlen_patch
 from hf_varlen_patch import MalformedBoundariesError, UnsupportedArchitectureError, VarlenPatchError
 from hf_varlen_patch.boundaries import Boundaries, text_positions
 from hf_varlen_patch.packing import pack_multimodal
-from hf_varlen_patch.testing import compare_multimodal, multimodal_samples, registered_variants, tiny_model
+from hf_varlen_patch.testing import (
+    compare_multimodal,
+    multimodal_layouts,
+    multimodal_samples,
+    registered_variants,
+    tiny_model,
+)
 
 TOL = 1e-5
 SUPPORTED = sorted({mt for mt, _ in registered_variants(multimodal=True)})
 REFUSED = sorted({mt for mt, _ in registered_variants(multimodal=True, refused=True)})
-LAYOUTS = [[4, "image", 5], [6], [3, "image", 2, "image", 4]]
-VIDEO = [5, "video", 2]
 
 
 def _samples(model, model_type):
-    extra = hf_varlen_patch.lookup(model_type).extra
-    if model_type in extra["text_only"]:  # packed with images they raise (tested below)
-        return multimodal_samples(model, [[n for n in layout if isinstance(n, int)] for layout in LAYOUTS], seed=1)
-    layouts = LAYOUTS + ([VIDEO] if model_type in extra["videos_with_images"] else [])
-    return multimodal_samples(model, layouts, seed=1)
+    return multimodal_samples(model, multimodal_layouts(model_type), seed=1)
 
 
 def test_the_issue_types_are_covered_or_refused():
