@@ -45,8 +45,12 @@ for stage in "$@"; do
       install_self ;;
     tests)  # every GPU test, the flash ones on the real FA4
       install_self
-      with_fa4 python3 -m pytest tests/test_gpu.py -q -x -p no:cacheprovider -s -k "${TESTS:-flash_attn or compiled}" \
-        2>&1 | grep -E "relative error|compiled:|passed|failed|PASS|FAIL|Error|error" | tail -${TAIL:-150} | tee "$OUT/gpu_tests_fa4.log" ;;
+      # FA4 JIT-compiles each kernel configuration on the host (4-18 s each): WORKERS processes
+      # share the GPU so those compiles overlap; -rP brings each test's printed errors back
+      with_fa4 timeout "${TESTS_TIMEOUT:-480}" python3 -m pytest tests/test_gpu.py -q -p no:cacheprovider -rP \
+        -n "${WORKERS:-8}" -k "${TESTS:-flash_attn or compiled}" > "$OUT/gpu_tests_fa4_full.log" 2>&1 || true
+      grep -E "relative error|compiled:|passed|failed|FAILED|ERROR|Error" "$OUT/gpu_tests_fa4_full.log" \
+        | tail -${TAIL:-150} | tee "$OUT/gpu_tests_fa4.log" ;;
     probe)
       with_fa4 python3 scripts/fa4_probe.py 2>&1 | tee "$OUT/fa4_probe.log" ;;
     compile)  # graph breaks and recompiles with inductor and the real kernels
