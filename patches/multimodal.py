@@ -318,6 +318,8 @@ def _features(output) -> list[torch.Tensor]:
 def _placeholders(model, kind: str, inputs: dict) -> int:
     """How many placeholder tokens these vision inputs fill: the model's own feature count."""
     base = model.base_model
+    param = next(model.parameters())  # the sample stays on the host; the count runs where the model is
+    inputs = {k: v.to(param.device, param.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
     with torch.no_grad():
         if kind == "video":
             out = base.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])

@@ -215,3 +215,29 @@ def test_refused_vlms_say_why(model_type):
     with pytest.raises(UnsupportedArchitectureError, match="cannot patch this") as err:
         hf_varlen_patch.apply(model)
     assert reason in str(err.value)
+
+
+@pytest.mark.parametrize("model_type", SUPPORTED)
+def test_samples_are_counted_where_the_model_is_and_stay_on_the_host(model_type, monkeypatch):
+    """The sample builder counts placeholders with the model's own feature functions: they get the
+    vision inputs on the model's device and in its dtype (a bf16 twin stands in for a GPU one
+    here: upstream casts pixels itself in some models, never moves them), while the samples stay
+    float32 on the host, as a processor's are."""
+    model = tiny_model(model_type, attn_implementation="sdpa").to(torch.bfloat16)
+    seen = []
+    for name in ("get_image_features", "get_video_features"):
+        function = getattr(type(model.base_model), name, None)
+        if function is not None:
+            def recording(self, pixels, *args, _function=function, **kwargs):
+                seen.append(pixels.dtype)
+                return _function(self, pixels, *args, **kwargs)
+
+            monkeypatch.setattr(type(model.base_model), name, recording)
+    samples = _samples(model, model_type)
+    assert seen or model_type in hf_varlen_patch.lookup(model_type).extra["text_only"]
+    assert set(seen) <= {torch.bfloat16}, seen
+    tensors = [v for s in samples for v in s.values() if isinstance(v, torch.Tensor)]
+    assert all(t.device.type == "cpu" for t in tensors)
+    assert {t.dtype for t in tensors if t.is_floating_point()} <= {torch.float32}
+    fp32_samples = _samples(tiny_model(model_type, attn_implementation="sdpa"), model_type)
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(samples, fp32_samples))
