@@ -55,7 +55,7 @@ for stage in "$@"; do
       with_fa4 python3 scripts/fa4_probe.py 2>&1 | tee "$OUT/fa4_probe.log" ;;
     compile)  # graph breaks and recompiles with inductor and the real kernels
       for backend in torch flash_attn; do
-        with_fa4 python3 scripts/compile_check.py --device cuda --dtype bfloat16 --backend "$backend" \
+        with_fa4 timeout "${COMPILE_TIMEOUT:-300}" python3 -u scripts/compile_check.py --device cuda --dtype bfloat16 --backend "$backend" \
           --compiler inductor --batches 20 --types "${TYPES:-llama,gpt2,mistral,qwen2,gemma2,qwen3}" 2>&1 \
           | grep -v "^\[transformers\]" | tee "$OUT/compile_$backend.md" || true
       done ;;

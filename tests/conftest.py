@@ -20,6 +20,20 @@ _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(4, (os.cpu_count() or 1) // _workers)))
 
 
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A CUDA fault (an illegal or misaligned access in some kernel) poisons the process's CUDA
+    context: every later test in it would fail with the same error. Under pytest-xdist the worker
+    exits instead, xdist reports this test as crashed (by name, so it still fails) and starts a
+    fresh worker for the rest."""
+    outcome = yield
+    report = outcome.get_result()
+    error = call.excinfo.value if call.excinfo is not None else None
+    if report.failed and os.environ.get("PYTEST_XDIST_WORKER") and "CUDA error" in str(error):
+        print(f"\n{item.nodeid}: {str(error).splitlines()[0]}; this worker exits", flush=True)
+        os._exit(3)
+
+
 @pytest.fixture(autouse=True)
 def _quiet_transformers():
     from transformers.utils import logging as hf_logging
