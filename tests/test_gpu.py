@@ -74,6 +74,10 @@ def _widened(model_type, variant):
         sub.hidden_size = hidden * factor
         if vars(sub).get("head_dim"):  # (a property on some configs: derived from hidden_size)
             sub.head_dim = head_dim * factor
+        if (getattr(sub, "head_dim", None) or sub.hidden_size // heads) < 32:
+            # head dims of their own (MLA: qk_nope/qk_rope/v_head_dim): a wider model alone would
+            # change nothing the kernel sees
+            return tiny_model(model_type, variant)
     torch.manual_seed(0)
     try:  # built and run once on the CPU: a CUDA error would poison every later test
         model = long_memory(hf_varlen_patch.testing.auto_class(model_type).from_config(config))
@@ -237,7 +241,10 @@ def test_flash_attn_refuses_to_train_heads_fa4_gets_wrong():
         pytest.skip("the installed flash-attn is not FA4")
     with pytest.raises(BackendUnavailableError, match="backward is wrong for 16-dim heads"):
         _bf16_check("llama", "default", "flash_attn")
-    assert "flash_attn" not in _bf16_check("llama", "default", "auto")
+    # auto: the training forwards run on the exact reference (gradients checked against bf16's
+    # noise), the no-grad loss forwards (inference) still on FA4
+    used = _bf16_check("llama", "default", "auto")
+    assert used.get("sdpa", 0) > 0 and set(used) <= {"sdpa", "flash_attn"}, used
 
 
 COMPILE_LAYOUTS = [[1, 33, 7, 64, 64, 2], [5, 9, 3, 11, 40, 64, 2, 17]]
