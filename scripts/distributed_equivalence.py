@@ -4,12 +4,15 @@ Run with torchrun (or ``python -m torch.distributed.run``), one process per rank
 
     torchrun --nproc_per_node 2 scripts/distributed_equivalence.py --engine ddp   # CPU, gloo
     accelerate launch --multi_gpu --num_processes 2 scripts/distributed_equivalence.py --engine accelerate --device cuda
+    torchrun --nproc_per_node 2 scripts/distributed_equivalence.py --engine deepspeed3  # ZeRO-3 via accelerate
     torchrun --nproc_per_node 2 scripts/distributed_equivalence.py --engine fsdp2 --device cuda \\
         --dtype bfloat16 --model-type llama --size 1b                                # 2 GPUs, nccl
 
 Every step, each rank takes its own sequences (different counts and lengths per rank, so its
-packed row has its own token count), packs them into one row and trains through DDP or FSDP2
-(``fully_shard`` per decoder layer and at the root). The loss is normalised over the *global*
+packed row has its own token count), packs them into one row and trains through DDP, FSDP2
+(``fully_shard`` per decoder layer and at the root), accelerate's ``Accelerator.prepare`` (DDP),
+or DeepSpeed ZeRO-2/3 through accelerate's ``DeepSpeedPlugin`` (``--engine deepspeed2|deepspeed3``;
+fp32 on the CPU, bf16 with fp32 master weights on GPUs). The loss is normalised over the *global*
 number of targets, as Trainer does with ``num_items_in_batch``: each rank passes it to the
 model's loss and scales by the world size, which the gradient averaging divides out. Rank 0 then
 trains a copy of the initial model in one process, padded, on the same global batch, and
@@ -95,31 +98,68 @@ def targets(seqs: list[torch.Tensor]) -> int:
     return sum(len(s) - 1 for s in seqs)
 
 
+def deepspeed_config(stage: int, dtype: torch.dtype) -> dict:
+    """ZeRO-``stage`` with the script's own SGD (a client optimizer), no clipping, one micro-batch
+    (a packed row) per rank and step; bf16 keeps DeepSpeed's fp32 master weights."""
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": 0.0,
+        "zero_optimization": {"stage": stage},
+        "zero_allow_untested_optimizer": True,
+    }
+    if dtype == torch.bfloat16:
+        config["bf16"] = {"enabled": True}
+    return config
+
+
 def wrap(model, args, device):
+    """(the wrapped model, its optimizer, how to run backward) for ``args.engine``."""
+    if args.engine.startswith("deepspeed"):  # ZeRO through accelerate's DeepSpeedPlugin
+        from accelerate import Accelerator
+        from accelerate.utils import DeepSpeedPlugin
+
+        plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(int(args.engine[-1]), getattr(torch, args.dtype)))
+        accelerator = Accelerator(deepspeed_plugin=plugin)
+        engine, opt = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=args.lr))
+        # accelerator.backward runs DeepSpeed's backward and its optimizer step; opt.step() is a no-op
+        return engine, opt, accelerator.backward
     if args.engine == "accelerate":  # Accelerator.prepare (DDP under `accelerate launch`)
         from accelerate import Accelerator
 
         args.accelerator = Accelerator(cpu=device.type == "cpu")
-        return args.accelerator.prepare(model)
-    if args.engine == "ddp":
+        wrapped = args.accelerator.prepare(model)
+    elif args.engine == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    from torch.distributed.fsdp import fully_shard
+        wrapped = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        from torch.distributed.fsdp import fully_shard
 
-    blocks = set(getattr(model, "_no_split_modules", None) or ())  # transformers' decoder-layer classes
-    for module in list(model.modules()):
-        if type(module).__name__ in blocks:
-            fully_shard(module)
-    fully_shard(model)
-    return model
+        blocks = set(getattr(model, "_no_split_modules", None) or ())  # transformers' decoder-layer classes
+        for module in list(model.modules()):
+            if type(module).__name__ in blocks:
+                fully_shard(module)
+        fully_shard(model)
+        wrapped = model
+    return wrapped, torch.optim.SGD(wrapped.parameters(), lr=args.lr), lambda loss: loss.backward()
 
 
 def full_parameters(model) -> dict[str, torch.Tensor]:
+    """Every parameter whole, on the host: FSDP2's DTensors gathered, ZeRO-3's partitions too."""
+    import contextlib
+
+    params = list(model.named_parameters())
+    gather = contextlib.nullcontext()
+    if any(hasattr(p, "ds_id") for _, p in params):  # ZeRO-3 partitions (every rank takes part)
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters([p for _, p in params], modifier_rank=None)
     out = {}
-    for name, p in model.named_parameters():
-        value = p.full_tensor() if hasattr(p, "full_tensor") else p
-        out[name.removeprefix("module.")] = value.detach().float().cpu()
+    with gather:
+        for name, p in params:
+            value = p.full_tensor() if hasattr(p, "full_tensor") else p
+            out[name.removeprefix("module.")] = value.detach().float().cpu().clone()
     return out
 
 
@@ -143,7 +183,7 @@ def update_difference(a: dict, b: dict, initial: dict) -> float:
     return (diff / max(moved, 1e-30)) ** 0.5
 
 
-def run_bench(wrapped, opt, args, device, vocab, rank, world) -> dict:
+def run_bench(wrapped, opt, backward, args, device, vocab, rank, world) -> dict:
     """Median step time, real tokens/s and peak memory per rank: packed rows vs padded batches of
     the same FLAN-like sequences (8 per rank per step) through the same wrapped model (padded
     batches are not packed, so they run upstream's code)."""
@@ -169,7 +209,7 @@ def run_bench(wrapped, opt, args, device, vocab, rank, world) -> dict:
             start = time.perf_counter()
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                 loss = wrapped(**batch, use_cache=False).loss
-            loss.backward()
+            backward(loss)
             opt.step()
             opt.zero_grad(set_to_none=True)
             if device.type == "cuda":
@@ -187,7 +227,7 @@ def run_bench(wrapped, opt, args, device, vocab, rank, world) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engine", choices=("ddp", "fsdp2", "accelerate"), default="ddp")
+    parser.add_argument("--engine", choices=("ddp", "fsdp2", "accelerate", "deepspeed2", "deepspeed3"), default="ddp")
     parser.add_argument("--model-type", default="llama")
     parser.add_argument("--size", choices=("tiny", "1b"), default="tiny")
     parser.add_argument("--device", default="cpu")
@@ -220,8 +260,7 @@ def main() -> None:
     batches = global_batches(args, vocab, world)
     if not args.no_apply:
         hf_varlen_patch.apply(model, check_inputs=False)
-    wrapped = wrap(model, args, device)
-    opt = torch.optim.SGD(wrapped.parameters(), lr=args.lr)
+    wrapped, opt, backward = wrap(model, args, device)
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -229,7 +268,7 @@ def main() -> None:
         for step in batches:
             n_global = sum(targets(seqs) for seqs in step)
             out = wrapped(**packed_inputs(step[rank], device), num_items_in_batch=n_global, use_cache=False)
-            (out.loss * world).backward()  # the gradient average divides the world size out again
+            backward(out.loss * world)  # the gradient average divides the world size out again
             opt.step()
             opt.zero_grad(set_to_none=True)
     calls = collective_counts(prof)
@@ -239,7 +278,7 @@ def main() -> None:
     gathered = [None] * world
     dist.all_gather_object(gathered, calls)
 
-    bench = run_bench(wrapped, opt, args, device, vocab, rank, world) if args.bench else None
+    bench = run_bench(wrapped, opt, backward, args, device, vocab, rank, world) if args.bench else None
 
     if rank == 0:
         expected = train_padded(reference, batches, args, device)
@@ -250,6 +289,7 @@ def main() -> None:
                 worst, where = err, name
         result = dict(
             engine=args.engine,
+            wrapper=type(wrapped).__name__,  # what the engine really built (accelerate may fall back to DDP)
             model_type=args.model_type,
             dtype=args.dtype,
             applied=not args.no_apply,

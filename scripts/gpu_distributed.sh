@@ -5,7 +5,7 @@
 # same global batch (parameters after 3 SGD steps, relative to the update, next to bf16's own noise:
 # the padded run in bf16 vs fp32), the collectives with and without the patch (profiler), and
 # packed vs padded tokens/s and peak memory per rank (FLAN-like lengths, 8 sequences per rank).
-# DeepSpeed ZeRO-3 through accelerate runs only where deepspeed imports (it is not in the image).
+# DeepSpeed ZeRO-3 and ZeRO-2 through accelerate: carry .whl/deepspeed (see below).
 set -euo pipefail
 OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
@@ -37,8 +37,28 @@ for engine in ("fsdp2", "ddp"):
         print(f"  {rank}: packed {p['tokens_per_s']:,.0f} tok/s, {p['peak_gb']:.1f} GB; padded {q['tokens_per_s']:,.0f} "
               f"tok/s, {q['peak_gb']:.1f} GB ({p['tokens_per_s'] / q['tokens_per_s']:.2f}x tokens/s)")
 PY
+# DeepSpeed is not in the image: carry .whl/deepspeed (deepspeed 0.19.8 built here as a
+# py3-none-any wheel with DS_BUILD_OPS=0, and hjson / pydantic for Python 3.12), run with
+# carry [".whl/deepspeed"]; its ops JIT-build where needed (nvcc and ninja are in the image)
+if [ -d .whl/deepspeed ] && ! python3 -c "import deepspeed" 2>/dev/null; then
+  python3 -m pip install -q --no-deps --target /tmp/site_ds .whl/deepspeed/*.whl && export PYTHONPATH="/tmp/site_ds${PYTHONPATH:+:$PYTHONPATH}"
+fi
 if python3 -c "import deepspeed" 2>/dev/null; then
-  echo "== DeepSpeed ZeRO-3 (accelerate): not scripted yet in this revision"
+  for engine in deepspeed3 deepspeed2; do
+    echo "== $engine (ZeRO through accelerate's DeepSpeedPlugin), packed + apply, then unpatched"
+    run --engine "$engine" --out "$OUT/${engine}_1b.json"
+    run --engine "$engine" --no-apply --out "$OUT/${engine}_1b_unpatched.json"
+  done
+  python3 - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+for engine in ("deepspeed3", "deepspeed2"):
+    a, b = (json.loads((out / f"{engine}_1b{s}.json").read_text()) for s in ("", "_unpatched"))
+    print(f"{engine}: relative update difference {a['relative_update_diff']:.2e} (bf16 noise "
+          f"{a.get('relative_update_noise', float('nan')):.2e}), unpatched {b['relative_update_diff']:.2e}; "
+          f"collectives equal with and without the patch: {a['collectives_per_rank'] == b['collectives_per_rank']}")
+PY
 else
-  echo "== DeepSpeed is not installed on this machine: ZeRO-3 not run"
+  echo "== DeepSpeed is not installed on this machine (carry .whl/deepspeed): ZeRO not run"
 fi

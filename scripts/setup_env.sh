@@ -26,6 +26,10 @@ constraints="$(mktemp)"
 "${VENV}/bin/python" -c "import torch; print('torch==' + torch.__version__)" >"${constraints}"
 echo "transformers==${TRANSFORMERS_VERSION}" >>"${constraints}"
 pip_q -e ".[dev]" -c "${constraints}"
+# DeepSpeed (ZeRO-2/3 in tests/test_distributed.py) is published as source only and its build
+# imports torch: built against this venv's torch (no build isolation, which would fetch another
+# torch), with no compiled ops (they JIT-build where used; the CPU tests need none)
+"${VENV}/bin/python" -c "import deepspeed" 2>/dev/null || DS_BUILD_OPS=0 pip_q --no-build-isolation "deepspeed==0.19.8" "setuptools>=70" wheel -c "${constraints}"
 rm -f "${constraints}"
 "${VENV}/bin/python" - <<'PY'
 import torch, transformers, trl, peft, hf_varlen_patch

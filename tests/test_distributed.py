@@ -1,9 +1,11 @@
 """Distributed training with packed batches, on the CPU with gloo (two processes).
 
 ``scripts/distributed_equivalence.py`` trains under DDP, FSDP2 (``fully_shard`` per decoder
-layer) or accelerate's ``Accelerator.prepare`` (under torchrun: ``accelerate launch`` on CPUs
-needs MPI), every rank on its own packed row of its own token count, with the loss normalised over
-the global number of targets (Trainer's ``num_items_in_batch``); rank 0 compares every parameter
+layer), accelerate's ``Accelerator.prepare`` (under torchrun: ``accelerate launch`` on CPUs
+needs MPI) or DeepSpeed ZeRO-2/3 through accelerate's ``DeepSpeedPlugin`` (real DeepSpeed, its
+CPU accelerator over gloo: ZeRO-3's parameter all-gathers and gradient reduce-scatters run),
+every rank on its own packed row of its own token count, with the loss normalised over the
+global number of targets (Trainer's ``num_items_in_batch``); rank 0 compares every parameter
 with one process trained padded on the same global batch. The same run unpatched shows that the
 check sees a leak, and the profiler's collectives match: the patch adds none.
 """
@@ -32,11 +34,22 @@ def _run(tmp_path, engine, model_type, *extra):
     return json.loads(out.read_text())
 
 
-ENGINES = [("ddp", "llama"), ("fsdp2", "llama"), ("ddp", "opt"), ("fsdp2", "opt"), ("accelerate", "opt")]
+ENGINES = [
+    ("ddp", "llama"),
+    ("fsdp2", "llama"),
+    ("ddp", "opt"),
+    ("fsdp2", "opt"),
+    ("accelerate", "opt"),
+    ("deepspeed2", "opt"),  # DeepSpeed ZeRO-2 / ZeRO-3 through accelerate's DeepSpeedPlugin
+    ("deepspeed3", "opt"),
+    ("deepspeed3", "llama"),
+]
 
 
 @pytest.mark.parametrize("engine, model_type", ENGINES)
 def test_packed_ranks_train_like_one_padded_process(tmp_path, engine, model_type):
+    if engine.startswith("deepspeed"):
+        pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (scripts/setup_env.sh builds it)")
     patched = _run(tmp_path, engine, model_type)
     assert len({tuple(t) for t in patched["tokens_per_rank"]}) > 1  # ranks really differ
     assert all(a != b for a, b in patched["tokens_per_rank"])
@@ -45,5 +58,10 @@ def test_packed_ranks_train_like_one_padded_process(tmp_path, engine, model_type
     # the patch adds no collective: the same ones, as often, on every rank
     assert patched["collectives_per_rank"] == unpatched["collectives_per_rank"]
     assert all(patched["collectives_per_rank"])
+    if engine.startswith("deepspeed"):  # DeepSpeed's engine, not accelerate's DDP fallback
+        assert patched["wrapper"] == "DeepSpeedEngine", patched["wrapper"]
+    if engine == "deepspeed3":  # ZeRO-3 really shards: parameters gathered, gradients reduce-scattered
+        names = set(patched["collectives_per_rank"][0])
+        assert {"c10d::_allgather_base_", "c10d::_reduce_scatter_base_"} <= names, names
     if model_type == "opt":  # upstream OPT leaks across packed sequences: the check sees it
         assert unpatched["max_param_diff"] > 1e-3, unpatched

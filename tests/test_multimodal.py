@@ -228,6 +228,7 @@ def test_samples_are_counted_where_the_model_is_and_stay_on_the_host(model_type,
     for name in ("get_image_features", "get_video_features"):
         function = getattr(type(model.base_model), name, None)
         if function is not None:
+
             def recording(self, pixels, *args, _function=function, **kwargs):
                 seen.append(pixels.dtype)
                 return _function(self, pixels, *args, **kwargs)
