@@ -7,6 +7,7 @@ hypothesis strategies draw packed layouts for property tests.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -91,16 +92,55 @@ def tiny_model(
     attn_implementation: str | None = None,
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
+    min_head_dim: int | None = None,
 ) -> torch.nn.Module:
     """A tiny, randomly initialised causal LM (or vision-language model) of ``model_type`` (one of
     its test variants), in ``dtype`` (default: the entry's ``test_dtype``, float32 for almost all). Recurrent layers get
-    :func:`long_memory` weights, so a state leak across packed sequences cannot hide."""
+    :func:`long_memory` weights, so a state leak across packed sequences cannot hide.
+
+    ``min_head_dim`` widens the twin until its attention heads are at least that wide (hidden
+    sizes and explicit head dims scaled alike), for kernels that refuse narrow heads (FA4 trains
+    none below 32); where that cannot be done (head dims of their own, as in MLA, or sizes tied
+    to the head dim) the twin comes as it is."""
     variants = test_variants(model_type)
     config = variants[variant] if variant is not None else next(iter(variants.values()))
-    torch.manual_seed(seed)
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
-    model = long_memory(auto_class(model_type).from_config(config, **kwargs))
+    wide = _widened_config(config, min_head_dim) if min_head_dim else None
+    model = None
+    if wide is not None:
+        try:  # built and run once on the host first: a device fault would poison the process
+            torch.manual_seed(seed)
+            model = long_memory(auto_class(model_type).from_config(wide, **kwargs))
+            with torch.no_grad():
+                model(input_ids=torch.ones(1, 8, dtype=torch.long), use_cache=False)
+        except Exception:
+            model = None
+    if model is None:
+        torch.manual_seed(seed)
+        model = long_memory(auto_class(model_type).from_config(config, **kwargs))
     return model.to(device=device, dtype=dtype or lookup(model_type).test_dtype)
+
+
+def _widened_config(config: Any, min_head_dim: int) -> Any | None:
+    """A copy of ``config`` whose attention heads are at least ``min_head_dim`` wide, or None
+    where widening the hidden size would not reach the heads."""
+    from .patching import nested_configs
+
+    config = copy.deepcopy(config)
+    for sub in nested_configs(config):
+        heads, hidden = getattr(sub, "num_attention_heads", None), getattr(sub, "hidden_size", None)
+        if not heads or not hidden:
+            continue
+        head_dim = getattr(sub, "head_dim", None) or hidden // heads
+        if head_dim >= min_head_dim:
+            continue
+        factor = -(-min_head_dim // head_dim)
+        sub.hidden_size = hidden * factor
+        if vars(sub).get("head_dim"):  # (a property on some configs: derived from hidden_size)
+            sub.head_dim = head_dim * factor
+        if (getattr(sub, "head_dim", None) or sub.hidden_size // heads) < min_head_dim:
+            return None  # head dims of their own (MLA: qk_nope/qk_rope/v_head_dim)
+    return config
 
 
 #: Parameters that set how fast a recurrent layer forgets: log(-A) and the step-size biases.

@@ -50,7 +50,8 @@ def check(model_type: str, variant: str, args) -> dict:
 
     torch._dynamo.reset()
     dtype = getattr(torch, args.dtype)
-    model = tiny_model(model_type, variant, device=args.device, dtype=dtype).train()
+    widen = args.min_head_dim if args.min_head_dim is not None else (32 if args.backend == "flash_attn" else 0)
+    model = tiny_model(model_type, variant, device=args.device, dtype=dtype, min_head_dim=widen or None).train()
     hf_varlen_patch.apply(model, backend=args.backend, check_inputs=args.check_inputs)
     vocab = model.config.get_text_config().vocab_size
     rng = random.Random(args.seed)
@@ -95,6 +96,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=20)
     parser.add_argument("--check-inputs", action="store_true", help="validate cu_seq_lens (a host sync per step)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--min-head-dim", type=int, default=None, help="widen the twins' heads (default 32 for flash_attn: FA4's floor)"
+    )
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     variants = dict(registered_variants())

@@ -57,35 +57,8 @@ def _eager_experts(model):
 
 def _widened(model_type, variant):
     """The twin with heads of at least 32 (flash kernels' smallest trained head dim, see
-    CUTE_MIN_TRAIN_HEAD_DIM): hidden sizes and explicit head dims scaled up by the same factor."""
-
-    from hf_varlen_patch.patching import nested_configs
-    from hf_varlen_patch.testing import long_memory
-
-    config = copy.deepcopy(test_variants(model_type)[variant])
-    for sub in nested_configs(config):
-        heads, hidden = getattr(sub, "num_attention_heads", None), getattr(sub, "hidden_size", None)
-        if not heads or not hidden:
-            continue
-        head_dim = getattr(sub, "head_dim", None) or hidden // heads
-        if head_dim >= 32:
-            continue
-        factor = -(-32 // head_dim)
-        sub.hidden_size = hidden * factor
-        if vars(sub).get("head_dim"):  # (a property on some configs: derived from hidden_size)
-            sub.head_dim = head_dim * factor
-        if (getattr(sub, "head_dim", None) or sub.hidden_size // heads) < 32:
-            # head dims of their own (MLA: qk_nope/qk_rope/v_head_dim): a wider model alone would
-            # change nothing the kernel sees
-            return tiny_model(model_type, variant)
-    torch.manual_seed(0)
-    try:  # built and run once on the CPU: a CUDA error would poison every later test
-        model = long_memory(hf_varlen_patch.testing.auto_class(model_type).from_config(config))
-        with torch.no_grad():
-            model(input_ids=torch.ones(1, 8, dtype=torch.long), use_cache=False)
-        return model
-    except Exception:  # sizes tied to the head dim (rope factors, partial rotary): the twin as it is
-        return tiny_model(model_type, variant)
+    CUTE_MIN_TRAIN_HEAD_DIM)."""
+    return tiny_model(model_type, variant, min_head_dim=32)
 
 
 def _bf16_check(model_type, variant, backend, grads=True, widen=False):

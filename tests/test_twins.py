@@ -68,3 +68,20 @@ def test_overrides_win():
 def test_unknown_model_type_is_a_twin_error():
     with pytest.raises(TwinError, match="no config"):
         tiny_config("not-a-model")
+
+
+def test_twins_widen_to_a_minimum_head_dim_where_they_can():
+    """``tiny_model(..., min_head_dim=32)`` (the flash GPU tests' twins, FA4 trains no narrower
+    heads): heads reach 32 by a wider hidden size; MLA twins, whose head dims are their own, come
+    as they are; packing stays exact on the wider twin."""
+    import hf_varlen_patch
+    from hf_varlen_patch.testing import compare_packed, make_packed_batch, tiny_model
+
+    narrow, wide = tiny_model("llama"), tiny_model("llama", min_head_dim=32)
+    assert narrow.config.head_dim < 32 <= wide.config.head_dim
+    assert wide.config.hidden_size == narrow.config.hidden_size * 32 // narrow.config.head_dim
+    mla = tiny_model("deepseek_v3", min_head_dim=32)
+    assert mla.config.hidden_size == tiny_model("deepseek_v3").config.hidden_size
+    hf_varlen_patch.apply(wide)
+    batch = make_packed_batch([[5, 9, 3], [17]], wide.config.vocab_size, extra_padding=2, seed=3)
+    assert compare_packed(wide, batch).ok(1e-5)
