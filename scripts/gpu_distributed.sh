@@ -23,20 +23,6 @@ echo "== accelerate launch --multi_gpu (Accelerator.prepare), packed + apply"
 accelerate launch --multi_gpu --num_processes 2 --mixed_precision no scripts/distributed_equivalence.py \
   --engine accelerate --device cuda --dtype bfloat16 --model-type llama --size 1b --steps 3 --lr 1e-3 \
   --out "$OUT/accelerate_1b.json" 2>&1 | grep -E '^\{|Error' || echo "accelerate launch failed"
-python3 - "$OUT" <<'PY'
-import json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-for engine in ("fsdp2", "ddp"):
-    a, b = (json.loads((out / f"{engine}_1b{s}.json").read_text()) for s in ("", "_unpatched"))
-    print(f"{engine}: relative update difference {a['relative_update_diff']:.2e} (bf16 noise "
-          f"{a.get('relative_update_noise', float('nan')):.2e}); collectives equal with and without the patch: "
-          f"{a['collectives_per_rank'] == b['collectives_per_rank']}")
-    for rank, r in (a.get("bench") or {}).items():
-        p, q = r["packed"], r["padded"]
-        print(f"  {rank}: packed {p['tokens_per_s']:,.0f} tok/s, {p['peak_gb']:.1f} GB; padded {q['tokens_per_s']:,.0f} "
-              f"tok/s, {q['peak_gb']:.1f} GB ({p['tokens_per_s'] / q['tokens_per_s']:.2f}x tokens/s)")
-PY
 # DeepSpeed is not in the image: carry .whl/deepspeed (deepspeed 0.19.8 built here as a
 # py3-none-any wheel with DS_BUILD_OPS=0, and hjson / pydantic for Python 3.12), run with
 # carry [".whl/deepspeed"]; its ops JIT-build where needed (nvcc and ninja are in the image)
@@ -49,16 +35,22 @@ if python3 -c "import deepspeed" 2>/dev/null; then
     run --engine "$engine" --out "$OUT/${engine}_1b.json"
     run --engine "$engine" --no-apply --out "$OUT/${engine}_1b_unpatched.json"
   done
-  python3 - "$OUT" <<'PY'
-import json, sys
-from pathlib import Path
-out = Path(sys.argv[1])
-for engine in ("deepspeed3", "deepspeed2"):
-    a, b = (json.loads((out / f"{engine}_1b{s}.json").read_text()) for s in ("", "_unpatched"))
-    print(f"{engine}: relative update difference {a['relative_update_diff']:.2e} (bf16 noise "
-          f"{a.get('relative_update_noise', float('nan')):.2e}), unpatched {b['relative_update_diff']:.2e}; "
-          f"collectives equal with and without the patch: {a['collectives_per_rank'] == b['collectives_per_rank']}")
-PY
 else
   echo "== DeepSpeed is not installed on this machine (carry .whl/deepspeed): ZeRO not run"
 fi
+python3 - "$OUT" <<'PY'
+import json, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+for engine in ("fsdp2", "ddp", "deepspeed3", "deepspeed2"):
+    if not (out / f"{engine}_1b.json").exists():
+        continue
+    a, b = (json.loads((out / f"{engine}_1b{s}.json").read_text()) for s in ("", "_unpatched"))
+    print(f"{engine} ({a.get('wrapper')}): relative update difference {a['relative_update_diff']:.2e} (bf16 noise "
+          f"{a.get('relative_update_noise', float('nan')):.2e}), unpatched {b['relative_update_diff']:.2e}; "
+          f"collectives equal with and without the patch: {a['collectives_per_rank'] == b['collectives_per_rank']}")
+    for rank, r in (a.get("bench") or {}).items():
+        p, q = r["packed"], r["padded"]
+        print(f"  {rank}: packed {p['tokens_per_s']:,.0f} tok/s, {p['peak_gb']:.1f} GB; padded {q['tokens_per_s']:,.0f} "
+              f"tok/s, {q['peak_gb']:.1f} GB ({p['tokens_per_s'] / q['tokens_per_s']:.2f}x tokens/s)")
+PY
