@@ -35,6 +35,10 @@ __all__ = [
     "Run",
     "packed_layouts",
     "long_memory",
+    "multimodal_layouts",
+    "multimodal_samples",
+    "compare_multimodal",
+    "inputs_on_model",
 ]
 
 
@@ -597,7 +601,7 @@ def multimodal_samples(model: torch.nn.Module, layouts: Sequence[Sequence[Any]],
     return [build(hf_model, list(layout), generator) for layout in layouts]
 
 
-def _to_model(model: torch.nn.Module, inputs: dict) -> dict:
+def inputs_on_model(model: torch.nn.Module, inputs: dict) -> dict:
     """Tensors on the model's device, floating ones (pixels) in its dtype."""
     param = next(model.parameters())
     return {
@@ -609,7 +613,7 @@ def _to_model(model: torch.nn.Module, inputs: dict) -> dict:
 
 
 def _run_samples(model: torch.nn.Module, samples: Sequence[dict], *, grads: bool) -> Run:
-    on_model = [_to_model(model, sample) for sample in samples]
+    on_model = [inputs_on_model(model, sample) for sample in samples]
     return _run_alone(model, [(s, s["input_ids"][0], s["input_ids"]) for s in on_model], grads=grads)
 
 
@@ -621,7 +625,7 @@ def _run_multimodal_packed(
     batch = pack_multimodal(samples, flash_attn_kwargs=layout == "cu")
     if layout == "cu":
         del batch["position_ids"]
-    batch = _to_model(model, batch)
+    batch = inputs_on_model(model, batch)
     labels = batch.pop("labels")
     if use_cache is not None:
         batch["use_cache"] = use_cache

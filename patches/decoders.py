@@ -149,7 +149,7 @@ register(
 
 # the generic shrink gives glm4_moe_lite's MLA rows of 26 floats (kv_lora 16 + rope 10) and
 # 40-wide query heads; those views fault on CUDA (misaligned address in upstream's own unpacked
-# forward, H200, torch 2.11, fp32 and bf16, eager and sdpa alike). The dims the other MLA twins
+# forward, H200, torch 2.11, fp32, eager and sdpa alike). The dims the other MLA twins
 # have (which run there) keep it aligned.
 register_twin_overrides(
     ("glm4_moe_lite",), {"qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32, "head_dim": 16}

@@ -317,9 +317,10 @@ def _features(output) -> list[torch.Tensor]:
 
 def _placeholders(model, kind: str, inputs: dict) -> int:
     """How many placeholder tokens these vision inputs fill: the model's own feature count."""
+    from hf_varlen_patch.testing import inputs_on_model
+
     base = model.base_model
-    param = next(model.parameters())  # the sample stays on the host; the count runs where the model is
-    inputs = {k: v.to(param.device, param.dtype if v.is_floating_point() else v.dtype) for k, v in inputs.items()}
+    inputs = inputs_on_model(model, inputs)  # the sample stays on the host; the count runs where the model is
     with torch.no_grad():
         if kind == "video":
             out = base.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])

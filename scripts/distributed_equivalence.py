@@ -127,8 +127,7 @@ def wrap(model, args, device):
     if args.engine == "accelerate":  # Accelerator.prepare (DDP under `accelerate launch`)
         from accelerate import Accelerator
 
-        args.accelerator = Accelerator(cpu=device.type == "cpu")
-        wrapped = args.accelerator.prepare(model)
+        wrapped = Accelerator(cpu=device.type == "cpu").prepare(model)
     elif args.engine == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 

@@ -28,7 +28,7 @@ import hf_varlen_patch
 from hf_varlen_patch.packing import pack_multimodal
 from hf_varlen_patch.testing import (
     _run_samples,
-    _to_model,
+    inputs_on_model,
     multimodal_layouts,
     multimodal_samples,
     registered_variants,
@@ -65,7 +65,7 @@ def packed_error(model, samples, alone, how: str, use_cache: bool | None) -> flo
         batch["use_cache"] = use_cache
     try:
         with torch.no_grad():
-            logits = model(**_to_model(model, batch)).logits[0]
+            logits = model(**inputs_on_model(model, batch)).logits[0]
     except Exception as err:  # upstream (or a refusal) raising is a result too
         return f"{type(err).__name__}"
     pieces = logits.split([s["input_ids"].shape[1] for s in samples])
