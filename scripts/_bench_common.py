@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -79,6 +80,58 @@ def time_steps(
         all_ms=times,
         host_ms=statistics.median(issued),
     )
+
+
+#: kernel families for ``kernel_breakdown``, first match wins (CUDA kernel names, any backend)
+KERNEL_FAMILIES = (
+    ("attention", re.compile(r"flash|fmha|attn|attention|varlen|scaled_dot_product|Sm\d+(Fwd|Bwd)", re.I)),
+    ("gemm", re.compile(r"gemm|xmma|nvjet|cublas|cutlass|splitK|aten::(mm|addmm|bmm)$", re.I)),
+    ("norm", re.compile(r"layer_?norm|rms_?norm", re.I)),
+    ("loss/softmax", re.compile(r"cross_entropy|log_softmax|nll_loss|softmax", re.I)),
+    ("copy/index", re.compile(r"copy|cat|index|gather|scatter|fill|arange|cumsum|embedding", re.I)),
+    ("elementwise/reduce", re.compile(r"elementwise|vectorized|reduce|unrolled|triton", re.I)),
+)
+
+
+def kernel_breakdown(prof, top: int = 12) -> dict:
+    """GPU time of one profiled step by kernel family, plus its ``top`` kernels (ms).
+
+    Comparing rows family by family says where a gap between two rows lies: in the attention
+    kernels, in extra copies the patch adds, or in GPU idle time the host leaves (wall - busy).
+    """
+    on_gpu = torch.cuda.is_available()  # on CPU (a smoke test) the ops' own CPU time stands in
+
+    def own_ms(e) -> float:
+        return (e.self_device_time_total if on_gpu else e.self_cpu_time_total) / 1e3
+
+    device = "CUDA" if on_gpu else "CPU"
+    kernels = [e for e in prof.key_averages() if str(e.device_type).endswith(device) and own_ms(e) > 0]
+    families: dict[str, float] = {name: 0.0 for name, _ in KERNEL_FAMILIES}
+    families["other"] = 0.0
+    for e in kernels:
+        name = next((fam for fam, pat in KERNEL_FAMILIES if pat.search(e.key)), "other")
+        families[name] += own_ms(e)
+    heaviest = sorted(kernels, key=lambda e: -own_ms(e))[:top]
+    return dict(
+        busy_ms=sum(families.values()),
+        families=families,
+        top=[(e.key[:90], e.count, own_ms(e)) for e in heaviest],
+    )
+
+
+def breakdown_table(breakdowns: dict[str, dict]) -> str:
+    """Rows side by side: one column per benchmark row, one line per kernel family (ms per step)."""
+    rows = list(breakdowns)
+    fams = list(next(iter(breakdowns.values()))["families"]) if breakdowns else []
+    lines = ["| kernel family (GPU ms, one step) | " + " | ".join(rows) + " |", "|---" * (len(rows) + 1) + "|"]
+    for fam in [*fams, "busy (sum)", "step wall"]:
+        cells = []
+        for r in rows:
+            b = breakdowns[r]
+            value = {"busy (sum)": b["busy_ms"], "step wall": b.get("wall_ms", float("nan"))}.get(fam)
+            cells.append(f"{b['families'][fam] if value is None else value:.1f}")
+        lines.append(f"| {fam} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def device_name() -> str:

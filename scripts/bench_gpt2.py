@@ -28,7 +28,15 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import device_name, failed_result, time_steps, write_outputs  # noqa: E402
+from _bench_common import (  # noqa: E402
+    breakdown_table,
+    device_name,
+    failed_result,
+    kernel_breakdown,
+    sync,
+    time_steps,
+    write_outputs,
+)
 
 BASE_ROWS = {
     "a_padded_eager": "a) padded to 1024, SDPA, eager",
@@ -149,14 +157,19 @@ def run_row(key: str, args) -> object:
 
     warmup = args.warmup + (args.compile_warmup if compiled else 0)
     result = time_steps(step, steps=args.steps, warmup=warmup, row=args.rows_all[key], compiled=compiled)
-    if args.profile:
+    if args.profile or args.breakdown:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        with profile(activities=activities) as prof:
             step(warmup + args.steps)
-            torch.cuda.synchronize()
-        print(f"--- profile of one step: {args.rows_all[key]}")
-        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=args.profile))
+            sync()
+        breakdown = kernel_breakdown(prof, top=args.profile or 12)
+        breakdown["wall_ms"] = result.median_ms
+        args.breakdowns[key] = breakdown
+        print(f"--- kernels of one step: {args.rows_all[key]} (GPU busy {breakdown['busy_ms']:.1f} ms)")
+        for name, count, ms in breakdown["top"]:
+            print(f"  {ms:8.2f} ms  x{count:<5d} {name}")
     return result
 
 
@@ -175,6 +188,12 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="a 2-layer model (smoke test)")
     parser.add_argument("--out", default="benchmarks")
     parser.add_argument("--profile", type=int, default=0, help="print the top-N kernels of one extra step per row")
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="profile one extra step per row and write the rows' GPU time by kernel family side by side "
+        "(gpt2_kernels.md): where a gap between two rows lies",
+    )
     args = parser.parse_args()
     if args.tiny:
         args.max_len = min(args.max_len, 64)
@@ -184,6 +203,7 @@ def main() -> None:
         print("\n".join(f"{k}: {v}" for k, v in args.rows_all.items()))
         return
     args.oracle_len = oracle_length(args)
+    args.breakdowns = {}
 
     import transformers
 
@@ -214,6 +234,15 @@ def main() -> None:
         write_outputs(
             results, Path(args.out), "gpt2_packing", "GPT-2 packing experiment", meta, BASE_ROWS["a_padded_eager"]
         )
+    if args.breakdowns:
+        table = breakdown_table({args.rows_all[k].split(",")[0] + f" [{k}]": b for k, b in args.breakdowns.items()})
+        tops = "\n\n".join(
+            f"{args.rows_all[k]}:\n" + "\n".join(f"    {ms:8.2f} ms  x{n:<5d} {name}" for name, n, ms in b["top"])
+            for k, b in args.breakdowns.items()
+        )
+        text = f"### GPT-2 step, GPU time by kernel family\n\ndevice: {meta['device']}\n\n{table}\n\n```\n{tops}\n```\n"
+        (Path(args.out) / "gpt2_kernels.md").write_text(text)
+        print(text)
 
 
 if __name__ == "__main__":
