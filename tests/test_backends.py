@@ -552,3 +552,53 @@ def test_bidirectional_blocks(spec):
     assert "bidirectional_blocks" not in torch_varlen._features() and not needed <= flash._features()
     with pytest.raises(MalformedBoundariesError, match="one id per token"):
         plain.with_blocks(blocks[:-1])
+
+
+def test_fa2_trim_keeps_the_named_kernels_and_refuses_the_rest(tmp_path):
+    """scripts/fa2_trim.py (the FA2 build that fits a GPU session): setup.py keeps only the bf16
+    kernels of the kept head dims, and the dispatch routes every head dim to the smallest kept
+    bucket and raises, naming the trim, for fp16 or a head dim above the largest."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "fa2_trim.py"
+    spec = importlib.util.spec_from_file_location("fa2_trim", script)
+    fa2_trim = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fa2_trim)
+
+    kernels = [
+        f'                "csrc/flash_attn/src/flash_{kind}_hdim{d}_{dt}{c}_sm80.cu",\n'
+        for kind in ("fwd", "bwd", "fwd_split")
+        for d in fa2_trim.ALL_DIMS
+        for dt in ("fp16", "bf16")
+        for c in ("", "_causal")
+    ]
+    setup = (
+        '            sources=[\n                "csrc/flash_attn/flash_api.cpp",\n'
+        + "".join(kernels)
+        + "            ],\n"
+    )
+    (tmp_path / "setup.py").write_text(setup)
+    switch = tmp_path / "csrc/flash_attn/src/static_switch.h"
+    switch.parent.mkdir(parents=True)
+    branches = "".join(
+        f"    {'if' if i == 0 else '}} else if'} (HEADDIM <= {d}) {{ \\\n"
+        f"      constexpr static int kHeadDim = {d}; \\\n      return __VA_ARGS__(); \\\n"
+        for i, d in enumerate(fa2_trim.ALL_DIMS)
+    )
+    switch.write_text(
+        "#define FP16_SWITCH(COND, ...) \\\n  [&] { \\\n    if (COND) { \\\n"
+        "      using elem_type = cutlass::half_t; \\\n"
+        "      return __VA_ARGS__(); \\\n    } else { \\\n      using elem_type = cutlass::bfloat16_t; \\\n"
+        "      return __VA_ARGS__(); \\\n    } \\\n  }()\n\n"
+        "#define HEADDIM_SWITCH(HEADDIM, ...) \\\n  [&] { \\\n" + branches + "    } \\\n  }()\n"
+    )
+
+    assert fa2_trim.trim(tmp_path, [64, 128]) == 12
+    kept = (tmp_path / "setup.py").read_text()
+    assert "flash_api.cpp" in kept and kept.count(".cu") == 12
+    assert "fp16" not in kept and "hdim32" not in kept and "hdim256" not in kept
+    text = switch.read_text()
+    assert "cutlass::half_t" not in text and "for bf16 only" in text
+    assert "kHeadDim = 64" in text and "kHeadDim = 128" in text and "kHeadDim = 96" not in text
+    assert "head dims <= 128 only" in text

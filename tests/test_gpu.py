@@ -239,7 +239,8 @@ def _compiled_run(compiled, model, lengths, vocab, seed):
 
 
 @pytest.mark.parametrize(
-    "model_type, backend", [("llama", "torch"), ("mistral", "torch"), ("llama", "flash_attn"), ("gemma2", "flash_attn")]
+    "model_type, backend",
+    [("llama", "torch"), ("mistral", "torch"), ("gpt2", "torch"), ("llama", "flash_attn"), ("gemma2", "flash_attn")],
 )
 def test_compiled_packed_step_is_one_graph_on_the_gpu(model_type, backend):
     """inductor, bf16, the real kernel: no graph break, at most two recompiles over 20 batches of
