@@ -26,8 +26,10 @@ import sys
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import trace_gaps  # noqa: E402
 from _bench_common import (  # noqa: E402
     breakdown_table,
     device_name,
@@ -148,11 +150,17 @@ def run_row(key: str, args) -> object:
         else:
             batch = packed_batch(lengths, vocab, args.device, cu="_cu_" in key)
         batch["use_cache"] = False  # every row: no KV cache in training
-        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
+        # phases named for scripts/trace_gaps.py (no cost outside a profiler)
+        with (
+            record_function("step::forward"),
+            torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"),
+        ):
             loss = fn(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with record_function("step::backward"):
+            loss.backward()
+        with record_function("step::optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return float(sum(lengths))
 
     warmup = args.warmup + (args.compile_warmup if compiled else 0)
@@ -166,6 +174,15 @@ def run_row(key: str, args) -> object:
             sync()
         breakdown = kernel_breakdown(prof, top=args.profile or 12)
         breakdown["wall_ms"] = result.median_ms
+        if torch.cuda.is_available():  # the GPU's idle gaps, each blamed on the host work before it
+            trace = Path(args.out) / f"trace_{key}.json.gz"
+            trace.parent.mkdir(parents=True, exist_ok=True)
+            prof.export_chrome_trace(str(trace))
+            try:
+                breakdown["gaps"] = trace_gaps.report(trace_gaps.gaps(trace_gaps.load(trace)), top=8)
+            except Exception as err:  # the timing above stands; say why the gaps are missing
+                breakdown["gaps"] = f"trace_gaps failed: {type(err).__name__}: {err}"
+            print(breakdown["gaps"])
         args.breakdowns[key] = breakdown
         print(f"--- kernels of one step: {args.rows_all[key]} (GPU busy {breakdown['busy_ms']:.1f} ms)")
         for name, count, ms in breakdown["top"]:
@@ -240,7 +257,10 @@ def main() -> None:
             f"{args.rows_all[k]}:\n" + "\n".join(f"    {ms:8.2f} ms  x{n:<5d} {name}" for name, n, ms in b["top"])
             for k, b in args.breakdowns.items()
         )
+        gaps = "\n\n".join(f"{args.rows_all[k]}:\n{b['gaps']}" for k, b in args.breakdowns.items() if "gaps" in b)
         text = f"### GPT-2 step, GPU time by kernel family\n\ndevice: {meta['device']}\n\n{table}\n\n```\n{tops}\n```\n"
+        if gaps:
+            text += f"\n### Where the GPU waits (scripts/trace_gaps.py)\n\n```\n{gaps}\n```\n"
         (Path(args.out) / "gpt2_kernels.md").write_text(text)
         print(text)
 

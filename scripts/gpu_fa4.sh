@@ -8,7 +8,8 @@
 #   call 1: bash scripts/gpu_fa4.sh stash      (carry .whl/fa4/part1) copies part 1 to /tmp/fa4
 #   call 2: bash scripts/gpu_fa4.sh install tests compile   (carry .whl/fa4/part2, within 30 s of call 1)
 #   call 3: bash scripts/gpu_fa4.sh bench-gpt2 bench-llama  (the machine still warm: /tmp/site stays)
-#   bench-kernels  the eager and compiled packed rows and the oracle, GPU time by kernel family side by side
+#   bench-kernels  the eager and compiled packed rows and the oracle, GPU time by kernel family side by side,
+#                  each row's trace (trace_*.json.gz) and its idle gaps by launching op (scripts/trace_gaps.py)
 # FA2 (flash-attn 2.8.3, source only: .whl/fa2/flash_attn-2.8.3.tar.gz from PyPI's files host):
 #   fa2-build   build it for sm_90 in the foreground (FLASH_ATTN_CUDA_ARCHS=90, MAX_JOBS, at most
 #               FA2_TIMEOUT s), trimmed by scripts/fa2_trim.py to bf16 at head dims FA2_HEAD_DIMS (default
