@@ -5,7 +5,8 @@ uniformly random length 1..1023, bf16 autocast, SGD, median training-step time a
 
   a) padded to 1024, SDPA (eager and torch.compile)
   b) upstream packed: one row, position_ids restarting (DataCollatorWithFlattening layout), SDPA, use_cache=False
-  b) upstream packed with attn_implementation="flash_attention_4" (where transformers has it)
+  b) upstream packed with attn_implementation="flash_attention_4" / "flash_attention_2" (where
+     transformers and the kernel are installed; a failure is reported as the row's result)
   c) packed + hf_varlen_patch.apply(backend) for each of ``--backends``, eager and compiled;
      position_ids, or the collator's cu_seq_lens (no host read: one graph under torch.compile)
   d) the dense oracle: the same model on a (32, L) batch of real tokens, no padding, no mask, with L
@@ -45,7 +46,10 @@ BASE_ROWS = {
     "a_padded_compiled": "a) padded to 1024, SDPA, compiled",
     "b_upstream_packed": "b) upstream packed, SDPA, use_cache=False, eager",
     "b_upstream_fa4": "b) upstream packed, attn_implementation=flash_attention_4, eager",
+    "b_upstream_fa2": "b) upstream packed, attn_implementation=flash_attention_2, eager",
 }
+#: the upstream rows' attention implementation
+UPSTREAM_ATTN = {"b_upstream_fa4": "flash_attention_4", "b_upstream_fa2": "flash_attention_2"}
 ORACLE_ROWS = {
     "d_oracle_eager": "d) dense oracle (32 x mean length, fixed), eager",
     "d_oracle_compiled": "d) dense oracle (32 x mean length, fixed), compiled",
@@ -130,7 +134,7 @@ def run_row(key: str, args) -> object:
     import hf_varlen_patch
 
     torch._dynamo.reset()
-    model, cfg = build_model(args, attn="flash_attention_4" if key == "b_upstream_fa4" else "sdpa")
+    model, cfg = build_model(args, attn=UPSTREAM_ATTN.get(key, "sdpa"))
     if key.startswith("c_"):
         hf_varlen_patch.apply(model, backend=row_backend(key, args), check_inputs=False)
     compiled = key.endswith("compiled")

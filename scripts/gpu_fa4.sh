@@ -19,7 +19,9 @@
 #               Measured on the H200: the trimmed build's 13 objects took 419 s + 328 s (the first 12
 #               sharing the CPUs with the FA4 tests, the last alone); the full one, 22 of 73 in 641 s.
 #   fa2-tests   install the wheel into /tmp/site_fa2 and run the flash GPU tests with FA2 alone
-#   fa2-bench   the GPT-2 flash rows and the oracle on FA2, with the kernel breakdown
+#   fa2-bench   the GPT-2 flash rows, upstream's flash_attention_2 row and the oracle on FA2, with the kernel breakdown
+#   one FA2 pass: call 1 `stash` (carry part1); call 2 `install fa2-build` (carry part2 and .whl/fa2,
+#   about 8 min); call 3 `fa2-tests fa2-bench`; the FA4 stages after that still find /tmp/site
 set -euo pipefail
 W="${W:-.whl/fa4}"
 SITE=/tmp/site
@@ -101,7 +103,7 @@ for stage in "$@"; do
         | tail -${TAIL:-150} | tee "$OUT/gpu_tests_fa2.log" ;;
     fa2-bench)
       PYTHONPATH=/tmp/site_fa2 python3 scripts/bench_gpt2.py --backends flash_attn --breakdown --out "$OUT/gpt2_fa2" \
-        --rows "${ROWS:-c_flash_attn_eager,c_flash_attn_cu_eager,d_oracle_eager,c_flash_attn_cu_compiled,d_oracle_compiled}" \
+        --rows "${ROWS:-b_upstream_fa2,c_flash_attn_eager,c_flash_attn_cu_eager,d_oracle_eager,c_flash_attn_cu_compiled,d_oracle_compiled}" \
         2>&1 | grep -vi "warn\|exe_args" | tail -${TAIL:-80} ;;
   esac
 done
