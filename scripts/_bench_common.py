@@ -150,7 +150,7 @@ def write_outputs(results: list[Result], out: Path, name: str, title: str, meta:
         "",
         f"device: {meta.get('device')}; torch {meta.get('torch')}; transformers {meta.get('transformers')}",
         "",
-        "| row | median ms/step | speed-up vs " + baseline + " | tokens/s | peak GB | host ms (issue) "
+        "| row | median ms/step | speed-up vs " + base.row + " | tokens/s | peak GB | host ms (issue) "
         "| recompiles after warm-up | note |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
