@@ -50,8 +50,10 @@ def trim(src: Path, dims: list[int]) -> int:
     """Rewrite setup.py's source list and the dispatch macros in place; return the kernels kept."""
     switch_h = src / "csrc/flash_attn/src/static_switch.h"
     text = switch_h.read_text()
-    text = re.sub(r"#define FP16_SWITCH\(.*?\}\(\)", lambda _: _FP16, text, count=1, flags=re.S)
-    text = re.sub(r"#define HEADDIM_SWITCH\(.*?\}\(\)", lambda _: _switch(dims), text, count=1, flags=re.S)
+    for macro, body in (("FP16_SWITCH", _FP16), ("HEADDIM_SWITCH", _switch(dims))):
+        text, found = re.subn(rf"#define {macro}\(.*?\}}\(\)", lambda _, b=body: b, text, count=1, flags=re.S)
+        if not found:  # another release's layout: trimming the sources alone would not link
+            raise SystemExit(f"fa2_trim: no {macro} macro in {switch_h}; this release needs the trim updated")
     switch_h.write_text(text)
 
     setup = src / "setup.py"

@@ -23,6 +23,8 @@ from pathlib import Path
 GPU_CATS = {"kernel", "gpu_memcpy", "gpu_memset"}
 LAUNCH_CATS = {"cuda_runtime", "cuda_driver"}
 HOST_CATS = {"cpu_op", "user_annotation"}
+#: the record_function names that mark a step's phases
+PHASE_PREFIX = "step::"
 
 
 def load(path: str | Path) -> list[dict]:
@@ -58,7 +60,8 @@ def gaps(events: list[dict], min_us: float = 20.0) -> dict:
     for ops in host.values():
         ops.sort(key=lambda e: e["ts"])
     starts = {tid: [op["ts"] for op in ops] for tid, ops in host.items()}
-    phases = [e for e in events if e.get("ph") == "X" and e.get("cat") == "user_annotation"]
+    # the step's own phases (bench_gpt2's step::*), not torch's annotations such as Optimizer.step
+    phases = [e for e in events if e.get("cat") == "user_annotation" and e["name"].startswith(PHASE_PREFIX)]
 
     busy, found = 0.0, []
     end = gpu[0]["ts"]

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 
 def _script(name: str):
     spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py")
@@ -57,6 +59,10 @@ def test_fa2_trim_keeps_the_named_kernels_and_refuses_the_rest(tmp_path):
     assert "kHeadDim = 64" in text and "kHeadDim = 128" in text and "kHeadDim = 96" not in text
     assert "head dims <= 128 only" in text
 
+    switch.write_text("#define OTHER_SWITCH(COND, ...) [&] {}()\n")  # another release's layout
+    with pytest.raises(SystemExit, match="no FP16_SWITCH macro"):
+        fa2_trim.trim(tmp_path, [64, 128])
+
 
 def test_trace_gaps_blames_each_idle_gap_on_the_host_op_that_launched_the_next_kernel(tmp_path):
     """Three kernels with idle gaps of 50 and 30 us; the second and third kernels were launched
@@ -69,6 +75,7 @@ def test_trace_gaps_blames_each_idle_gap_on_the_host_op_that_launched_the_next_k
         return dict(ph="X", cat=cat, name=name, ts=ts, dur=dur, tid=tid, pid=1, args=args)
 
     events = [
+        x("user_annotation", "Optimizer.zero_grad#SGD.zero_grad", 105, 30),  # torch's own: not a phase
         x("user_annotation", "step::forward", 0, 100),
         x("cpu_op", "aten::mm", 5, 10),
         x("cuda_runtime", "cudaLaunchKernel", 6, 2, correlation=1),
