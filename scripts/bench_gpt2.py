@@ -181,8 +181,8 @@ def run_row(key: str, args) -> object:
         if torch.cuda.is_available():  # the GPU's idle gaps, each blamed on the host work before it
             trace = Path(args.out) / f"trace_{key}.json.gz"
             trace.parent.mkdir(parents=True, exist_ok=True)
-            prof.export_chrome_trace(str(trace))
             try:
+                prof.export_chrome_trace(str(trace))
                 breakdown["gaps"] = trace_gaps.report(trace_gaps.gaps(trace_gaps.load(trace)), top=8)
             except Exception as err:  # the timing above stands; say why the gaps are missing
                 breakdown["gaps"] = f"trace_gaps failed: {type(err).__name__}: {err}"

@@ -29,6 +29,19 @@ OUT="${OUT:-/tmp/out}"
 mkdir -p "$OUT"
 FA4_PATH="$SITE:$SITE/nvidia_cutlass_dsl/dsl_packages"
 with_fa4() { PYTHONPATH="$FA4_PATH${PYTHONPATH:+:$PYTHONPATH}" "$@"; }
+# at most 8 files of 16 MiB come back from $OUT: a bench's row traces travel as one archive,
+# the largest left out until it fits
+pack_traces() {
+  local dir="$OUT/$1"
+  ls "$dir"/trace_*.json.gz >/dev/null 2>&1 || return 0
+  while :; do
+    tar cf "$OUT/$1_traces.tar" -C "$dir" $(cd "$dir" && ls trace_*.json.gz)
+    [ "$(stat -c %s "$OUT/$1_traces.tar")" -le 16000000 ] && break
+    rm -f "$(ls -S "$dir"/trace_*.json.gz | head -1)"
+    ls "$dir"/trace_*.json.gz >/dev/null 2>&1 || { rm -f "$OUT/$1_traces.tar"; break; }
+  done
+  rm -f "$dir"/trace_*.json.gz; ls -la "$OUT" "$dir"
+}
 install_self() { python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1; }
 for stage in "$@"; do
   echo "== $stage ($(date +%T))"
@@ -79,7 +92,8 @@ for stage in "$@"; do
     bench-kernels)  # where the eager gap to the oracle lies: one profiled step per row, by kernel family
       with_fa4 python3 scripts/bench_gpt2.py --backends torch,flash_attn --breakdown --out "$OUT/gpt2_kernels" \
         --rows "${ROWS:-c_torch_eager,c_torch_cu_eager,c_flash_attn_eager,c_flash_attn_cu_eager,d_oracle_eager,c_torch_cu_compiled,c_flash_attn_cu_compiled,d_oracle_compiled}" \
-        2>&1 | grep -vi "warn\|exe_args" | tail -${TAIL:-120} ;;
+        2>&1 | grep -vi "warn\|exe_args" | tail -${TAIL:-120}
+      pack_traces gpt2_kernels ;;
     fa2-build)
       if [ ! -d /tmp/fa2/flash_attn-2.8.3 ]; then
         mkdir -p /tmp/fa2 && tar xzf .whl/fa2/flash_attn-2.8.3.tar.gz -C /tmp/fa2
@@ -104,6 +118,7 @@ for stage in "$@"; do
     fa2-bench)
       PYTHONPATH=/tmp/site_fa2 python3 scripts/bench_gpt2.py --backends flash_attn --breakdown --out "$OUT/gpt2_fa2" \
         --rows "${ROWS:-b_upstream_fa2,c_flash_attn_eager,c_flash_attn_cu_eager,d_oracle_eager,c_flash_attn_cu_compiled,d_oracle_compiled}" \
-        2>&1 | grep -vi "warn\|exe_args" | tail -${TAIL:-80} ;;
+        2>&1 | grep -vi "warn\|exe_args" | tail -${TAIL:-80}
+      pack_traces gpt2_fa2 ;;
   esac
 done
