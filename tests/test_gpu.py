@@ -283,3 +283,34 @@ def test_compiled_packed_step_is_one_graph_on_the_gpu(model_type, backend):
         )
         assert err[0] <= 2 * noise[0] and err[1] <= 2 * noise[1], (err, noise)
     hf_varlen_patch.unapply(bf16)
+
+
+@pytest.mark.parametrize("check", [False, True])
+@pytest.mark.parametrize("sliced", [False, True])
+def test_compiled_boundaries_number_tokens_as_eager_on_the_gpu(check, sliced):
+    """Inductor's Triton searchsorted once read a sliced boundary tensor from its storage's start
+    (pytorch#182343): every token was numbered one sequence on, so absolute positions (GPT-2) went
+    negative under torch.compile on the GPU while CPU inductor (an aten fallback) stayed right.
+    The compiled boundaries must give the eager sequence ids and positions, also for offsets
+    that are themselves a view with a storage offset."""
+    from hf_varlen_patch.boundaries import Boundaries
+
+    lengths = [5, 9, 3, 11, 40, 64, 2, 17]
+    total = sum(lengths)
+    offsets = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    storage = torch.tensor([99, 98, *offsets], dtype=torch.int32, device="cuda")
+    cu = storage[2:] if sliced else storage[2:].clone()
+    assert cu.storage_offset() == (2 if sliced else 0)
+
+    def numbering(cu):
+        b = Boundaries.from_cu_seqlens(cu, max(lengths), shape=(1, total), check=check)
+        return b.seq_idx, b.position_ids(), b.start_mask()
+
+    expected_idx = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])
+    expected_pos = torch.cat([torch.arange(n) for n in lengths])[None]
+    torch._dynamo.reset()
+    for run in (numbering, torch.compile(numbering, backend="inductor", fullgraph=True)):
+        seq_idx, positions, starts = run(cu)
+        assert torch.equal(seq_idx.cpu().long(), expected_idx), seq_idx
+        assert torch.equal(positions.cpu(), expected_pos), positions
+        assert torch.equal(starts.cpu(), expected_pos == 0)
