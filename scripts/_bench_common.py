@@ -27,6 +27,14 @@ class Result:
     #: median time until the step's work was issued (its Python returned), before waiting for the
     #: GPU: close to median_ms means the step is bound by the host, not the GPU
     host_ms: float = 0.0
+    #: every timed step's real tokens: packed steps differ in size (a fixed oracle does not), so
+    #: rows compare by time per token over all steps, not by median step time
+    all_tokens: list[float] = field(default_factory=list)
+    #: the whole timed run's milliseconds per 1000 real tokens (sum of times / sum of tokens)
+    ms_per_ktok: float = float("nan")
+    #: the GPU's SM clock (MHz) after each timed step, where NVML is readable: a throttled clock
+    #: shows here, not as host time
+    all_sm_mhz: list[int] = field(default_factory=list)
 
 
 def failed_result(row: str, reason: str) -> Result:
@@ -57,7 +65,7 @@ def time_steps(
         step(i)
     sync()
     graphs_before = graphs_compiled() if compiled else None
-    times, tokens, issued = [], [], []
+    times, tokens, issued, clocks = [], [], [], []
     for i in range(warmup, warmup + steps):
         sync()
         t0 = time.perf_counter()
@@ -65,21 +73,35 @@ def time_steps(
         issued.append((time.perf_counter() - t0) * 1e3)
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
+        clock = sm_clock_mhz()
+        if clock is not None:
+            clocks.append(clock)
     peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-    med = statistics.median(times)
-    tok = statistics.mean(tokens)
     return Result(
         row=row,
-        median_ms=med,
+        median_ms=statistics.median(times),
         peak_gb=peak,
         steps=steps,
-        tokens_per_step=tok,
-        tokens_per_s=tok / (med / 1e3),
+        tokens_per_step=statistics.mean(tokens),
+        tokens_per_s=sum(tokens) / (sum(times) / 1e3),
         recompiles_after_warmup=None if graphs_before is None else graphs_compiled() - graphs_before,
         note=note,
         all_ms=times,
         host_ms=statistics.median(issued),
+        all_tokens=tokens,
+        ms_per_ktok=sum(times) / sum(tokens) * 1e3,
+        all_sm_mhz=clocks,
     )
+
+
+def sm_clock_mhz() -> int | None:
+    """The GPU's current SM clock through NVML (None without a GPU or NVML)."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        return int(torch.cuda.clock_rate())
+    except Exception:  # no pynvml / amdsmi in the image: the clock is simply not reported
+        return None
 
 
 #: kernel families for ``kernel_breakdown``, first match wins (CUDA kernel names, any backend)
@@ -105,7 +127,15 @@ def kernel_breakdown(prof, top: int = 12) -> dict:
         return (e.self_device_time_total if on_gpu else e.self_cpu_time_total) / 1e3
 
     device = "CUDA" if on_gpu else "CPU"
-    kernels = [e for e in prof.key_averages() if str(e.device_type).endswith(device) and own_ms(e) > 0]
+    # a record_function range (the bench's step::* phases) shows on the GPU timeline too: not a kernel
+    kernels = [
+        e
+        for e in prof.key_averages()
+        if str(e.device_type).endswith(device)
+        and own_ms(e) > 0
+        and not getattr(e, "is_user_annotation", False)
+        and not e.key.startswith("step::")
+    ]
     families: dict[str, float] = {name: 0.0 for name, _ in KERNEL_FAMILIES}
     families["other"] = 0.0
     for e in kernels:
@@ -150,19 +180,27 @@ def write_outputs(results: list[Result], out: Path, name: str, title: str, meta:
         "",
         f"device: {meta.get('device')}; torch {meta.get('torch')}; transformers {meta.get('transformers')}",
         "",
-        "| row | median ms/step | speed-up vs " + base.row + " | tokens/s | peak GB | host ms (issue) "
-        "| recompiles after warm-up | note |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| row | median ms/step | ms per 1k tokens | speed-up vs " + base.row + " (tokens/s) | tokens/s "
+        "| peak GB | host ms (issue) | recompiles after warm-up | note |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         if r.note.startswith("FAILED"):
-            lines.append(f"| {r.row} | {r.note} | | | | | | |")
+            lines.append(f"| {r.row} | {r.note} | | | | | | | |")
             continue
         rec = "-" if r.recompiles_after_warmup is None else str(r.recompiles_after_warmup)
         lines.append(
-            f"| {r.row} | {r.median_ms:.1f} | {base.median_ms / r.median_ms:.2f}x | {r.tokens_per_s:,.0f} | "
-            f"{r.peak_gb:.1f} | {r.host_ms:.1f} | {rec} | {r.note} |"
+            f"| {r.row} | {r.median_ms:.1f} | {r.ms_per_ktok:.2f} | {r.tokens_per_s / base.tokens_per_s:.2f}x | "
+            f"{r.tokens_per_s:,.0f} | {r.peak_gb:.1f} | {r.host_ms:.1f} | {rec} | {r.note} |"
         )
+    lines += [
+        "",
+        "Speed-up and tokens/s are over every timed step (sum of real tokens / sum of times): packed "
+        "steps differ in size from step to step, a fixed-shape row does not, so their medians do not compare.",
+    ]
+    clocks = [c for r in ran for c in r.all_sm_mhz]
+    if clocks:
+        lines.append(f"SM clock after each timed step: {min(clocks)}-{max(clocks)} MHz over the run.")
     table = "\n".join(lines)
     print(table, flush=True)
     (out / f"{name}.md").write_text(table + "\n")

@@ -165,7 +165,8 @@ def run_row(key: str, args) -> object:
         with record_function("step::optimizer"):
             opt.step()
             opt.zero_grad(set_to_none=True)
-        return float(sum(lengths))
+        # the real tokens this step trained on (an oracle's batch is its own size, not the packing's)
+        return float(batch["input_ids"].numel()) if key.startswith("d_") else float(sum(lengths))
 
     warmup = args.warmup + (args.compile_warmup if compiled else 0)
     result = time_steps(step, steps=args.steps, warmup=warmup, row=args.rows_all[key], compiled=compiled)
