@@ -171,3 +171,36 @@ def test_compiled_blocks_inside_an_eager_packed_forward(model_type, checkpointin
     packed = run_packed(model, batch)
     assert max_logits_error(packed, truth) < 1e-5
     assert max_grad_error(packed, truth)[0] < 1e-5
+
+
+def test_boundaries_never_search_a_sliced_tensor_under_compile():
+    """Inductor's Triton searchsorted ignores a sliced boundary tensor's storage offset
+    (pytorch#182343): with ``searchsorted(cu[1:], ...)`` every token was numbered one sequence on
+    under torch.compile on the GPU (GPT-2's positions went wrong; CPU inductor falls back to aten
+    and is right, so only the graph can show it here). ``tests/test_gpu.py`` checks the numbers."""
+    import operator
+
+    from hf_varlen_patch.boundaries import Boundaries
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    lengths = [3, 5, 2]
+    cu = torch.tensor([0, 3, 8, 10], dtype=torch.int32)
+    torch._dynamo.reset()
+    for check in (False, True):
+
+        def numbering(cu, check=check):
+            return Boundaries.from_cu_seqlens(cu, max(lengths), shape=(1, 10), check=check).seq_idx
+
+        fn = torch.compile(numbering, backend=record, fullgraph=True)
+        assert torch.equal(fn(cu).long(), torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 2, 2]))
+    searches = [n for gm in graphs for n in gm.graph.nodes if n.target in (torch.searchsorted, torch.bucketize)]
+    assert len(searches) == 2, [str(n) for gm in graphs for n in gm.graph.nodes]
+    for node in searches:
+        boundaries = node.args[0] if node.target is torch.searchsorted else node.args[1]
+        sliced = boundaries.op == "call_function" and boundaries.target in (operator.getitem, torch.narrow)
+        assert not sliced, f"{node.format_node()} searches a slice: {boundaries.format_node()}"
