@@ -11,6 +11,11 @@ class MalformedBoundariesError(VarlenPatchError, ValueError):
     """position_ids, cu_seq_lens or attention_mask cannot describe packed sequences."""
 
 
+class MalformedBatchError(VarlenPatchError, ValueError):
+    """Examples or samples given to the packers (``hf_varlen_patch.packing``) cannot be packed as they
+    are: a wrong type, dtype, shape or value, or keys the samples disagree on."""
+
+
 class UnsupportedArchitectureError(VarlenPatchError, NotImplementedError):
     """The model's architecture has no entry in the registry, or its entry refuses this config."""
 
@@ -25,3 +30,17 @@ class BackendUnavailableError(VarlenPatchError, RuntimeError):
 
 class BoundariesLostError(VarlenPatchError, RuntimeError):
     """A packed forward reached an attention layer without its boundaries: the patch is incomplete."""
+
+
+class PackedCallError(VarlenPatchError, ValueError):
+    """This call cannot run packed exactly (a head, an output or an argument that mixes the
+    sequences of a row): the message says what to change."""
+
+
+class PackedOutputAttentionsError(PackedCallError, NotImplementedError):
+    """output_attentions=True in a packed forward: the varlen kernels build no attention matrix."""
+
+
+class StalePatchError(VarlenPatchError, RuntimeError):
+    """Something changed the patched model after ``apply`` (its attention implementation, say), so
+    packed calls would no longer take the patched route; ``apply`` it again."""

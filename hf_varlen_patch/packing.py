@@ -15,16 +15,25 @@ rows as fit, instead of padding every example to the longest one.
 from __future__ import annotations
 
 import bisect
+import operator
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from .errors import VarlenPatchError
+from .errors import MalformedBatchError
 
-__all__ = ["STRATEGIES", "IGNORE_INDEX", "SampleTooLongError", "pack_into_bins", "PackingCollator", "pack_multimodal"]
+__all__ = [
+    "STRATEGIES",
+    "IGNORE_INDEX",
+    "MalformedBatchError",
+    "SampleTooLongError",
+    "pack_into_bins",
+    "PackingCollator",
+    "pack_multimodal",
+]
 
 #: The bin-packing strategies :func:`pack_into_bins` knows.
 STRATEGIES = ("ffd", "bfd")
@@ -32,7 +41,7 @@ STRATEGIES = ("ffd", "bfd")
 IGNORE_INDEX = -100
 
 
-class SampleTooLongError(VarlenPatchError, ValueError):
+class SampleTooLongError(MalformedBatchError):
     """A sample has more tokens than a packed row holds (``max_tokens``).
 
     Attributes ``index``, ``length`` and ``max_tokens`` say which sample, how long, and the limit.
@@ -66,14 +75,30 @@ def pack_into_bins(
     A sample longer than ``max_tokens`` raises :class:`SampleTooLongError` (a ``ValueError``) naming
     it, unless ``truncate=True``: then it counts as ``max_tokens`` long, and the caller must cut it
     to that (keeping its first ``max_tokens`` tokens, as :class:`PackingCollator` does). Zero-length
-    samples take no room and join the first row that has them fit.
+    samples take no room and join the first row that has them fit. Lengths are ints (python, numpy
+    or 0-d integer tensors); anything else (a float, a bool, a negative count) raises
+    :class:`~hf_varlen_patch.errors.MalformedBatchError`.
     """
-    _check_budget(max_tokens, strategy)
+    max_tokens = _check_budget(max_tokens, strategy)
+    truncate = _flag(truncate, "truncate")
+    if isinstance(lengths, (str, bytes, Mapping)) or not isinstance(lengths, Iterable):
+        raise MalformedBatchError(
+            f"lengths must be a sequence of token counts (ints), got a {type(lengths).__name__}; "
+            "give one int per sample, e.g. [len(ids) for ids in samples]."
+        )
     sizes = []
     for index, length in enumerate(lengths):
-        length = int(length)
+        try:
+            length = _index(length)
+        except TypeError:
+            raise MalformedBatchError(
+                f"sample {index} has length {length!r} ({type(length).__name__}); a length counts tokens: "
+                "give an int (len(input_ids))."
+            ) from None
         if length < 0:
-            raise ValueError(f"sample {index} has a negative length ({length}).")
+            raise MalformedBatchError(
+                f"sample {index} has a negative length ({length}); a length counts tokens: give len(input_ids)."
+            )
         if length > max_tokens:
             if not truncate:
                 raise SampleTooLongError(index, length, max_tokens)
@@ -82,13 +107,6 @@ def pack_into_bins(
     order = sorted(range(len(sizes)), key=lambda i: (-sizes[i], i))
     place = _first_fit if strategy == "ffd" else _best_fit
     return place(order, sizes, max_tokens)
-
-
-def _check_budget(max_tokens: Any, strategy: Any) -> None:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown packing strategy {strategy!r}; use one of {STRATEGIES}.")
-    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
-        raise ValueError(f"max_tokens must be a positive int, got {max_tokens!r}.")
 
 
 def _first_fit(order: list[int], sizes: list[int], capacity: int) -> list[list[int]]:
@@ -143,18 +161,265 @@ def _best_fit(order: list[int], sizes: list[int], capacity: int) -> list[list[in
     return rows
 
 
-def _as_token_list(value: Any, what: str, index: int) -> list[int]:
-    """A 1-D list, tensor or array of token ids as a python list."""
-    if hasattr(value, "tolist"):
-        if getattr(value, "ndim", 1) != 1:
-            raise ValueError(
-                f"example {index}: {what} must be 1-D (one example's tokens), got shape {tuple(value.shape)}; "
-                "tokenize without return_tensors, or index the batch dimension away."
+# ------------------------------------------------------------------ settings
+
+
+def _is_bool(value: Any) -> bool:
+    """A python, numpy or 0-d torch bool (all of which ``operator.index`` would take as 0 or 1)."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype == torch.bool
+    return type(value).__name__ in ("bool", "bool_")
+
+
+def _index(value: Any) -> int:
+    """``value`` as a python int if it is an int (python, numpy, 0-d integer tensor); TypeError if not."""
+    if _is_bool(value):
+        raise TypeError("a bool is not a count or an id")
+    return operator.index(value)
+
+
+def _int_setting(value: Any, name: str, minimum: int, fix: str, *, none_ok: bool = False) -> int | None:
+    if value is None and none_ok:
+        return None
+    try:
+        number = _index(value)
+    except TypeError:
+        number = None
+    if number is None or number < minimum:
+        wanted = f"an int >= {minimum}" + (" or None" if none_ok else "")
+        raise MalformedBatchError(f"{name} must be {wanted}, got {value!r}; {fix}")
+    return number
+
+
+def _flag(value: Any, name: str) -> bool:
+    if value is None:
+        return False
+    if _is_bool(value) and not isinstance(value, torch.Tensor):
+        return bool(value)
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise MalformedBatchError(f"{name} must be True or False, got {value!r}.")
+
+
+def _check_budget(max_tokens: Any, strategy: Any) -> int:
+    """``max_tokens`` as an int, once it and ``strategy`` are known good."""
+    if not isinstance(strategy, str) or strategy not in STRATEGIES:
+        raise MalformedBatchError(f"unknown packing strategy {strategy!r}; use one of {STRATEGIES}.")
+    try:
+        number = _index(max_tokens)
+    except TypeError:
+        number = None
+    if number is None or number < 1:
+        raise MalformedBatchError(
+            f"max_tokens must be a positive int, got {max_tokens!r}; it is the most tokens one packed row holds."
+        )
+    return number
+
+
+# ------------------------------------------------------------------ examples
+
+
+#: Keys that describe boundaries of a collated batch: an example carrying them is already packed.
+BATCH_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+#: Image, video and audio inputs: a text collator would drop them while their placeholder tokens stay.
+MEDIA_KEYS = (
+    "image_grid_thw", "video_grid_thw", "image_sizes", "input_features", "feature_attention_mask",
+    "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask",
+)  # fmt: skip
+
+
+def _is_array(value: Any) -> bool:
+    """A numpy (or numpy-like) array or scalar."""
+    return not isinstance(value, torch.Tensor) and hasattr(value, "__array__") and hasattr(value, "dtype")
+
+
+def _is_tensor_like(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) or _is_array(value)
+
+
+def _kind(tensor: torch.Tensor) -> str:
+    if tensor.dtype == torch.bool:
+        return "bool"
+    if tensor.is_complex():
+        return "complex"
+    return "float" if tensor.is_floating_point() else "int"
+
+
+def _holds_bools(values: Sequence[Any]) -> bool:
+    """Whether a (possibly one level nested) list holds bools, which torch would turn into 0 and 1."""
+    types = set(map(type, values))
+    for inner in [v for v in values if isinstance(v, (list, tuple))] if types & {list, tuple} else ():
+        types |= set(map(type, inner))
+    return any(t.__name__ in ("bool", "bool_") for t in types)
+
+
+def _values(value: Any, where: str, key: str, *, mask: bool = False, processor: bool = False) -> torch.Tensor:
+    """One example's per-token ``key`` as a 1-D tensor in its own integer dtype: a list, tuple,
+    tensor or array, 1-D or (1, n) (a tokenizer's or processor's batch of one; only (1, n) for a
+    ``processor`` output). Floats, bools and complex numbers are refused (``int()`` would cut 5.7
+    to 5), except in an attention mask."""
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach()
+    elif isinstance(value, (list, tuple)):
+        if not mask and _holds_bools(value):
+            raise MalformedBatchError(
+                f"{where}: {key} holds bools; give ints (True and False are no token ids or labels)."
             )
-        value = value.tolist()
-    if not isinstance(value, (list, tuple)):
-        raise ValueError(f"example {index}: {what} must be a list or 1-D tensor of ints, got {type(value).__name__}.")
-    return [int(v) for v in value]
+        try:
+            tensor = torch.tensor(value)
+        except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+            raise MalformedBatchError(
+                f"{where}: {key} is not a flat list of ints ({err}); give one list of python ints per example "
+                "(not nested, no None or strings, each within int64)."
+            ) from None
+        if tensor.numel() == 0:
+            tensor = tensor.to(torch.int64)
+    elif _is_array(value):
+        try:
+            tensor = torch.as_tensor(value)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise MalformedBatchError(
+                f"{where}: {key} is an array torch cannot read ({err}); give an integer array, a list of ints "
+                "or a tensor."
+            ) from None
+    else:
+        raise MalformedBatchError(
+            f"{where}: {key} is of type {type(value).__name__}; give a list of ints, or a 1-D integer tensor or array "
+            "(one value per token)."
+        )
+    kind = _kind(tensor)
+    if kind == "complex" or (kind in ("float", "bool") and not mask):
+        raise MalformedBatchError(
+            f"{where}: {key} holds {kind} values ({tensor.dtype}), not integers; token ids and labels are integers "
+            "(a float id would be cut, 5.7 -> 5): give ints (tokenize again, or fix the column's type)."
+        )
+    if processor and (tensor.ndim != 2 or tensor.shape[0] != 1):
+        raise MalformedBatchError(
+            f"{where}: {key} has shape {tuple(tensor.shape)}; give it as the processor makes it for one sample, "
+            "(1, n) (return_tensors='pt', one sample per call, no padding)."
+        )
+    if tensor.ndim == 2 and tensor.shape[0] == 1:
+        tensor = tensor[0]
+    if tensor.ndim == 0:
+        raise MalformedBatchError(
+            f"{where}: {key} is a single value ({tensor.item()!r}), not a sequence; give one value per token, "
+            "as a list or a 1-D tensor."
+        )
+    if tensor.ndim == 2:
+        raise MalformedBatchError(
+            f"{where}: {key} has shape {tuple(tensor.shape)}, a batch of {tensor.shape[0]} sequences in one example; "
+            "give one example per sequence (a batch of columns becomes examples with "
+            "[dict(zip(batch, row)) for row in zip(*batch.values())])."
+        )
+    if tensor.ndim != 1:
+        raise MalformedBatchError(
+            f"{where}: {key} has shape {tuple(tensor.shape)}; give a 1-D sequence (or (1, n), a batch of one)."
+        )
+    return tensor
+
+
+def _first(where_bad: torch.Tensor) -> int:
+    return int(where_bad.nonzero()[0, 0])
+
+
+def _check_ids(ids: torch.Tensor, where: str, key: str) -> None:
+    negative = ids < 0
+    if bool(negative.any()):
+        at = _first(negative)
+        raise MalformedBatchError(
+            f"{where}: {key} has a negative value ({int(ids[at])} at token {at}); ids index a vocabulary from 0 "
+            f"(-100, the ignored label, belongs in labels): give the tokenizer's ids."
+        )
+
+
+def _check_labels(labels: torch.Tensor, n: int, where: str) -> None:
+    if len(labels) != n:
+        raise MalformedBatchError(
+            f"{where} has {n} input_ids but {len(labels)} labels; give one label per token "
+            f"(-100 where no loss is wanted), or no labels (they default to input_ids)."
+        )
+    bad = (labels < 0) & (labels != IGNORE_INDEX)
+    if bool(bad.any()):
+        at = _first(bad)
+        raise MalformedBatchError(
+            f"{where}: labels has {int(labels[at])} at token {at}; a label is a token id (>= 0) or "
+            f"{IGNORE_INDEX} (no loss there), the only negative value transformers' losses ignore."
+        )
+
+
+def _check_row_keys(example: Mapping[str, Any], n: int, where: str) -> None:
+    """What an example may say about its own layout: an all-ones ``attention_mask``, ``position_ids``
+    0, 1, ..., n-1 and ``seq_lengths`` [n]; anything else means padding or an already packed example."""
+    mask = example.get("attention_mask")
+    if mask is not None:
+        mask = _values(mask, where, "attention_mask", mask=True)
+        if len(mask) != n:
+            raise MalformedBatchError(
+                f"{where} has {n} input_ids but an attention_mask of {len(mask)}; give one mask value per token."
+            )
+        ones = mask == 1
+        if not bool(ones.all()):
+            if bool((ones | (mask == 0)).all()):
+                raise MalformedBatchError(
+                    f"{where} has padding (attention_mask 0); pack unpadded examples (tokenize with "
+                    "padding=False, or run the processor on each sample alone): the packer pads the rows itself."
+                )
+            raise MalformedBatchError(f"{where}: attention_mask holds values other than 0 and 1; give a 0/1 mask.")
+    positions = example.get("position_ids")
+    if positions is not None:
+        positions = _values(positions, where, "position_ids")
+        expected = torch.arange(n, device=positions.device)
+        if len(positions) != n or not torch.equal(positions.to(torch.int64), expected):
+            restarts = len(positions) == n and n > 1 and bool((positions[1:] == 0).any())
+            why = (
+                "restart at 0 inside the example: it is already packed (several sequences in one example, e.g. "
+                "from TRL's pack_dataset), and this packer would number it as one sequence"
+                if restarts
+                else "are not 0, 1, ..., n-1, and this packer numbers every example from 0 itself"
+            )
+            raise MalformedBatchError(
+                f"{where}: position_ids {why}; give unpacked examples without position_ids (or with 0..n-1), "
+                "e.g. SFTConfig(packing=False), or collate packed rows with DataCollatorWithFlattening."
+            )
+    seq_lengths = example.get("seq_lengths")
+    if seq_lengths is not None:
+        counts = [c for c in _values(seq_lengths, where, "seq_lengths").tolist() if c]
+        if counts != ([n] if n else []):
+            raise MalformedBatchError(
+                f"{where}: seq_lengths {counts} describe {'several sequences' if len(counts) > 1 else 'another length'}"
+                f" for {n} input_ids: the example is already packed (TRL's pack_dataset); give unpacked examples "
+                "(SFTConfig(packing=False)), or collate packed rows with TRL's own collator."
+            )
+    for key in BATCH_KEYS:
+        if key in example:
+            raise MalformedBatchError(
+                f"{where} has {key}, a key of a collated batch, not of one example; give the examples before "
+                "collation (a packed batch goes to the model as it is)."
+            )
+
+
+def _as_list(items: Any, what: str, one: str) -> list[Any]:
+    """The examples (samples) as a list of mappings."""
+    if isinstance(items, Mapping):
+        raise MalformedBatchError(
+            f"{what} takes a list of {one}s (one mapping each), got one mapping with keys "
+            f"{sorted(map(str, items))[:6]}; if it is a batch of columns, give "
+            "[dict(zip(batch, row)) for row in zip(*batch.values())]."
+        )
+    if isinstance(items, (str, bytes)) or not isinstance(items, Iterable):
+        raise MalformedBatchError(f"{what} takes a list of {one}s (one mapping each), got a {type(items).__name__}.")
+    items = list(items)
+    for index, item in enumerate(items):
+        if not isinstance(item, Mapping):
+            raise MalformedBatchError(
+                f"{one} {index} is a {type(item).__name__}, not a mapping; give each {one} as a dict such as "
+                "{'input_ids': [...]}."
+            )
+        if item.get("input_ids") is None:
+            raise MalformedBatchError(
+                f"{one} {index} has no input_ids (keys: {sorted(map(str, item))}); every {one} needs its token ids."
+            )
+    return items
 
 
 def _round_up(n: int, multiple: int | None) -> int:
@@ -166,8 +431,13 @@ class PackingCollator:
     """Collate tokenized examples into a packed batch of several rows (``Trainer(data_collator=...)``).
 
     Each example is a mapping with ``input_ids`` and optionally ``labels`` (-100 where no loss is
-    wanted, e.g. the prompt), as lists, tensors or arrays. An ``attention_mask``, if present, must be
-    all ones (padding inside an example would be packed as if it were text); other keys are ignored.
+    wanted, e.g. the prompt): lists of ints, or integer tensors or arrays, 1-D or (1, n). An
+    ``attention_mask``, if present, must be all ones (padding inside an example would be packed as
+    if it were text), ``position_ids`` 0..n-1 and TRL's ``seq_lengths`` [n] (an example packed
+    already would be numbered as one sequence); other keys are ignored, except image/video inputs
+    (``pixel_values``, ...: use :func:`pack_multimodal`). Anything else (float, bool or negative
+    ids, a batch dimension above 1, mismatched lengths, bad settings) raises
+    :class:`~hf_varlen_patch.errors.MalformedBatchError` naming the example, the key and the fix.
     Empty examples are dropped. The examples are binned into rows of at most ``max_tokens`` tokens
     (:func:`pack_into_bins` with ``strategy``; :meth:`layout` tells which example went where), each
     row flattened with transformers' ``DataCollatorWithFlattening``, and the batch is:
@@ -197,7 +467,7 @@ class PackingCollator:
     Args:
         max_tokens: the most tokens per row. An example longer than that raises
             :class:`SampleTooLongError`, unless ``truncate``.
-        pad_token_id: the token id of the padding.
+        pad_token_id: the token id of the padding (None: 0; no real token sees the padding).
         strategy: ``"ffd"`` or ``"bfd"`` (see :func:`pack_into_bins`).
         truncate: cut examples longer than ``max_tokens`` to their first ``max_tokens`` tokens.
         pad_to_multiple_of: round the row length L up to a multiple of this.
@@ -206,7 +476,7 @@ class PackingCollator:
     """
 
     max_tokens: int
-    pad_token_id: int = 0
+    pad_token_id: int | None = 0
     strategy: str = "ffd"
     truncate: bool = False
     pad_to_multiple_of: int | None = None
@@ -217,31 +487,49 @@ class PackingCollator:
     def __post_init__(self) -> None:
         from transformers import DataCollatorWithFlattening
 
-        _check_budget(self.max_tokens, self.strategy)
-        if self.pad_to_multiple_of is not None and self.pad_to_multiple_of < 1:
-            raise ValueError(f"pad_to_multiple_of must be a positive int or None, got {self.pad_to_multiple_of!r}.")
+        self._check_settings()
         # one row at a time: it flattens a row's examples, restarts positions, and puts -100 at every start
         self._flatten = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
 
+    def _check_settings(self) -> None:
+        """Refuse (MalformedBatchError) or normalise the settings; run again at every call, since
+        the fields stay writable."""
+        self.max_tokens = _check_budget(self.max_tokens, self.strategy)
+        pad = 0 if self.pad_token_id is None else self.pad_token_id  # no pad token: any id serves, none is seen
+        self.pad_token_id = _int_setting(pad, "pad_token_id", 0, "give a token id of the vocabulary.")
+        self.pad_to_multiple_of = _int_setting(
+            self.pad_to_multiple_of, "pad_to_multiple_of", 1, "it rounds the row length up.", none_ok=True
+        )
+        for name in ("truncate", "return_flash_attn_kwargs", "return_seq_idx"):
+            setattr(self, name, _flag(getattr(self, name), name))
+
     def _examples(self, features: Sequence[Mapping[str, Any]]) -> list[dict[str, list[int]] | None]:
-        """Every feature as {input_ids, labels} lists, truncated if asked; None for an empty one."""
+        """Every feature as {input_ids, labels} lists, checked and truncated if asked; None for an empty one."""
+        self._check_settings()
         out: list[dict[str, list[int]] | None] = []
-        for index, feature in enumerate(features):
-            ids = _as_token_list(feature["input_ids"], "input_ids", index)
-            labels = ids if feature.get("labels") is None else _as_token_list(feature["labels"], "labels", index)
-            if len(labels) != len(ids):
-                raise ValueError(f"example {index} has {len(ids)} input_ids but {len(labels)} labels.")
-            mask = feature.get("attention_mask")
-            if mask is not None and not all(int(m) == 1 for m in _as_token_list(mask, "attention_mask", index)):
-                raise ValueError(
-                    f"example {index} has padding (attention_mask 0); pack unpadded examples (tokenize with "
-                    "padding=False), the collator pads the rows itself."
+        for index, feature in enumerate(_as_list(features, "PackingCollator", "example")):
+            where = f"example {index}"
+            media = [k for k in feature if str(k).startswith("pixel_values") or k in MEDIA_KEYS]
+            if media:
+                raise MalformedBatchError(
+                    f"{where} has {media[0]}: PackingCollator packs text and would drop it, leaving the "
+                    "placeholder tokens without their images; pack image/video samples with pack_multimodal."
                 )
-            if len(ids) > self.max_tokens:
+            ids = _values(feature["input_ids"], where, "input_ids")
+            _check_ids(ids, where, "input_ids")
+            n = len(ids)
+            _check_row_keys(feature, n, where)
+            labels = feature.get("labels")
+            if labels is not None:
+                labels = _values(labels, where, "labels")
+                _check_labels(labels, n, where)
+            ids_list = ids.tolist()
+            labels_list = ids_list if labels is None else labels.tolist()
+            if n > self.max_tokens:
                 if not self.truncate:
-                    raise SampleTooLongError(index, len(ids), self.max_tokens)
-                ids, labels = ids[: self.max_tokens], labels[: self.max_tokens]
-            out.append({"input_ids": ids, "labels": labels} if ids else None)
+                    raise SampleTooLongError(index, n, self.max_tokens)
+                ids_list, labels_list = ids_list[: self.max_tokens], labels_list[: self.max_tokens]
+            out.append({"input_ids": ids_list, "labels": labels_list} if n else None)
         return out
 
     def layout(self, features: Sequence[Mapping[str, Any]]) -> list[list[int]]:
@@ -252,7 +540,10 @@ class PackingCollator:
     def _layout(self, examples: list[dict[str, list[int]] | None]) -> list[list[int]]:
         kept = [i for i, e in enumerate(examples) if e is not None]
         if not kept:
-            raise ValueError("PackingCollator got a batch in which every example is empty.")
+            raise MalformedBatchError(
+                f"PackingCollator got {'no examples' if not examples else 'a batch in which every example is empty'}"
+                "; give at least one example with tokens."
+            )
         lengths = [len(examples[i]["input_ids"]) for i in kept]
         return [[kept[j] for j in row] for row in pack_into_bins(lengths, self.max_tokens, self.strategy)]
 
@@ -304,7 +595,8 @@ def pack_multimodal(samples: Sequence[Mapping[str, Any]], *, flash_attn_kwargs: 
     ``pixel_attention_mask``, ...). The batch a patched model (:func:`hf_varlen_patch.apply`)
     runs exactly as if every sample ran alone:
 
-    - per-token keys concatenated into (1, T); ``labels`` default to ``input_ids``, with -100 at
+    - per-token keys concatenated into (1, T) (each given as (1, n) or (n,): tensor, array or list
+      of ints); ``labels`` (int64) default to ``input_ids`` for a sample without them, with -100 at
       every sample start (no loss term predicts across a boundary);
     - ``position_ids`` (1, T): 0, 1, 2, ... from every sample start. mRoPE models (Qwen-VL) get
       their (temporal, height, width) rows computed per sample by the patched model;
@@ -312,52 +604,65 @@ def pack_multimodal(samples: Sequence[Mapping[str, Any]], *, flash_attn_kwargs: 
     - every other tensor concatenated along its first dimension (images in sample order, which
       is the order of their placeholder tokens in the row), zero-padded where later dimensions
       differ (patches per image, images per sample: the padding images and patches processors
-      add themselves, which the models skip); lists are concatenated.
+      add themselves, which the models skip); where some samples give a key as a list or array
+      and others as a tensor, the lists become tensors; where all give lists, they are
+      concatenated; any other value must be the same in every sample.
 
-    No ``attention_mask`` is returned; a sample whose own mask has padding is refused.
+    No ``attention_mask`` is returned; a sample whose own mask has padding is refused, and so is
+    every input that cannot be packed as it is (:class:`~hf_varlen_patch.errors.MalformedBatchError`
+    naming the sample, the key and the fix).
     """
+    flash_attn_kwargs = _flag(flash_attn_kwargs, "flash_attn_kwargs")
+    samples = _as_list(samples, "pack_multimodal", "sample")
     if not samples:
-        raise ValueError("pack_multimodal needs at least one sample.")
-    lengths, pieces = [], {}
+        raise MalformedBatchError("pack_multimodal needs at least one sample.")
+    lengths: list[int] = []
+    per_token: dict[str, dict[int, torch.Tensor]] = {}
+    others: dict[str, list[tuple[int, Any]]] = {}
     for index, sample in enumerate(samples):
-        ids = sample.get("input_ids")
-        if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.shape[0] != 1 or ids.shape[1] == 0:
-            raise ValueError(
-                f"sample {index}: input_ids must be a (1, n) tensor with n > 0 (one processor output per "
-                "sample, return_tensors='pt', no padding)."
-            )
-        mask = sample.get("attention_mask")
-        if isinstance(mask, torch.Tensor) and not bool((mask == 1).all()):
-            raise ValueError(
-                f"sample {index} has padding (attention_mask 0); run the processor on each sample alone "
-                "without padding."
-            )
-        lengths.append(int(ids.shape[1]))
+        where = f"sample {index}"
+        ids = _values(sample["input_ids"], where, "input_ids", processor=True)
+        _check_ids(ids, where, "input_ids")
+        n = len(ids)
+        if n == 0:
+            raise MalformedBatchError(f"{where} has no tokens; drop empty samples before packing.")
+        _check_row_keys(sample, n, where)
+        lengths.append(n)
         for key, value in sample.items():
-            if key in ("attention_mask", "position_ids"):
+            if key in ("attention_mask", "position_ids", "seq_lengths") or value is None:
                 continue
-            pieces.setdefault(key, []).append((index, value))
-    missing = [key for key in PER_TOKEN_KEYS if key in pieces and len(pieces[key]) != len(samples)]
-    if missing:
-        raise ValueError(f"{missing[0]} is given for some samples and not for others; give it for all or none.")
+            if key not in PER_TOKEN_KEYS:
+                others.setdefault(key, []).append((index, value))
+                continue
+            values = ids if key == "input_ids" else _values(value, where, key, processor=True)
+            if key == "labels":
+                _check_labels(values, n, where)
+            elif len(values) != n:
+                raise MalformedBatchError(
+                    f"{where}: {key} has {len(values)} values for {n} input_ids; give one per token, as the "
+                    "processor does."
+                )
+            else:
+                _check_ids(values, where, key)
+            per_token.setdefault(key, {})[index] = values
+    for key, given in per_token.items():
+        if key != "labels" and len(given) != len(samples):
+            missing = [i for i in range(len(samples)) if i not in given]
+            raise MalformedBatchError(
+                f"{key} is given for some samples and not for others (not for sample {missing[0]}); give it for "
+                "all or none (run one processor, with the same settings, on every sample)."
+            )
+    _same_device({key: list(given.items()) for key, given in per_token.items()} | others)
     batch: dict[str, Any] = {}
-    for key, values in pieces.items():
-        tensors = [v for _, v in values]
-        if key in PER_TOKEN_KEYS:
-            for (index, v), n in zip(values, lengths):
-                if not isinstance(v, torch.Tensor) or tuple(v.shape) != (1, n):
-                    raise ValueError(f"sample {index}: {key} must have the shape of its input_ids, (1, {n}).")
-            batch[key] = torch.cat(tensors, dim=1)
-        elif all(isinstance(v, torch.Tensor) for v in tensors):
-            batch[key] = _cat_padded(tensors)
-        elif all(isinstance(v, (list, tuple)) for v in tensors):
-            batch[key] = [x for v in tensors for x in v]
-        else:
-            batch[key] = tensors[0]  # a scalar or flag the samples share
-    labels = batch.get("labels", batch["input_ids"]).clone()
+    for key, given in per_token.items():
+        if key != "labels":
+            batch[key] = torch.cat([given[i] for i in range(len(samples))])[None]
     starts = torch.tensor([0, *lengths[:-1]]).cumsum(0)
-    labels[0, starts] = IGNORE_INDEX
-    batch["labels"] = labels
+    labels = [per_token.get("labels", {}).get(i, per_token["input_ids"][i]) for i in range(len(samples))]
+    batch["labels"] = torch.cat([label.to(torch.int64) for label in labels])[None]
+    batch["labels"][0, starts] = IGNORE_INDEX
+    for key, values in others.items():
+        batch[key] = _merge(key, values, len(samples))
     batch["position_ids"] = torch.cat([torch.arange(n) for n in lengths])[None]
     if flash_attn_kwargs:
         cu = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
@@ -366,15 +671,94 @@ def pack_multimodal(samples: Sequence[Mapping[str, Any]], *, flash_attn_kwargs: 
     return batch
 
 
-def _cat_padded(tensors: list[torch.Tensor]) -> torch.Tensor:
+def _same_device(keys: dict[str, list[tuple[int, Any]]]) -> None:
+    seen: dict[torch.device, tuple[int, str]] = {}
+    for key, values in keys.items():
+        for index, value in values:
+            if isinstance(value, torch.Tensor):
+                seen.setdefault(value.device, (index, key))
+    if len(seen) > 1:
+        (a, (i, k)), (b, (j, m)) = list(seen.items())[:2]
+        raise MalformedBatchError(
+            f"sample {i}'s {k} is on {a} but sample {j}'s {m} on {b}; put every sample on one device before packing."
+        )
+
+
+def _as_tensor(value: Any, where: str, key: str) -> torch.Tensor:
+    """A list, tuple, array or number given where other samples give a tensor, as a tensor."""
+    if isinstance(value, torch.Tensor):
+        return value
+    try:
+        if _is_array(value):
+            return torch.as_tensor(value)
+        if isinstance(value, (list, tuple)) and value and all(_is_tensor_like(v) for v in value):
+            return torch.stack([_as_tensor(v, where, key) for v in value])
+        return torch.tensor(value)
+    except (TypeError, ValueError, RuntimeError, OverflowError) as err:
+        raise MalformedBatchError(
+            f"{where}: {key} is a {type(value).__name__} that does not convert to a tensor ({err}), while other "
+            "samples give a tensor; give a tensor for every sample (return_tensors='pt'), or a list for every sample."
+        ) from None
+
+
+def _merge(key: str, values: list[tuple[int, Any]], count: int) -> Any:
+    """One key's values over the samples that give it (see pack_multimodal: tensors, lists, shared values)."""
+    if any(_is_tensor_like(v) for _, v in values):
+        tensors = [(i, _as_tensor(v, f"sample {i}", key)) for i, v in values]
+        kinds = {}
+        for i, t in tensors:
+            kinds.setdefault(_kind(t), i)
+        if len(kinds) > 1:
+            (a, i), (b, j) = list(kinds.items())[:2]
+            raise MalformedBatchError(
+                f"{key} is {a} in sample {i} but {b} in sample {j}; give every sample's {key} as the processor "
+                "makes it (one dtype kind for all)."
+            )
+        if key.endswith("_grid_thw"):
+            for i, t in tensors:
+                if _kind(t) != "int" or t.ndim != 2 or t.shape[1] != 3 or bool((t < 1).any()):
+                    raise MalformedBatchError(
+                        f"sample {i}: {key} is a {t.dtype} tensor of shape {tuple(t.shape)}; give one integer row "
+                        "(t, h, w) of positive patch counts per image or video, shape (k, 3), as the processor does."
+                    )
+        return _cat_padded(key, tensors)
+    if all(isinstance(v, (list, tuple)) for _, v in values):
+        return [x for _, v in values for x in v]
+    (first_index, first), mismatch = values[0], None
+    if len(values) != count:
+        mismatch = f"sample {next(i for i in range(count) if i not in dict(values))} does not give it"
+    for i, v in values[1:]:
+        try:
+            same = type(v) is type(first) and bool(v == first)
+        except Exception:
+            same = False
+        if not same and mismatch is None:
+            mismatch = f"sample {i} gives {v!r} where sample {first_index} gives {first!r}"
+    if mismatch:
+        raise MalformedBatchError(
+            f"{key} is neither a tensor nor a list, so the packed row shares one value of it, but {mismatch}; "
+            "pack samples that agree on it, or drop the key."
+        )
+    return first
+
+
+def _cat_padded(key: str, tensors: list[tuple[int, torch.Tensor]]) -> torch.Tensor:
     """Concatenate along dim 0, zero-padding every later dimension to the largest."""
-    if len({t.ndim for t in tensors}) != 1:
-        raise ValueError(f"cannot pack tensors of {sorted({t.ndim for t in tensors})} dimensions together.")
-    if tensors[0].ndim == 0:
-        return torch.stack(tensors)
-    sizes = [max(t.shape[d] for t in tensors) for d in range(1, tensors[0].ndim)]
+    ndims = {}
+    for i, t in tensors:
+        ndims.setdefault(t.ndim, (i, tuple(t.shape)))
+    if len(ndims) != 1:
+        (_, (i, a)), (_, (j, b)) = list(ndims.items())[:2]
+        raise MalformedBatchError(
+            f"{key} has shape {a} in sample {i} but {b} in sample {j}: not the same number of dimensions; "
+            "give every sample's vision inputs as one processor makes them (return_tensors='pt', one sample per call)."
+        )
+    first = tensors[0][1]
+    if first.ndim == 0:
+        return torch.stack([t for _, t in tensors])
+    sizes = [max(t.shape[d] for _, t in tensors) for d in range(1, first.ndim)]
     padded = []
-    for t in tensors:
+    for _, t in tensors:
         pad: list[int] = []
         for d in reversed(range(1, t.ndim)):
             pad += [0, sizes[d - 1] - t.shape[d]]
