@@ -23,6 +23,7 @@ import transformers
 
 from hf_varlen_patch.patching import accepts_var_kwargs, current_boundaries
 from hf_varlen_patch.recurrent import (
+    guard_recurrent_layers,
     route_causal_conv,
     route_recurrent_attribute,
     route_recurrent_functions,
@@ -174,6 +175,7 @@ def _patch(model, patcher, options) -> None:
         rows = AS_ROWS.get(model.config.model_type, {}).get(type(layer).__name__.removeprefix(_prefix(model)))
         if rows is not None:
             run_sequences_as_rows(patcher, layer, scatter=rows[0], passthrough=rows[1])
+    guard_recurrent_layers(patcher, model)
 
 
 #: No attention layer: the boundaries reach the mixers through the forward's context, and the

@@ -9,6 +9,15 @@ installed fused kernel that honours boundaries, else the exact torch path
 (:mod:`.torch_ops`); otherwise it calls the upstream function untouched. A router is shared by
 every patched model of that file (reference-counted) and removed when the last one is unapplied,
 so unpatched models and unpacked calls run exactly upstream's code.
+
+A router reads upstream's call through upstream's own signature (:func:`upstream_signature`):
+positional, keyword and defaulted arguments alike, also through ``functools`` wrappers and the
+``kernels`` package's function modules (transformers 5.25 turns these functions into
+``nn.Module`` instances that a hub kernel can replace). What no signature can name raises
+:class:`UnroutableCallError`. A hub kernel that replaces a function *around* a routed one (say
+``causal_conv1d_forward``) or a whole mixer would bypass the router: :func:`guard_recurrent_layers`
+refuses a packed forward through such a layer, and through any mixer whose packed forward
+reached no router at all.
 """
 
 from __future__ import annotations
@@ -29,6 +38,10 @@ from . import kernels, torch_ops
 
 __all__ = [
     "RECURRENT_OPS",
+    "RouterBypassedError",
+    "UnroutableCallError",
+    "guard_recurrent_layers",
+    "upstream_signature",
     "route_recurrent_functions",
     "route_recurrent_attribute",
     "route_causal_conv",
@@ -39,6 +52,69 @@ __all__ = [
 
 #: (boundaries, upstream function, its call as {parameter: value}, modeling module) -> result
 RecurrentOp = Callable[[Boundaries, Callable, dict, types.ModuleType], Any]
+
+
+class UnroutableCallError(VarlenPatchError, TypeError):
+    """A routed upstream function's parameters cannot be read by name (a signature hidden behind
+    ``*args``, a call that does not bind, or a parameter the boundary-aware op needs is gone)."""
+
+
+class RouterBypassedError(VarlenPatchError, RuntimeError):
+    """A packed forward ran a recurrent mixer whose convolution or scan the router never saw (a
+    hub kernel replaced the function around it, or the mixer itself)."""
+
+
+def upstream_signature(fn: Callable, name: str) -> inspect.Signature:
+    """The parameters of upstream's ``fn``: through ``__wrapped__`` (functools, transformers' hub
+    fallback) and through the ``kernels`` package's function modules, whose ``forward`` carries
+    the function's signature. A signature that names no parameter raises
+    :class:`UnroutableCallError` naming ``name``."""
+    target = fn.forward if isinstance(fn, torch.nn.Module) else fn
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError) as err:
+        raise UnroutableCallError(
+            f"hf_varlen_patch cannot read the signature of {name} ({fn!r}: {err}), so it cannot route its "
+            "calls through the boundary-aware op; please report this transformers version."
+        ) from err
+    kinds = {p.kind for p in signature.parameters.values()}
+    if inspect.Parameter.VAR_POSITIONAL in kinds or kinds <= {inspect.Parameter.VAR_KEYWORD}:
+        raise UnroutableCallError(
+            f"{name}{signature} hides its parameters behind *args/**kwargs (a wrapper without __wrapped__), "
+            "so hf_varlen_patch cannot read its calls by name; please report this transformers version."
+        )
+    return signature
+
+
+class _Call(dict):
+    """An upstream call by parameter name; a name it lacks raises :class:`UnroutableCallError`."""
+
+    def __init__(self, name: str, signature: inspect.Signature, arguments: dict) -> None:
+        super().__init__(arguments)
+        self.name, self.signature = name, signature
+
+    def __missing__(self, key: str) -> Any:
+        raise UnroutableCallError(
+            f"{self.name}{self.signature} has no parameter {key!r}, which the boundary-aware op reads; "
+            "this transformers version renamed it. Please report it (hf_varlen_patch.recurrent RECURRENT_OPS)."
+        )
+
+
+def bind_call(name: str, signature: inspect.Signature, args: tuple, kwargs: dict) -> _Call:
+    """``args``/``kwargs`` of a call to ``name`` by parameter name, defaults filled in, the
+    ``**kwargs`` catch-all merged in, kernel argument names (``x``, ``q``, ...) as transformers'."""
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as err:
+        raise UnroutableCallError(f"a call to {name}{signature} does not bind to its signature: {err}") from err
+    bound.apply_defaults()
+    call: dict[str, Any] = {}
+    for key, value in bound.arguments.items():
+        if signature.parameters[key].kind is inspect.Parameter.VAR_KEYWORD:
+            call.update(value)
+        else:
+            call[_ALIASES.get(key, key)] = value
+    return _Call(name, signature, call)
 
 
 def row_sequence_ids(boundaries: Boundaries, batch: int, length: int) -> torch.Tensor:
@@ -223,18 +299,23 @@ _ROUTES: dict[tuple[str, str], _Route] = {}
 _ALIASES = {"x": "hidden_states", "q": "query", "k": "key", "v": "value"}
 
 
+#: Packed calls the routers served (eager only): :func:`guard_recurrent_layers` checks that a
+#: mixer's packed forward moved it.
+_ROUTER_CALLS = [0]
+
+
 def _make_router(name: str, upstream: Callable, op: RecurrentOp, module: types.ModuleType) -> Callable:
     from ..patching import current_boundaries
 
-    signature = inspect.signature(inspect.unwrap(upstream))
+    signature = upstream_signature(upstream, f"{module.__name__}.{name}")
 
     def router(*args, **kwargs):
         boundaries = kwargs.pop(BOUNDARIES_KWARG, None) or current_boundaries()
         if boundaries is None:
             return upstream(*args, **kwargs)
-        bound = signature.bind_partial(*args, **kwargs)
-        call = {_ALIASES.get(k, k): v for k, v in bound.arguments.items() if k != "kwargs"}
-        call.update(bound.arguments.get("kwargs", {}))
+        if not torch.compiler.is_compiling():
+            _ROUTER_CALLS[0] += 1
+        call = bind_call(f"{module.__name__}.{name}", signature, args, kwargs)
         for given in ("seq_idx", "cu_seqlens", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
             call.pop(given, None)  # the boundaries say it; the ops take them from there
         return RECURRENT_OPS.get(name, op)(boundaries, upstream, call, module)
@@ -343,7 +424,7 @@ def run_sequences_as_rows(
     inside this layer; a packed forward leaves no
     recurrent state of this layer in the cache.
     """
-    from ..patching import call_as_kwargs, current_boundaries
+    from ..patching import current_boundaries
 
     def forward(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
         boundaries = kwargs.get(BOUNDARIES_KWARG) or current_boundaries()
@@ -351,7 +432,15 @@ def run_sequences_as_rows(
             return wrapped(*args, **kwargs)
         shape = boundaries.shape
         index, valid = boundaries.sequence_rows()
-        call = call_as_kwargs(wrapped, args, kwargs)
+        what = f"{type(instance).__name__}.forward"
+        signature = upstream_signature(wrapped, what)
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError as err:
+            raise UnroutableCallError(f"a call to {what}{signature} does not bind to its signature: {err}") from err
+        catch_all = next((p.name for p in signature.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+        extra = bound.arguments.get(catch_all, {})
+        call = {**{k: v for k, v in bound.arguments.items() if k != catch_all}, **extra}
         first = next((v for v in call.values() if isinstance(v, torch.Tensor)), None)
         if first is None or tuple(first.shape[:2]) != shape:
             raise VarlenPatchError(
@@ -367,7 +456,9 @@ def run_sequences_as_rows(
                 call[name] = None
             elif name == "use_cache":
                 call[name] = False
-        out = wrapped(**call)
+        for key in bound.arguments:
+            bound.arguments[key] = {k: call[k] for k in extra} if key == catch_all else call[key]
+        out = wrapped(*bound.args, **bound.kwargs)
         if isinstance(out, torch.Tensor):
             return _rows_to_flat(out, index, valid, shape)
         keep = passthrough or {}
@@ -377,3 +468,127 @@ def run_sequences_as_rows(
         )
 
     patcher.wrap_method(layer, "forward", forward)
+
+
+# ------------------------------------------------------------------ guard against bypassed routers
+
+#: mixer class -> the ``kernels`` function names (``_kernel_funcs`` keys) that compute around a
+#: routed function: a hub kernel in their place skips the router.
+_AROUND: dict[type, frozenset[str]] = {}
+#: Router-call counts at the start of the mixers' packed forwards now running (innermost last).
+_GUARD_STACK: list[int] = []
+
+
+def _kernel_layer_name(fn: Any) -> str | None:
+    """The hub layer name of a function the ``kernels`` package turned into a module (its
+    ``_kernel_funcs`` key), else None."""
+    return getattr(type(fn), "kernel_layer_name", None) if isinstance(fn, torch.nn.Module) else None
+
+
+def _python_function(fn: Any) -> Callable | None:
+    """The Python function a ``kernels`` function module runs when no hub kernel replaces it."""
+    for cell in getattr(type(fn).forward, "__closure__", None) or ():
+        inner = cell.cell_contents
+        if inspect.isfunction(inner):
+            return inspect.unwrap(inner)
+    return None
+
+
+def _reaches_routed(module: types.ModuleType, key: str, routed: set[str]) -> bool:
+    """Whether the module function ``key`` (a hub layer name) calls a routed function; True when
+    its body cannot be found (a hub kernel in its place is then refused, not trusted)."""
+    for value in vars(module).values():
+        if _kernel_layer_name(value) == key:
+            body = _python_function(value)
+            return body is None or bool(routed & set(body.__code__.co_names))
+    return True
+
+
+def _kernelized(obj: Any) -> Any:
+    """The hub repository ``kernels.kernelize`` put in place of ``obj``'s forward, else None."""
+    return getattr(obj, "_kernel_repo", None)
+
+
+def _guard_before(layer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    from ..patching import current_boundaries
+
+    if current_boundaries() is None:
+        return
+    replaced = []
+    if _kernelized(layer) is not None:
+        replaced.append(f"the whole layer ({_kernelized(layer)})")
+    funcs = getattr(layer, "_kernel_funcs", {})
+    for key in _AROUND.get(type(layer), ()):
+        if key in funcs and _kernelized(funcs[key]) is not None:
+            replaced.append(f"{key} ({_kernelized(funcs[key])})")
+    if replaced:
+        raise RouterBypassedError(
+            f"{type(layer).__name__} runs hub kernels in place of {', '.join(replaced)}, which compute its "
+            "convolution or scan without the packed sequence boundaries (state would flow from one sequence "
+            "into the next). Run packed batches on a model that kernels.kernelize / use_kernels did not touch, "
+            "or unpack."
+        )
+    if not torch.compiler.is_compiling():
+        _GUARD_STACK.append(_ROUTER_CALLS[0])
+
+
+def _guard_after(layer: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    from ..patching import current_boundaries
+
+    if current_boundaries() is None or torch.compiler.is_compiling() or not _GUARD_STACK:
+        return
+    start = _GUARD_STACK.pop()
+    if output is not None and _ROUTER_CALLS[0] == start:  # None: the forward raised, its error stands
+        raise RouterBypassedError(
+            f"the packed forward of {type(layer).__name__} reached none of the boundary-aware functions "
+            f"({', '.join(sorted(_ROUTED_KEYS.get(type(layer), ())))}): something computed its convolution or scan "
+            "without them, so sequences would leak into each other. Please report this transformers version."
+        )
+
+
+#: mixer class -> the ``_kernel_funcs`` keys of its routed functions (for messages).
+_ROUTED_KEYS: dict[type, frozenset[str]] = {}
+
+
+class _GuardUser:
+    """Undo record: take the guard hooks off one mixer (a record, so patched models pickle)."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        self.layer = layer
+
+    def __call__(self) -> None:
+        layer = self.layer
+        for hooks, hook in ((layer._forward_pre_hooks, _guard_before), (layer._forward_hooks, _guard_after)):
+            for key in [k for k, v in hooks.items() if v is hook]:
+                del hooks[key]
+                for extra in _HOOK_FLAGS:
+                    getattr(layer, extra, {}).pop(key, None)
+
+
+#: Where torch keeps the flags of a hook (by its id) besides the hook itself.
+_HOOK_FLAGS = ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def guard_recurrent_layers(patcher: Any, model: torch.nn.Module) -> list[str]:
+    """Make every recurrent mixer of ``model`` that lists a routed function among its ``kernels``
+    functions (transformers 5.25+) refuse a packed forward the router cannot see: a hub kernel in
+    place of the mixer or of a function that calls a routed one (checked before the forward, also
+    when compiled), or an eager packed forward that reached no router at all (checked after it).
+    Call after :func:`route_recurrent_functions`; returns the guarded mixers' class names."""
+    guarded = []
+    for layer in model.modules():
+        funcs = vars(layer).get("_kernel_funcs")
+        if not funcs:
+            continue
+        module = sys.modules[type(layer).__module__]
+        names = {n for (m, n) in _ROUTES if m == module.__name__}
+        routed_keys = {_kernel_layer_name(_ROUTES[(module.__name__, n)].upstream) for n in names} - {None}
+        if not routed_keys & set(funcs):
+            continue
+        _ROUTED_KEYS[type(layer)] = frozenset(routed_keys & set(funcs))
+        _AROUND[type(layer)] = frozenset(k for k in funcs if k not in routed_keys and _reaches_routed(module, k, names))
+        layer.register_forward_pre_hook(_guard_before, with_kwargs=True)
+        layer.register_forward_hook(_guard_after, with_kwargs=True, always_call=True)
+        patcher.undo_log.append(_GuardUser(layer))
+        guarded.append(type(layer).__name__)
+    return guarded
