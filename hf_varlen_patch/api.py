@@ -6,13 +6,14 @@ import copy
 import functools
 import logging
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
 from .attention import parse_implementation, register_implementation
 from .backends import AUTO_ORDER, BACKENDS
-from .errors import BackendUnavailableError, UnsupportedArchitectureError
+from .errors import BackendUnavailableError, StalePatchError, UnsupportedArchitectureError
+from .heads import capture_outputs, head_kind
 from .loss import LOSSES, check_sequence_mean_supported, refuse_bypassed_loss, sequence_mean_loss_function
 from .patching import (
     Patcher,
@@ -111,7 +112,7 @@ def apply(
     options = PatchOptions(backend=backend, check_inputs=check_inputs, loss=loss)
     state: PatchState | None = vars(hf_model).get(STATE_ATTR)
     if state is not None:
-        if state.options == options:
+        if state.options == options and route_is_current(hf_model):
             return model
         unapply(hf_model)
 
@@ -234,6 +235,7 @@ def _patch(hf_model: torch.nn.Module, entry: PatchEntry, options: PatchOptions, 
         )
 
     own_config(hf_model, patcher)
+    routes: list[tuple[Any, str]] = []
     if generic:
         configs = entry.attention_configs or nested_configs
         for config in configs(hf_model.config):
@@ -241,10 +243,18 @@ def _patch(hf_model: torch.nn.Module, entry: PatchEntry, options: PatchOptions, 
             if parse_implementation(original) is not None:
                 continue
             name = register_implementation(options.backend, original)
-            patcher.set_attr(config, "_attn_implementation_internal", name)
+            # a later set_attn_implementation (the user's choice) survives unapply
+            patcher.set_attr(config, "_attn_implementation_internal", name, unless_changed=True)
+            routes.append((config, name))
+    patcher.set_attr(hf_model, ROUTES_ATTR, tuple(routes))
     if entry.patch is not None:
         entry.patch(hf_model, patcher, options)
     carry_boundaries_through_checkpoints(patcher, hf_model)
+    head = head_kind(hf_model)
+    if head == "sequence_classification":
+        for child in hf_model.children():
+            if child is not base:
+                patcher.wrap_method(child, "forward", capture_outputs)
     for module, is_top, is_base in targets:
         wrapper = make_entry_wrapper(
             check_inputs=options.check_inputs,
@@ -255,6 +265,8 @@ def _patch(hf_model: torch.nn.Module, entry: PatchEntry, options: PatchOptions, 
             rows_are_sequences=bool(entry.rows_are_sequences and entry.rows_are_sequences(hf_model.config)),
             takes_position_ids=accepts_argument(module.forward, "position_ids"),
             takes_seq_idx=accepts_argument(module.forward, "seq_idx"),
+            head=head if is_top else "base",
+            check_route=check_route if is_top else None,
         )
         patcher.wrap_method(module, "forward", wrapper)
     _resolve_backends(options.backend)
@@ -265,6 +277,32 @@ def _patch(hf_model: torch.nn.Module, entry: PatchEntry, options: PatchOptions, 
         # Trainer then averages micro-batches instead of dividing by a global token count
         patcher.set_attr(hf_model, "accepts_loss_kwargs", False)
         refuse_bypassed_loss(patcher, hf_model)
+
+
+#: Instance attribute: the (config, registered name) pairs whose attention the patch routes.
+ROUTES_ATTR = "_hf_varlen_routes"
+
+
+def check_route(hf_model: torch.nn.Module) -> None:
+    """Raise :class:`StalePatchError` when attention no longer takes the patched route (e.g.
+    ``set_attn_implementation`` after ``apply``): packed rows would leak with no error."""
+    for config, name in vars(hf_model).get(ROUTES_ATTR, ()):
+        current = config._attn_implementation_internal
+        if current != name:
+            raise StalePatchError(
+                f"the attention implementation of this {type(hf_model).__name__} changed to {current!r} after "
+                "hf_varlen_patch.apply, so packed rows would attend across their sequences. Call "
+                "hf_varlen_patch.apply(model) again after changing it (unpacked calls then run the new "
+                "implementation; output_attentions=True is refused in packed calls)."
+            )
+
+
+def route_is_current(hf_model: torch.nn.Module) -> bool:
+    try:
+        check_route(hf_model)
+    except StalePatchError:
+        return False
+    return True
 
 
 def _resolve_backends(name: str) -> None:

@@ -21,7 +21,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from .attention import BOUNDARIES_KWARG, packed_mask_placeholder
 from .boundaries import Boundaries
-from .errors import MalformedBoundariesError, VarlenPatchError
+from .errors import MalformedBoundariesError, PackedCallError, PackedOutputAttentionsError, VarlenPatchError
 
 
 class _Missing:
@@ -62,8 +62,12 @@ class RestoreAttr:
     obj: Any
     name: str
     old: Any
+    #: restore only while the attribute still holds this (what the patch set); _MISSING: always
+    new: Any = _MISSING
 
     def __call__(self) -> None:
+        if self.new is not _MISSING and getattr(self.obj, self.name, _MISSING) != self.new:
+            return  # changed since by someone else: theirs stands
         if self.old is _MISSING:
             if self.name in vars(self.obj):
                 delattr(self.obj, self.name)
@@ -88,10 +92,12 @@ class Patcher:
 
     undo_log: list[Callable[[], None]] = field(default_factory=list)
 
-    def set_attr(self, obj: Any, name: str, value: Any) -> None:
+    def set_attr(self, obj: Any, name: str, value: Any, *, unless_changed: bool = False) -> None:
+        """``obj.name = value``, undone by restoring the old value (or removing it); with
+        ``unless_changed`` only while ``obj.name`` still equals ``value`` at undo time."""
         old = vars(obj)[name] if name in vars(obj) else _MISSING
         setattr(obj, name, value)
-        self.undo_log.append(RestoreAttr(obj, name, old))
+        self.undo_log.append(RestoreAttr(obj, name, old, value if unless_changed else _MISSING))
 
     def wrap_method(self, obj: Any, name: str, wrapper: Callable) -> None:
         """Wrap ``obj.name`` for this instance only: ``wrapper(wrapped, instance, args, kwargs)``.
@@ -546,6 +552,8 @@ def make_entry_wrapper(
     rows_are_sequences: bool = False,
     takes_position_ids: bool = True,
     takes_seq_idx: bool = True,
+    head: str = "causal_lm",
+    check_route: Callable[[Any], None] | None = None,
 ) -> Callable:
     """The wrapper (:meth:`Patcher.wrap_method`) around a patched model's ``forward``.
 
@@ -559,6 +567,10 @@ def make_entry_wrapper(
     Under torch.compile the wrapper is traced like the model's own code: with the collator's
     ``cu_seq_lens_*`` (or boundaries passed in) nothing breaks the graph; deriving boundaries
     from ``position_ids`` alone reads them on the host, which is one graph break at the entry.
+
+    ``head`` (:data:`~hf_varlen_patch.heads.HEAD_KINDS`, for the top model) says what a packed row
+    means for its outputs and labels; ``check_route(model)`` raises when the model no longer takes
+    the patched route (checked at every packed call of the top model).
     """
 
     def prepare(call: dict) -> Boundaries | None:
@@ -579,7 +591,7 @@ def make_entry_wrapper(
         remember_boundaries(call["position_ids"], boundaries)
         if passes_kwargs:
             call[BOUNDARIES_KWARG] = boundaries
-        if is_top and isinstance(call.get("labels"), torch.Tensor):
+        if is_top and head == "causal_lm" and isinstance(call.get("labels"), torch.Tensor):
             call["labels"] = mask_boundary_labels(call["labels"], boundaries, shifted_inside=shifts_labels)
         if is_base:
             batch, length = boundaries.shape
@@ -590,6 +602,8 @@ def make_entry_wrapper(
 
     def entry(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
         call = call_as_kwargs(wrapped, args, kwargs)
+        refuse_packed_cache_reuse(call)
+        outer = current_boundaries() is not None or call.get(BOUNDARIES_KWARG) is not None
         boundaries = prepare(call)
         if not takes_position_ids:
             # the model numbers its tokens itself; in packed forwards the boundaries travel in the context
@@ -597,6 +611,13 @@ def make_entry_wrapper(
             kwargs.pop("position_ids", None)
         if boundaries is None:
             return wrapped(*args, **kwargs)
+        if is_top and check_route is not None:
+            check_route(instance)
+        if not outer:
+            refuse_packed_outputs(instance, call, head if is_top else "base")
+            remember_packed_cache(call)
+        if is_top and head == "sequence_classification":
+            return classify_sequences(wrapped, instance, call, boundaries)
         token = enter_packed(boundaries)
         try:
             return wrapped(**call)
@@ -604,6 +625,143 @@ def make_entry_wrapper(
             leave_packed(token)
 
     return entry
+
+
+#: Caches that a packed forward wrote into: their entries mix the row's sequences.
+_PACKED_CACHES: weakref.WeakSet = weakref.WeakSet()
+
+
+def remember_packed_cache(call: dict) -> None:
+    cache = cache_of(call)
+    if cache is not None and not torch.compiler.is_compiling():
+        try:
+            _PACKED_CACHES.add(cache)
+        except TypeError:  # not weak-referenceable (a legacy tuple cache): nothing to reuse it by
+            pass
+
+
+def refuse_packed_cache_reuse(call: dict) -> None:
+    """A cache filled by a packed forward holds every sequence of its row as one; continuing from
+    it (``generate`` on a packed prompt) would attend across them."""
+    cache = cache_of(call)
+    if cache is None or torch.compiler.is_compiling():
+        return
+    try:
+        reused = cache in _PACKED_CACHES and not _cache_is_empty(cache)
+    except TypeError:
+        return
+    if reused:
+        raise PackedCallError(
+            "this cache was filled by a packed forward (position_ids restarting inside a row), so it holds "
+            "several sequences as one: decoding from it would attend across them. Generate from one sequence "
+            "per row (a padded batch with an attention_mask), not from a packed prompt."
+        )
+
+
+def _output_attentions(instance: Any, call: dict) -> bool:
+    asked = call.get("output_attentions")
+    if asked is None:
+        asked = getattr(getattr(instance, "config", None), "output_attentions", False)
+    return bool(asked)
+
+
+def refuse_packed_outputs(instance: Any, call: dict, head: str) -> None:
+    """Refuse what a packed call cannot give exactly: attention weights, span losses over a row,
+    heads that pool a row into one result some other way."""
+    if _output_attentions(instance, call):
+        raise PackedOutputAttentionsError(
+            "output_attentions=True is not available with packed inputs: the varlen kernels build no "
+            "attention matrix. Run the sequences as a padded batch (one per row) to read attention weights."
+        )
+    if head == "question_answering" and any(call.get(k) is not None for k in ("start_positions", "end_positions")):
+        raise PackedCallError(
+            f"{type(instance).__name__}'s span loss takes one start/end position per row, and a packed row holds "
+            "several sequences. Compute the loss per sequence from the (exact, per-token) start/end logits, or "
+            "run one sequence per row."
+        )
+    if head == "other":
+        raise PackedCallError(
+            f"{type(instance).__name__} is not a head hf_varlen_patch can run packed (causal LM, sequence or token "
+            "classification, question answering, masked LM, or the base model): run it on unpacked batches."
+        )
+
+
+def classify_sequences(wrapped: Callable, instance: Any, call: dict, boundaries: Boundaries) -> Any:
+    """A sequence-classification head on a packed batch: one score per real sequence, pooled at
+    its own last token (see :mod:`hf_varlen_patch.heads`); ``labels`` hold one label per sequence.
+
+    Upstream refuses rows > 1 without a ``pad_token_id`` (it cannot find a row's last token); the
+    rows are then run as one flat row, which the packed path computes identically (rows never
+    merge), and the outputs per token come back as (B, T).
+    """
+    from .heads import check_sequence_labels, per_token_scores, pool_sequences, real_sequences
+
+    config = instance.config.get_text_config() if hasattr(instance.config, "get_text_config") else instance.config
+    pad_token_id = getattr(config, "pad_token_id", None)
+    labels = call.pop("labels", None)
+    input_ids, mask = call.get("input_ids"), call.get("attention_mask")
+    batch, length = boundaries.shape
+    flat = boundaries
+    if pad_token_id is None and batch > 1:
+        flat = Boundaries(boundaries.cu_seqlens, boundaries.max_seqlen, boundaries.seq_idx, (1, batch * length))
+        call = {k: _as_one_row(v, boundaries.shape) for k, v in call.items()}
+        if BOUNDARIES_KWARG in call:
+            call[BOUNDARIES_KWARG] = flat
+    if labels is not None:
+        real = real_sequences(boundaries, input_ids, mask, pad_token_id)
+        check_sequence_labels(labels, int(real.sum()), instance)
+
+    from .heads import captured_outputs
+
+    def run() -> Any:
+        token = enter_packed(flat)
+        try:
+            return wrapped(**call)
+        finally:
+            leave_packed(token)
+
+    out, outputs = captured_outputs(run)
+    num_labels = getattr(instance, "num_labels", None) or getattr(config, "num_labels", None)
+    scores = per_token_scores(outputs, flat.shape, num_labels, instance)
+    pooled = pool_sequences(scores, boundaries, input_ids=input_ids, attention_mask=mask, pad_token_id=pad_token_id)
+    loss = None
+    if labels is not None:
+        from transformers.loss.loss_utils import ForSequenceClassificationLoss
+
+        loss = ForSequenceClassificationLoss(labels, pooled, instance.config)
+    return _with_outputs(out, pooled, loss, boundaries.shape if flat is not boundaries else None)
+
+
+def _as_one_row(value: Any, shape: tuple[int, int]) -> Any:
+    """A per-token (B, T, ...) tensor (or (k, B, T) rotary rows) as one row of B*T tokens."""
+    batch, length = shape
+    if not isinstance(value, torch.Tensor) or value.ndim < 2:
+        return value
+    if tuple(value.shape[:2]) == shape:
+        return value.reshape(1, batch * length, *value.shape[2:])
+    if value.ndim == 3 and tuple(value.shape[1:]) == shape:
+        return value.reshape(value.shape[0], 1, batch * length)
+    return value
+
+
+def _with_outputs(out: Any, logits: torch.Tensor, loss: torch.Tensor | None, rows: tuple[int, int] | None) -> Any:
+    """``out`` with the pooled logits and their loss (and per-token outputs back as ``rows``)."""
+
+    def back(value: Any) -> Any:
+        if rows is None:
+            return value
+        if isinstance(value, tuple):
+            return tuple(back(v) for v in value)
+        if isinstance(value, torch.Tensor) and value.ndim >= 2 and value.shape[0] == 1:
+            if value.shape[1] == rows[0] * rows[1]:
+                return value.reshape(*rows, *value.shape[2:])
+        return value
+
+    if isinstance(out, tuple):  # return_dict=False: (logits, ...) as upstream had no labels
+        rest = tuple(back(v) for v in out[1:])
+        return ((loss,) if loss is not None else ()) + (logits,) + rest
+    fields = {k: back(v) for k, v in out.items() if k not in ("loss", "logits")}
+    return type(out)(loss=loss, logits=logits, **fields)
 
 
 def accepts_var_kwargs(fn: Callable) -> bool:

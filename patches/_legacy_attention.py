@@ -27,7 +27,7 @@ import torch
 
 from hf_varlen_patch.attention import is_packed_mask_placeholder, varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
-from hf_varlen_patch.errors import VarlenPatchError
+from hf_varlen_patch.errors import PackedOutputAttentionsError
 from hf_varlen_patch.patching import Patcher, attach_boundaries, boundaries_for_positions, cache_of, call_as_kwargs
 
 __all__ = [
@@ -51,10 +51,6 @@ LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 #: after rotary and before the cache; updates the cache if the call has one, then applies
 #: ``after_cache(k, v) -> (k, v)`` if given; returns (B, T, Hq, Dv).
 Attend = Callable[..., torch.Tensor]
-
-
-class PackedOutputAttentionsError(VarlenPatchError, NotImplementedError):
-    """output_attentions=True in a packed forward: the varlen kernels build no attention matrix."""
 
 
 def modeling_module(instance: torch.nn.Module):
