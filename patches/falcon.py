@@ -24,6 +24,12 @@ applies only with ALiBi, as upstream.
 In a packed ALiBi forward the base model runs with ``use_alibi`` off for the duration of the
 call, so it does not build the row-wide ALiBi tensor and its (B, H, T, T) additive mask that the
 wrapped attention would ignore.
+
+From transformers 5.25 ``FalconAttention`` splits q, k, v inline (no ``_split_heads``), applies
+rotary, updates the cache and calls the AttentionInterface; both branches add the ALiBi bias once,
+through the mask. There the packed wrapper runs upstream's own forward and replaces only the
+attention function it looks up (:func:`_attention_function`, reached through the layer's config
+for the duration of the call): the varlen backend with per-sequence ALiBi.
 """
 
 from __future__ import annotations
@@ -31,10 +37,11 @@ from __future__ import annotations
 import logging
 import sys
 from functools import partial
+from typing import Any
 
 import torch
 
-from hf_varlen_patch.attention import varlen_attention
+from hf_varlen_patch.attention import BOUNDARIES_KWARG, varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.patching import boundaries_for_positions, call_as_kwargs
 from hf_varlen_patch.registry import PatchEntry, register
@@ -141,6 +148,61 @@ def _packed_attention_forward(wrapped, instance, args, kwargs, *, backend: str, 
     return instance.dense(out.reshape(batch, length, heads * head_dim)), None
 
 
+#: The AttentionInterface name of :func:`_attention_function` and the kwarg that carries its
+#: (backend, ALiBi slopes or None) to it.
+IMPLEMENTATION = "hf_varlen_falcon"
+_SPEC_KWARG = "hf_varlen_falcon_spec"
+
+
+def _attention_function(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Packed attention of a transformers 5.25+ FalconAttention: q (B, H, T, D), k/v (B, Hk, T, D)
+    after rotary and cache, as upstream hands them to its attention function. Upstream adds the
+    ALiBi bias ``bf16(slope) * position / sqrt(head_dim)`` to the scaled scores (eager and sdpa)."""
+    backend, slopes = kwargs[_SPEC_KWARG]
+    spec = AttentionSpec(
+        causal=True,
+        scale=scaling,
+        dropout=float(dropout or 0.0),
+        alibi_slopes=None if slopes is None else slopes * module.inv_norm_factor,
+    )
+    return varlen_attention(backend, query, key, value, kwargs[BOUNDARIES_KWARG], spec), None
+
+
+class _RoutedConfig:
+    """A layer's config whose attention implementation reads :data:`IMPLEMENTATION`."""
+
+    _attn_implementation = IMPLEMENTATION
+
+    def __init__(self, config: Any) -> None:
+        self._config = config
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._config, name)
+
+
+def _register_attention_function() -> None:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if IMPLEMENTATION not in ALL_ATTENTION_FUNCTIONS._global_mapping:
+        ALL_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, _attention_function)
+
+
+def _packed_interface_forward(wrapped, instance, args, kwargs, *, backend: str, slopes: SlopeCache):
+    """transformers 5.25+: upstream's forward, its attention function swapped for the varlen one."""
+    call = call_as_kwargs(wrapped, args, kwargs)
+    boundaries = boundaries_for_positions(call.get("position_ids"))
+    if boundaries is None:
+        return wrapped(*args, **kwargs)
+    check_packed_call(call, type(instance).__name__)
+    alibi = slopes(call["hidden_states"].device) if instance.config.alibi else None
+    config = instance.config
+    instance.config = _RoutedConfig(config)
+    try:
+        return wrapped(*args, **kwargs, **{BOUNDARIES_KWARG: boundaries, _SPEC_KWARG: (backend, alibi)})
+    finally:
+        instance.config = config
+
+
 def _base_forward(wrapped, instance, args, kwargs):
     """Packed ALiBi forward: skip the row-wide ALiBi tensor and its (B, H, T, T) mask."""
     if not instance.use_alibi:
@@ -164,9 +226,15 @@ def _refuse(config) -> str | None:
     return None
 
 
+def _splits_inline(model) -> bool:
+    """transformers 5.25+: FalconAttention splits heads inline and calls the AttentionInterface."""
+    return not hasattr(type(model.base_model.h[0].self_attention), "_split_heads")
+
+
 def _patch(model, patcher, options) -> None:
     base = model.base_model
-    if getattr(base, "use_alibi", False) and model.config._attn_implementation != "sdpa":
+    inline = _splits_inline(model)
+    if getattr(base, "use_alibi", False) and model.config._attn_implementation != "sdpa" and not inline:
         logger.warning(
             "hf_varlen_patch: this ALiBi Falcon model runs %r attention, which in transformers adds the "
             "ALiBi bias twice (to the scores and through the mask); packed runs do the same to stay "
@@ -183,12 +251,11 @@ def _patch(model, patcher, options) -> None:
             heads,
         )
     slopes = _alibi_slopes(model)
+    if inline:
+        _register_attention_function()
+    forward = _packed_interface_forward if inline else _packed_attention_forward
     for layer in base.h:
-        patcher.wrap_method(
-            layer.self_attention,
-            "forward",
-            partial(_packed_attention_forward, backend=options.backend, slopes=slopes),
-        )
+        patcher.wrap_method(layer.self_attention, "forward", partial(forward, backend=options.backend, slopes=slopes))
     if getattr(base, "use_alibi", False):
         patcher.wrap_method(base, "forward", _base_forward)
 
