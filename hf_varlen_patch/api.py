@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import copyreg
 import functools
 import logging
 from dataclasses import dataclass
@@ -12,7 +13,7 @@ import torch
 
 from .attention import parse_implementation, register_implementation
 from .backends import AUTO_ORDER, BACKENDS
-from .errors import BackendUnavailableError, StalePatchError, UnsupportedArchitectureError
+from .errors import BackendUnavailableError, StalePatchError, UnsupportedArchitectureError, VarlenPatchError
 from .heads import capture_outputs, head_kind
 from .loss import LOSSES, check_sequence_mean_supported, refuse_bypassed_loss, sequence_mean_loss_function
 from .patching import (
@@ -178,26 +179,61 @@ def apply_entry(
         patcher.undo()
         raise
     patcher.set_attr(hf_model, STATE_ATTR, PatchState(entry, options, patcher))
-    # copy.deepcopy (EMA models, TRL's reference model) looks __deepcopy__ up on the instance
+    # copy.deepcopy (EMA models, TRL's reference model) and pickle look these up on the instance
     patcher.set_attr(hf_model, "__deepcopy__", functools.partial(_deepcopy_patched, hf_model))
+    patcher.set_attr(hf_model, "__reduce_ex__", functools.partial(_reduce_patched, hf_model))
+
+
+def _options_of(state: PatchState) -> dict:
+    return dict(backend=state.options.backend, check_inputs=state.options.check_inputs, loss=state.options.loss)
 
 
 def _deepcopy_patched(hf_model: torch.nn.Module, memo: dict) -> torch.nn.Module:
-    """A deep copy of a patched model: the upstream model copied, then patched the same way.
-
-    Copying the patched instance itself would copy wrappers and patch state that refer to the
-    original (a copy running the original's modules); this copies what ``unapply`` restores, then
-    patches both with the same entry and options, so the copy is exactly ``apply(deepcopy(...))``.
-    """
+    """A deep copy of a patched model: its unpatched state copied (every module's
+    ``__getstate__`` leaves the patch out, configs keep the user's edits), then patched with the
+    same entry and options. The original is not touched, and the copy runs its own modules."""
     state: PatchState = vars(hf_model)[STATE_ATTR]
-    state.patcher.undo()
-    options = dict(backend=state.options.backend, check_inputs=state.options.check_inputs, loss=state.options.loss)
-    try:
-        copied = copy.deepcopy(hf_model, memo)
-    finally:
-        apply_entry(hf_model, state.entry, **options)
-    apply_entry(copied, state.entry, **options)
+    cls = type(hf_model)
+    copied = cls.__new__(cls)
+    memo[id(hf_model)] = copied
+    copied.__setstate__(copy.deepcopy(hf_model.__getstate__(), memo))
+    _unroute_configs(copied)
+    apply_entry(copied, state.entry, **_options_of(state))
     return copied
+
+
+def _reduce_patched(hf_model: torch.nn.Module, protocol: int) -> tuple:
+    """``pickle`` / ``torch.save`` of a patched model: its unpatched state, and the patch to
+    re-apply when it is loaded (:func:`_restore_patched`)."""
+    state: PatchState = vars(hf_model)[STATE_ATTR]
+    model_type = getattr(hf_model.config, "model_type", None)
+    patch = {"model_type": model_type, **_options_of(state)}
+    cls = type(hf_model)
+    saved = {"state": hf_model.__getstate__(), "patch": patch}
+    return (copyreg.__newobj__, (cls,), saved, None, None, _restore_patched)
+
+
+def _restore_patched(model: torch.nn.Module, saved: dict) -> None:
+    """Unpickling a patched model: set its state, then apply the same patch (a registry entry, or
+    the generic route after a self-check), so a loaded model is patched exactly like a new one."""
+    model.__setstate__(saved["state"])
+    _unroute_configs(model)
+    patch = dict(saved["patch"])
+    model_type = patch.pop("model_type")
+    try:
+        apply(model, **patch)
+    except VarlenPatchError as err:
+        raise type(err)(
+            f"this {model_type} model was saved patched by hf_varlen_patch and cannot be patched again here: {err}"
+        ) from err
+
+
+def _unroute_configs(model: torch.nn.Module) -> None:
+    """A copied or unpickled config still names the patched attention; name the original again."""
+    for config in nested_configs(model.config):
+        parsed = parse_implementation(getattr(config, "_attn_implementation_internal", None))
+        if parsed is not None:
+            config._attn_implementation_internal = parsed[1]
 
 
 _WARNED: set[str] = set()

@@ -86,18 +86,83 @@ class CallOnUndo:
         self.fn(*self.args)
 
 
+class UnpatchedState:
+    """An instance's ``__getstate__`` while it is patched: its state as it was before the patch
+    (every attribute the patch set back to its old value, or left out), so that ``pickle``,
+    ``torch.save`` and ``copy.deepcopy`` of a patched model never carry wrappers, routes or patch
+    state that refer to the original (the top model re-applies the patch itself on load and copy).
+    Attributes marked ``keep`` (a model's private config) keep their current value."""
+
+    def __init__(self, obj: Any, previous: Any) -> None:
+        self.obj = obj
+        self.previous = previous if isinstance(previous, UnpatchedState) else None
+        self.originals: dict[str, Any] = {}
+        self.kept: set[str] = set()
+
+    def remember(self, name: str, old: Any, keep: bool) -> None:
+        if name not in self.originals and name not in self.kept:
+            if keep:
+                self.kept.add(name)
+            else:
+                self.originals[name] = old
+
+    def __call__(self) -> dict:
+        if self.previous is not None:
+            state = self.previous()
+        else:
+            getstate = getattr(type(self.obj), "__getstate__", None)
+            state = dict(getstate(self.obj) if getstate is not None else vars(self.obj))
+            state.pop("__getstate__", None)
+        for name, old in self.originals.items():
+            if old is _MISSING:
+                state.pop(name, None)
+            else:
+                state[name] = old
+        for name, value in list(state.items()):
+            if isinstance(value, _CheckpointCarryingBoundaries):
+                state[name] = value.inner
+        return state
+
+    def __deepcopy__(self, memo: dict) -> None:  # never part of a copied state
+        return None
+
+
+def _carries_state(obj: Any) -> bool:
+    """Modules get an :class:`UnpatchedState`; configs do not (their ``__dict__`` is what they
+    serialise): a copied config's routed attention name is undone when the copy is patched."""
+    return isinstance(obj, torch.nn.Module)
+
+
 @dataclass
 class Patcher:
     """Records instance-level changes so that they can be undone in reverse order."""
 
     undo_log: list[Callable[[], None]] = field(default_factory=list)
+    own_hooks: set[int] = field(default_factory=set)
 
-    def set_attr(self, obj: Any, name: str, value: Any, *, unless_changed: bool = False) -> None:
+    def set_attr(self, obj: Any, name: str, value: Any, *, unless_changed: bool = False, keep: bool = False) -> None:
         """``obj.name = value``, undone by restoring the old value (or removing it); with
-        ``unless_changed`` only while ``obj.name`` still equals ``value`` at undo time."""
+        ``unless_changed`` only while ``obj.name`` still equals ``value`` at undo time. Pickled or
+        deep-copied, ``obj`` shows the old value (:class:`UnpatchedState`), or, with ``keep``, this one."""
         old = vars(obj)[name] if name in vars(obj) else _MISSING
+        if _carries_state(obj):
+            self._state_of(obj).remember(name, old, keep)
         setattr(obj, name, value)
         self.undo_log.append(RestoreAttr(obj, name, old, value if unless_changed else _MISSING))
+
+    def _state_of(self, obj: Any) -> UnpatchedState:
+        hook = vars(obj).get("__getstate__")
+        if isinstance(hook, UnpatchedState) and hook.obj is obj and id(hook) in self._hooks():
+            return hook
+        new = UnpatchedState(obj, hook)
+        self._hooks().add(id(new))
+        old = hook if "__getstate__" in vars(obj) else _MISSING
+        object.__setattr__(obj, "__getstate__", new)
+        self.undo_log.append(RestoreAttr(obj, "__getstate__", old))
+        return new
+
+    def _hooks(self) -> set[int]:
+        return self.own_hooks
 
     def wrap_method(self, obj: Any, name: str, wrapper: Callable) -> None:
         """Wrap ``obj.name`` for this instance only: ``wrapper(wrapped, instance, args, kwargs)``.
@@ -155,11 +220,31 @@ def own_config(model: torch.nn.Module, patcher: Patcher) -> dict[int, Any]:
     new_root = copy.deepcopy(model.config)
     news = nested_configs(new_root)
     mapping = {id(o): n for o, n in zip(olds, news)}
+    patcher.undo_log.append(CallOnUndo(_write_back_edits, (list(zip(olds, news)), [_config_items(n) for n in news])))
     for module in model.modules():
         for attr, value in list(vars(module).items()):
             if id(value) in mapping and any(value is o for o in olds):
-                patcher.set_attr(module, attr, mapping[id(value)])
+                patcher.set_attr(module, attr, mapping[id(value)], keep=True)
     return mapping
+
+
+def _config_items(config: Any) -> dict:
+    from transformers import PretrainedConfig
+
+    return {k: copy.deepcopy(v) for k, v in vars(config).items() if not isinstance(v, PretrainedConfig)}
+
+
+def _write_back_edits(pairs: list[tuple[Any, Any]], snapshots: list[dict]) -> None:
+    """On ``unapply``: the edits made to the private config after ``apply`` go to the config the
+    model had before, as if they had been made there (the patch's own changes are undone first)."""
+    for (old, new), before in zip(pairs, snapshots):
+        for key, value in _config_items(new).items():
+            try:
+                same = key in before and bool(before[key] == value)
+            except Exception:  # values that do not compare to a bool (arrays): count as edited
+                same = False
+            if not same:
+                setattr(old, key, value)
 
 
 def call_as_kwargs(fn: Callable, args: tuple, kwargs: dict) -> dict:
