@@ -726,7 +726,8 @@ def _merge(key: str, values: list[tuple[int, Any]], count: int) -> Any:
         return [x for _, v in values for x in v]
     (first_index, first), mismatch = values[0], None
     if len(values) != count:
-        mismatch = f"sample {next(i for i in range(count) if i not in dict(values))} does not give it"
+        missing = next(i for i in range(count) if i not in dict(values))
+        mismatch = f"sample {first_index} gives {first!r} but sample {missing} does not give it"
     for i, v in values[1:]:
         try:
             same = type(v) is type(first) and bool(v == first)

@@ -4,7 +4,9 @@ a patched model on it equals every example run alone, an unpatched one visibly d
 Trainer run with the collator matches a padded run step for step."""
 
 import math
+import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,7 +19,15 @@ from torch.utils.data import Dataset
 
 import hf_varlen_patch
 from hf_varlen_patch import Boundaries, VarlenPatchError
-from hf_varlen_patch.packing import IGNORE_INDEX, STRATEGIES, PackingCollator, SampleTooLongError, pack_into_bins
+from hf_varlen_patch.errors import MalformedBatchError
+from hf_varlen_patch.packing import (
+    IGNORE_INDEX,
+    STRATEGIES,
+    PackingCollator,
+    SampleTooLongError,
+    pack_into_bins,
+    pack_multimodal,
+)
 from hf_varlen_patch.testing import tiny_model
 
 TOL = 1e-5
@@ -155,11 +165,11 @@ def test_truncate_counts_a_long_sample_as_max_tokens(strategy):
 
 @pytest.mark.parametrize("kwargs", [{"strategy": "nfd"}, {"max_tokens": 0}, {"max_tokens": 2.5}])
 def test_bad_arguments_raise(kwargs):
-    with pytest.raises(ValueError):
+    with pytest.raises(MalformedBatchError):
         pack_into_bins([1, 2], **{"max_tokens": 4, **kwargs})
-    with pytest.raises(ValueError):
+    with pytest.raises(MalformedBatchError):
         PackingCollator(**{"max_tokens": 4, **kwargs})
-    with pytest.raises(ValueError, match="negative"):
+    with pytest.raises(MalformedBatchError, match="negative"):
         pack_into_bins([1, -2], 4)
 
 
@@ -289,8 +299,8 @@ def test_collator_refuses_what_it_cannot_pack():
         collate([{"input_ids": [1]}, {"input_ids": [1, 2, 3, 4, 5]}])
     with pytest.raises(ValueError, match="padding"):
         collate([{"input_ids": [1, 2, 0], "attention_mask": [1, 1, 0]}])
-    with pytest.raises(ValueError, match="1-D"):
-        collate([{"input_ids": torch.tensor([[1, 2]])}])
+    with pytest.raises(ValueError, match="batch of 2 sequences"):
+        collate([{"input_ids": torch.tensor([[1, 2], [3, 4]])}])
     with pytest.raises(ValueError, match="labels"):
         collate([{"input_ids": [1, 2], "labels": [1]}])
     with pytest.raises(ValueError, match="empty"):
@@ -306,6 +316,403 @@ def test_collator_truncates_when_asked():
     batch = collate([{"input_ids": [1, 2, 3, 4, 5, 6], "labels": [-100, -100, 3, 4, 5, 6]}, {"input_ids": [7, 8]}])
     assert batch["input_ids"].tolist() == [[1, 2, 3, 4], [7, 8, 0, 0]]
     assert batch["labels"].tolist() == [[-100, -100, 3, 4], [-100, 8, -100, -100]]
+
+
+# ------------------------------------------------------------------ bad input: typed errors, valid input in any form
+
+# how a tokenized column can reach a collator: python lists (datasets' default), tuples, the batch of one a
+# tokenizer returns with return_tensors, tensors and numpy arrays of any integer dtype (datasets' "torch"/"numpy"
+# formats, TRL, a user's own Dataset)
+RENDERINGS = ("list", "tuple", "nested", "tensor", "tensor_row", "numpy", "numpy_row")
+INT_DTYPES = ("int64", "int32", "int16", "int8")
+
+
+def render(values, how, dtype="int64"):
+    if how == "list":
+        return list(values)
+    if how == "tuple":
+        return tuple(values)
+    if how == "nested":
+        return [list(values)]
+    if how.startswith("tensor"):
+        tensor = torch.tensor(values, dtype=getattr(torch, dtype))
+        return tensor[None] if how == "tensor_row" else tensor
+    array = np.array(values, dtype=dtype)
+    return array[None] if how == "numpy_row" else array
+
+
+@st.composite
+def valid_features(draw, min_examples=1):
+    """Examples (each as plain lists too) with labels, an all-ones mask, position_ids 0..n-1 and TRL's
+    seq_lengths [n] where drawn, every value rendered in any accepted form."""
+    plain, rendered = [], []
+    for _ in range(draw(st.integers(min_examples, 6))):
+        n = draw(st.integers(0, 10))
+        ids = draw(st.lists(st.integers(0, 120), min_size=n, max_size=n))
+        example = {"input_ids": ids}
+        if draw(st.booleans()):
+            example["labels"] = [draw(st.sampled_from([IGNORE_INDEX, i])) for i in ids]
+        shown = {key: render(v, draw(st.sampled_from(RENDERINGS)), draw(st.sampled_from(INT_DTYPES)))
+                 for key, v in example.items()}  # fmt: skip
+        if draw(st.booleans()):
+            shown["attention_mask"] = draw(
+                st.sampled_from([[1] * n, torch.ones(n, dtype=torch.bool), torch.ones(1, n), np.ones(n, dtype=np.int8)])
+            )
+        if draw(st.booleans()):
+            shown["position_ids"] = render(range(n), draw(st.sampled_from(RENDERINGS)))
+        if draw(st.booleans()):
+            shown["seq_lengths"] = [n]
+        if draw(st.booleans()):
+            shown["text"] = "other keys are ignored"
+        plain.append(example)
+        rendered.append(shown)
+    return plain, rendered
+
+
+def assert_same_batch(ours, theirs):
+    assert set(ours) == set(theirs)
+    for key, value in theirs.items():
+        if torch.is_tensor(value):
+            assert ours[key].dtype == value.dtype and torch.equal(ours[key], value), key
+        else:
+            assert ours[key] == value, key
+
+
+@given(valid_features(), st.sampled_from(STRATEGIES), st.sampled_from([None, 4]))
+def test_any_valid_form_packs_as_the_plain_lists_and_as_each_example_alone(features, strategy, multiple):
+    """Lists, tuples, (1, n) batches of one, tensors and arrays of any integer dtype, masks of ones,
+    positions 0..n-1: the same batch as plain python lists, and every row holds its examples as they
+    are alone (their ids; their labels with -100 at the start)."""
+    plain, rendered = features
+    if not any(e["input_ids"] for e in plain):
+        return
+    collate = PackingCollator(max_tokens=12, strategy=strategy, pad_to_multiple_of=multiple,
+                              return_flash_attn_kwargs=True, return_seq_idx=True)  # fmt: skip
+    batch = collate(rendered)
+    assert collate.layout(rendered) == collate.layout(plain)
+    assert_same_batch(batch, collate(plain))
+    for r, row in enumerate(collate.layout(plain)):
+        ids = [t for i in row for t in plain[i]["input_ids"]]
+        labels = [t for i in row for t in [IGNORE_INDEX, *plain[i].get("labels", plain[i]["input_ids"])[1:]]]
+        assert batch["input_ids"][r, : len(ids)].tolist() == ids
+        assert batch["labels"][r, : len(ids)].tolist() == labels
+        assert (batch["labels"][r, len(ids) :] == IGNORE_INDEX).all()
+
+
+def _set(key, value):
+    return lambda example: {**example, key: value(example) if callable(value) else value}
+
+
+def _ids(example):
+    return list(example["input_ids"])
+
+
+# (what goes wrong, how to make it from a valid example of >= 2 tokens, the key the message names, a fragment)
+BAD_EXAMPLES = {
+    "float ids": (_set("input_ids", lambda e: [i + 0.7 for i in _ids(e)]), "input_ids", "float"),
+    "whole float ids": (_set("input_ids", lambda e: torch.tensor(_ids(e), dtype=torch.float32)), "input_ids", "float"),
+    "float numpy ids": (_set("input_ids", lambda e: np.array(_ids(e), dtype=np.float64)), "input_ids", "float"),
+    "bool ids": (_set("input_ids", lambda e: [True] + _ids(e)[1:]), "input_ids", "bools"),
+    "bool tensor ids": (_set("input_ids", lambda e: torch.ones(len(_ids(e)), dtype=torch.bool)), "input_ids", "bool"),
+    "complex ids": (_set("input_ids", lambda e: torch.tensor(_ids(e)) + 0j), "input_ids", "complex"),
+    "negative id": (_set("input_ids", lambda e: [-3] + _ids(e)[1:]), "input_ids", "negative"),
+    "-100 in input_ids": (_set("input_ids", lambda e: [IGNORE_INDEX] + _ids(e)[1:]), "input_ids", "labels"),
+    "ragged nested ids": (_set("input_ids", lambda e: [_ids(e), [1]]), "input_ids", "flat list"),
+    "nested list ids": (_set("input_ids", lambda e: [[i] for i in _ids(e)]), "input_ids", "shape"),
+    "batch of 2": (_set("input_ids", lambda e: torch.tensor([_ids(e)] * 2)), "input_ids", "batch of 2"),
+    "3-D ids": (_set("input_ids", lambda e: torch.tensor([[_ids(e)]])), "input_ids", "1-D"),
+    "0-d ids": (_set("input_ids", torch.tensor(5)), "input_ids", "single value"),
+    "int ids": (_set("input_ids", 5), "input_ids", "type int"),
+    "string ids": (_set("input_ids", "hello"), "input_ids", "type str"),
+    "None in ids": (_set("input_ids", lambda e: [None] + _ids(e)[1:]), "input_ids", "flat list"),
+    "object array": (_set("input_ids", lambda e: np.array(["a", *_ids(e)[1:]], dtype=object)), "input_ids", "array"),
+    "huge id": (_set("input_ids", lambda e: [2**70] + _ids(e)[1:]), "input_ids", "int64"),
+    "no input_ids": (lambda e: {"labels": e["input_ids"]}, "input_ids", "no input_ids"),
+    "short labels": (_set("labels", lambda e: _ids(e)[1:]), "labels", "labels"),
+    "float labels": (_set("labels", lambda e: [float(i) for i in _ids(e)]), "labels", "float"),
+    "labels -1": (_set("labels", lambda e: [-1] + _ids(e)[1:]), "labels", "-100"),
+    "labels of a batch": (_set("labels", lambda e: torch.tensor([_ids(e)] * 3)), "labels", "batch of 3"),
+    "a class label": (_set("labels", 1), "labels", "type int"),
+    "padding": (_set("attention_mask", lambda e: [1] * (len(_ids(e)) - 1) + [0]), "attention_mask", "padding"),
+    "mask of twos": (_set("attention_mask", lambda e: [2] * len(_ids(e))), "attention_mask", "0 and 1"),
+    "short mask": (_set("attention_mask", [1]), "attention_mask", "attention_mask of 1"),
+    "packed positions": (_set("position_ids", lambda e: [0] * len(_ids(e))), "position_ids", "already packed"),
+    "offset positions": (_set("position_ids", lambda e: list(range(3, 3 + len(_ids(e))))), "position_ids", "0, 1"),
+    "float positions": (_set("position_ids", lambda e: [i / 1 for i in range(len(_ids(e)))]), "position_ids", "float"),
+    "packed seq_lengths": (_set("seq_lengths", lambda e: [1, len(_ids(e)) - 1]), "seq_lengths", "already packed"),
+    "images": (_set("pixel_values", torch.zeros(1, 3, 4, 4)), "pixel_values", "pack_multimodal"),
+    "image grid": (_set("image_grid_thw", torch.tensor([[1, 2, 2]])), "image_grid_thw", "pack_multimodal"),
+    "a collated batch": (_set("cu_seq_lens_q", torch.tensor([0, 2], dtype=torch.int32)), "cu_seq_lens_q", "collated"),
+    "not a mapping": (lambda e: _ids(e), None, "not a mapping"),
+}  # fmt: skip
+
+
+@given(valid_features(min_examples=2), st.data())
+def test_every_bad_example_is_refused_naming_it_and_its_key(features, data):
+    """One corrupted example among valid ones (in any form): a MalformedBatchError that names the
+    example and the key, from the collator and from its layout alike."""
+    _, rendered = features
+    index = data.draw(st.integers(0, len(rendered) - 1))
+    rendered[index] = {"input_ids": [5, 6, 7]}
+    name = data.draw(st.sampled_from(sorted(BAD_EXAMPLES)))
+    corrupt, key, fragment = BAD_EXAMPLES[name]
+    rendered[index] = corrupt(rendered[index])
+    collate = PackingCollator(max_tokens=12)
+    for run in (collate, collate.layout):
+        with pytest.raises(MalformedBatchError) as caught:
+            run(rendered)
+        message = str(caught.value)
+        assert f"example {index}" in message and fragment in message, (name, message)
+        assert key is None or key in message, (name, message)
+
+
+@pytest.mark.parametrize("name", sorted(BAD_EXAMPLES))
+def test_bad_example_alone_is_refused(name):
+    """Each corruption on its own, so a failure names it (the property above draws among them)."""
+    corrupt, key, fragment = BAD_EXAMPLES[name]
+    with pytest.raises(MalformedBatchError, match=re.escape(fragment)) as caught:
+        PackingCollator(max_tokens=12)([{"input_ids": [1, 2]}, corrupt({"input_ids": [5, 6, 7]})])
+    assert "example 1" in str(caught.value) and (key is None or key in str(caught.value))
+
+
+@pytest.mark.parametrize(
+    "features, fragment",
+    [
+        ({"input_ids": [[1, 2], [3]]}, "one mapping"),  # a batch of columns, not a list of examples
+        ("input_ids", "got a str"),
+        (None, "got a NoneType"),
+        ([], "no examples"),
+        ([{"input_ids": []}, {"input_ids": torch.zeros(0, dtype=torch.long)}], "every example is empty"),
+    ],
+)
+def test_collator_refuses_what_is_not_a_list_of_examples(features, fragment):
+    with pytest.raises(MalformedBatchError, match=fragment):
+        PackingCollator(max_tokens=4)(features)
+
+
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"pad_to_multiple_of": 2.5}, "pad_to_multiple_of must be an int >= 1 or None, got 2.5"),
+        ({"pad_to_multiple_of": 0}, "pad_to_multiple_of"),
+        ({"pad_to_multiple_of": True}, "pad_to_multiple_of"),
+        ({"pad_token_id": 1.5}, "pad_token_id must be an int >= 0, got 1.5"),
+        ({"pad_token_id": -1}, "pad_token_id"),
+        ({"pad_token_id": "0"}, "pad_token_id"),
+        ({"pad_token_id": True}, "pad_token_id"),
+        ({"max_tokens": True}, "max_tokens must be a positive int"),
+        ({"max_tokens": "8"}, "max_tokens"),
+        ({"max_tokens": np.float64(8)}, "max_tokens"),
+        ({"strategy": ["ffd"]}, "unknown packing strategy"),
+        ({"truncate": "no"}, "truncate must be True or False"),
+        ({"return_flash_attn_kwargs": 2}, "return_flash_attn_kwargs must be True or False"),
+        ({"return_seq_idx": "yes"}, "return_seq_idx"),
+    ],
+)
+def test_collator_refuses_bad_settings_when_built_and_when_changed(kwargs, fragment):
+    with pytest.raises(MalformedBatchError, match=re.escape(fragment)):
+        PackingCollator(**{"max_tokens": 8, **kwargs})
+    collate = PackingCollator(max_tokens=8)
+    for name, value in kwargs.items():  # the fields stay writable: checked at every call
+        setattr(collate, name, value)
+    with pytest.raises(MalformedBatchError, match=re.escape(fragment)):
+        collate([{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5, 6, 7, 8, 9]}])
+
+
+def test_collator_takes_any_int_settings_and_no_pad_token():
+    """numpy / 0-d tensor ints, 0/1 for flags; pad_token_id=None (a tokenizer without a pad token) pads with 0."""
+    features = [{"input_ids": [1, 2, 3]}, {"input_ids": [4, 5]}]
+    plain = PackingCollator(max_tokens=4, pad_token_id=0, pad_to_multiple_of=4, return_seq_idx=True)
+    odd = PackingCollator(max_tokens=np.int64(4), pad_token_id=None, pad_to_multiple_of=torch.tensor(4),
+                          return_seq_idx=1)  # fmt: skip
+    assert_same_batch(odd(features), plain(features))
+    assert (odd.max_tokens, odd.pad_token_id, odd.pad_to_multiple_of, odd.return_seq_idx) == (4, 0, 4, True)
+    assert type(odd.max_tokens) is int and type(odd.pad_to_multiple_of) is int
+
+
+@pytest.mark.parametrize(
+    "lengths, kwargs, fragment",
+    [
+        ([3, 2.5], {}, "sample 1 has length 2.5"),
+        ([3, True], {}, "sample 1 has length True"),
+        ([3, "2"], {}, "sample 1 has length '2'"),
+        (torch.tensor([3.0, 2.0]), {}, "sample 0 has length"),
+        ([3, -1], {}, "sample 1 has a negative length"),
+        (7, {}, "got a int"),
+        ("37", {}, "got a str"),
+        ({3: 1}, {}, "got a dict"),
+        ([3], {"truncate": "yes"}, "truncate must be True or False"),
+    ],
+)
+def test_pack_into_bins_refuses_what_is_not_a_list_of_lengths(lengths, kwargs, fragment):
+    with pytest.raises(MalformedBatchError, match=re.escape(fragment)):
+        pack_into_bins(lengths, 4, **kwargs)
+
+
+def test_pack_into_bins_takes_integer_lengths_of_any_kind():
+    expected = pack_into_bins([3, 2, 4], 5)
+    assert pack_into_bins(torch.tensor([3, 2, 4]), 5) == expected
+    assert pack_into_bins(np.array([3, 2, 4], dtype=np.int16), np.int32(5)) == expected
+    assert pack_into_bins((n for n in (3, 2, 4)), 5) == expected
+
+
+def test_errors_are_typed():
+    assert issubclass(MalformedBatchError, VarlenPatchError) and issubclass(MalformedBatchError, ValueError)
+    assert issubclass(SampleTooLongError, MalformedBatchError)
+
+
+def test_trl_packed_rows_are_refused_not_merged():
+    """Rows TRL already packed (pack_dataset: seq_lengths; its position_ids restart): this collator
+    would number each as one sequence, so it refuses them; the same rows unpacked are fine."""
+    import datasets
+    import trl.data_utils as trl_data_utils
+
+    datasets.disable_progress_bars()
+    dataset = datasets.Dataset.from_dict({"input_ids": [[1, 2, 3], [4, 5], [6, 7, 8, 9]]})
+    packed = trl_data_utils.pack_dataset(dataset, 6, strategy="bfd")
+    rows = [packed[i] for i in range(len(packed))]
+    assert any(len(row["seq_lengths"]) > 1 for row in rows)
+    collate = PackingCollator(max_tokens=8)
+    with pytest.raises(MalformedBatchError, match="already packed"):
+        collate(rows)
+    with pytest.raises(MalformedBatchError, match="already packed"):  # positions from TRL's own collator
+        collate([{"input_ids": [1, 2, 3, 4, 5], "position_ids": [0, 1, 2, 0, 1]}])
+    assert collate([dataset[i] for i in range(3)])["input_ids"].tolist() == [[6, 7, 8, 9, 1, 2, 3], [4, 5, 0, 0, 0, 0, 0]]
+
+
+# ---- pack_multimodal
+
+
+def _vision_sample(n_images, n_text, seed):
+    """A processor-like sample: Qwen-VL style patches (rows of 6 features) and an image grid per image."""
+    gen = torch.Generator().manual_seed(seed)
+    grids = [[1, 2, 1 + int(torch.randint(2, (1,), generator=gen))] for _ in range(n_images)]
+    patches = sum(t * h * w for t, h, w in grids)
+    sample = {"input_ids": torch.randint(1, 50, (1, n_text + patches), generator=gen),
+              "mm_token_type_ids": torch.zeros(1, n_text + patches, dtype=torch.long)}  # fmt: skip
+    if n_images:
+        sample["pixel_values"] = torch.randn(patches, 6, generator=gen)
+        sample["image_grid_thw"] = torch.tensor(grids)
+    return sample
+
+
+def render_sample(sample, draw):
+    """The sample with each value as a tensor, a numpy array or a (nested) list."""
+    shown = {}
+    for key, value in sample.items():
+        how = draw(st.sampled_from(["tensor", "numpy", "list"]))
+        shown[key] = value if how == "tensor" else value.numpy() if how == "numpy" else value.tolist()
+    return shown
+
+
+@given(st.lists(st.tuples(st.integers(0, 2), st.integers(1, 5)), min_size=1, max_size=4), st.data())
+def test_pack_multimodal_takes_lists_arrays_and_tensors_mixed(layouts, data):
+    """Each key as a tensor in some samples and a list or an array in others: the row the all-tensor
+    samples give (lists in every sample stay a concatenated list), which is every sample alone, back
+    to back; never only the first sample's value."""
+    samples = [_vision_sample(k, n, seed) for seed, (k, n) in enumerate(layouts)]
+    shown = [render_sample(s, data.draw) for s in samples]
+    ours, theirs = pack_multimodal(shown), pack_multimodal(samples)
+    assert set(ours) == set(theirs)
+    for key, value in theirs.items():
+        mine = ours[key]
+        if isinstance(mine, list):
+            assert all(isinstance(s.get(key, []), list) for s in shown), key
+            mine = torch.tensor(mine, dtype=value.dtype)
+        assert torch.equal(torch.as_tensor(mine), value) if torch.is_tensor(value) else mine == value, key
+    assert torch.equal(theirs["input_ids"][0], torch.cat([s["input_ids"][0] for s in samples]))
+    with_images = [s for s in samples if "pixel_values" in s]
+    for key in ("pixel_values", "image_grid_thw"):
+        if with_images:
+            assert torch.equal(theirs[key], torch.cat([s[key] for s in with_images])), key
+    starts = torch.tensor([0, *[s["input_ids"].shape[1] for s in samples]]).cumsum(0)[:-1]
+    assert (theirs["labels"][0, starts] == IGNORE_INDEX).all()
+    assert theirs["labels"].dtype == torch.int64
+
+
+def test_pack_multimodal_never_keeps_only_the_first_value():
+    a, b = _vision_sample(1, 3, 0), _vision_sample(2, 2, 1)
+    batch = pack_multimodal(
+        [a, {**b, "pixel_values": b["pixel_values"].tolist(), "image_grid_thw": b["image_grid_thw"].numpy()}]
+    )
+    assert batch["pixel_values"].shape[0] == a["pixel_values"].shape[0] + b["pixel_values"].shape[0]
+    assert batch["image_grid_thw"].tolist() == a["image_grid_thw"].tolist() + b["image_grid_thw"].tolist()
+    b_first = pack_multimodal(
+        [{**a, "pixel_values": [row.numpy() for row in a["pixel_values"]]}, b]
+    )  # a list of arrays
+    assert torch.equal(b_first["pixel_values"], batch["pixel_values"])
+    assert pack_multimodal([{**a, "do_resize": True}, {**b, "do_resize": True}])["do_resize"] is True
+
+
+def _mm(first=None, **changes):
+    """Two valid samples, then sample 1 changed (a value of None drops the key)."""
+    a, b = _vision_sample(1, 3, 0), _vision_sample(1, 2, 1)
+    b = {k: v for k, v in {**b, **changes}.items() if v is not None}
+    return [{**a, **(first or {})}, b]
+
+
+def _long(*values):
+    return torch.tensor(values, dtype=torch.long)
+
+
+# (samples whose sample 1 is bad, what the message says besides "sample 1")
+BAD_SAMPLES = {
+    "float ids": (_mm(input_ids=torch.tensor([[1.5, 2.0, 3.0, 4.0, 5.0, 6.0]])), ("input_ids", "float")),
+    "bool ids": (_mm(input_ids=[[True, 2, 3, 4, 5, 6]]), ("input_ids", "bools")),
+    "1-D ids": (_mm(input_ids=torch.arange(1, 7)), ("input_ids", "(1, n)")),
+    "batch of 2": (_mm(input_ids=torch.ones(2, 6, dtype=torch.long)), ("input_ids", "(2, 6)")),
+    "empty": (_mm(input_ids=_long([]), mm_token_type_ids=None), ("no tokens",)),
+    "negative ids": (_mm(input_ids=_long([1, 2, -3, 4, 5, 6])), ("input_ids", "negative")),
+    "labels too short": (_mm(labels=_long([1, 2, 3, 4, 5])), ("labels", "6 input_ids")),
+    "labels -7": (_mm(labels=_long([1, 2, -7, 4, 5, 6])), ("labels", "-100")),
+    "float labels": (_mm(labels=torch.ones(1, 6)), ("labels", "float")),
+    "type ids missing": (_mm(mm_token_type_ids=None), ("mm_token_type_ids", "some samples")),
+    "type ids too long": (_mm(mm_token_type_ids=_long([0] * 7)), ("mm_token_type_ids", "7 values")),
+    "negative type ids": (_mm(mm_token_type_ids=_long([-1] * 6)), ("mm_token_type_ids", "negative")),
+    "padding (list mask)": (_mm(attention_mask=[[1, 1, 1, 1, 1, 0]]), ("padding",)),
+    "restarting positions": (_mm(position_ids=_long([0, 1, 2, 0, 1, 2])), ("position_ids", "packed")),
+    "float grid": (_mm(image_grid_thw=torch.tensor([[1.0, 2.0, 2.0]])), ("image_grid_thw", "float")),
+    "1-D grid": (_mm(image_grid_thw=torch.tensor([1, 2, 2])), ("image_grid_thw", "(k, 3)")),
+    "zero grid": (_mm(image_grid_thw=_long([1, 0, 2])), ("image_grid_thw", "positive")),
+    "pixel dims": (_mm(pixel_values=torch.zeros(1, 4, 6)), ("pixel_values", "dimensions")),
+    "uint8 pixels": (_mm(pixel_values=torch.zeros(4, 6, dtype=torch.uint8)), ("pixel_values", "float in sample 0")),
+    "ragged pixel list": (_mm(pixel_values=[[0.0] * 6, [0.0]]), ("pixel_values", "does not convert")),
+    "disagreeing flag": (_mm({"do_resize": True}, do_resize=False), ("do_resize", "sample 0")),
+    "flag in one only": (_mm(do_resize=False), ("do_resize", "sample 0 does not give it")),
+    "collated keys": (_mm(cu_seq_lens_q=torch.tensor([0, 6], dtype=torch.int32)), ("cu_seq_lens_q", "collated")),
+    "no input_ids": (_mm(input_ids=None), ("no input_ids",)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_SAMPLES))
+def test_pack_multimodal_refuses_bad_samples_naming_sample_and_key(name):
+    samples, fragments = BAD_SAMPLES[name]
+    with pytest.raises(MalformedBatchError) as caught:
+        pack_multimodal(samples)
+    message = str(caught.value)
+    assert all(part in message for part in ("sample 1", *fragments)), message
+
+
+@pytest.mark.parametrize(
+    "samples, kwargs, fragment",
+    [
+        ({"input_ids": torch.ones(1, 3, dtype=torch.long)}, {}, "one mapping"),
+        ([], {}, "at least one sample"),
+        ([torch.ones(1, 3, dtype=torch.long)], {}, "sample 0 is a Tensor, not a mapping"),
+        ([{"input_ids": torch.ones(1, 3, dtype=torch.long)}], {"flash_attn_kwargs": "yes"}, "flash_attn_kwargs"),
+    ],
+)
+def test_pack_multimodal_refuses_what_is_not_a_list_of_samples(samples, kwargs, fragment):
+    with pytest.raises(MalformedBatchError, match=re.escape(fragment)):
+        pack_multimodal(samples, **kwargs)
+
+
+def test_pack_multimodal_fills_labels_a_sample_does_not_give():
+    """labels default to input_ids per sample, as in the collator (with -100 at every start)."""
+    a, b = _vision_sample(0, 3, 0), _vision_sample(0, 4, 1)
+    given = pack_multimodal([{**a, "labels": torch.tensor([[-100, -100, 7]])}, b])
+    assert given["labels"].tolist() == [[-100, -100, 7, -100, *b["input_ids"][0, 1:].tolist()]]
+    assert pack_multimodal([{**a, "labels": None}, b])["labels"].tolist() == pack_multimodal([a, b])["labels"].tolist()
 
 
 # ------------------------------------------------------------------ packed == each example alone
