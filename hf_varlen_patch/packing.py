@@ -192,12 +192,14 @@ def _int_setting(value: Any, name: str, minimum: int, fix: str, *, none_ok: bool
 
 
 def _flag(value: Any, name: str) -> bool:
-    if value is None:
-        return False
-    if _is_bool(value) and not isinstance(value, torch.Tensor):
+    """A yes/no setting: a bool, 0 or 1; None (unset) is False."""
+    if value is None or (_is_bool(value) and not isinstance(value, torch.Tensor)):
         return bool(value)
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
+    try:
+        if _index(value) in (0, 1):
+            return bool(value)
+    except TypeError:
+        pass
     raise MalformedBatchError(f"{name} must be True or False, got {value!r}.")
 
 
@@ -384,11 +386,15 @@ def _check_row_keys(example: Mapping[str, Any], n: int, where: str) -> None:
     seq_lengths = example.get("seq_lengths")
     if seq_lengths is not None:
         counts = [c for c in _values(seq_lengths, where, "seq_lengths").tolist() if c]
-        if counts != ([n] if n else []):
+        if len(counts) > 1:
             raise MalformedBatchError(
-                f"{where}: seq_lengths {counts} describe {'several sequences' if len(counts) > 1 else 'another length'}"
-                f" for {n} input_ids: the example is already packed (TRL's pack_dataset); give unpacked examples "
+                f"{where}: seq_lengths {counts} say it is already packed (several sequences in one example, from "
+                "TRL's pack_dataset), and this packer would number it as one sequence; give unpacked examples "
                 "(SFTConfig(packing=False)), or collate packed rows with TRL's own collator."
+            )
+        if sum(counts) != n:
+            raise MalformedBatchError(
+                f"{where}: seq_lengths {counts} do not add up to its {n} input_ids; drop seq_lengths (or fix it)."
             )
     for key in BATCH_KEYS:
         if key in example:

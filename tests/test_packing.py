@@ -440,6 +440,7 @@ BAD_EXAMPLES = {
     "offset positions": (_set("position_ids", lambda e: list(range(3, 3 + len(_ids(e))))), "position_ids", "0, 1"),
     "float positions": (_set("position_ids", lambda e: [i / 1 for i in range(len(_ids(e)))]), "position_ids", "float"),
     "packed seq_lengths": (_set("seq_lengths", lambda e: [1, len(_ids(e)) - 1]), "seq_lengths", "already packed"),
+    "seq_lengths off": (_set("seq_lengths", [9]), "seq_lengths", "add up"),
     "images": (_set("pixel_values", torch.zeros(1, 3, 4, 4)), "pixel_values", "pack_multimodal"),
     "image grid": (_set("image_grid_thw", torch.tensor([[1, 2, 2]])), "image_grid_thw", "pack_multimodal"),
     "a collated batch": (_set("cu_seq_lens_q", torch.tensor([0, 2], dtype=torch.int32)), "cu_seq_lens_q", "collated"),
@@ -577,7 +578,8 @@ def test_trl_packed_rows_are_refused_not_merged():
         collate(rows)
     with pytest.raises(MalformedBatchError, match="already packed"):  # positions from TRL's own collator
         collate([{"input_ids": [1, 2, 3, 4, 5], "position_ids": [0, 1, 2, 0, 1]}])
-    assert collate([dataset[i] for i in range(3)])["input_ids"].tolist() == [[6, 7, 8, 9, 1, 2, 3], [4, 5, 0, 0, 0, 0, 0]]
+    unpacked = collate([dataset[i] for i in range(3)])["input_ids"]
+    assert unpacked.tolist() == [[6, 7, 8, 9, 1, 2, 3], [4, 5, 0, 0, 0, 0, 0]]
 
 
 # ---- pack_multimodal
