@@ -1,5 +1,5 @@
-"""Coverage of the installed transformers: one verdict per causal-LM model_type (and per
-registered vision-language type, run with image samples).
+"""Coverage of the installed transformers: one verdict per model_type of the causal-LM mapping
+and of the image-text-to-text mapping (registered vision-language types run with image samples).
 
 ``scan_all()`` builds each type's tiny twin, measures upstream's packed-vs-separate error (with
 ``use_cache=False`` and with the default cache), then patches it and measures again:
@@ -9,7 +9,8 @@ registered vision-language type, run with image samples).
 - REFUSED: the entry refuses this configuration, with its reason;
 - NO-ENTRY: no entry; what it would need (hybrid/recurrent layers, a multimodal model, attention
   outside the AttentionInterface, ...) or, where the generic route passes its self-check, that
-  `apply` patches it after that check;
+  `apply` patches it after that check; an unregistered vision-language type whose twin builds
+  (upstream's error measured on text-only packed rows);
 - UNBUILDABLE: no twin can be built or run upstream, with the reason.
 """
 
@@ -27,7 +28,7 @@ import torch
 
 from .errors import VarlenPatchError
 
-__all__ = ["CoverageRow", "causal_lm_types", "scan_type", "scan_all", "kind_of", "VERDICTS"]
+__all__ = ["CoverageRow", "causal_lm_types", "multimodal_types", "scan_type", "scan_all", "kind_of", "VERDICTS"]
 
 VERDICTS = ("PASS", "REFUSED", "NO-ENTRY", "UNBUILDABLE", "FAIL")
 #: Module class names of state that runs along the sequence outside attention.
@@ -67,13 +68,41 @@ def causal_lm_types() -> list[str]:
 
 
 def multimodal_types() -> list[str]:
-    """The image-text-to-text model_types with a registry entry (scanned with image samples)."""
+    """Every model_type of the installed ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES`` (registered
+    ones are scanned with image samples, the others get the verdict their twin allows)."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-    from .registry import REGISTRY, _load_entries
+    return list(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
-    _load_entries()
-    return [t for t in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES if t in REGISTRY and "sample" in REGISTRY[t].extra]
+
+def _scan_unregistered_multimodal(model_type: str, entry: Any, twin: Any) -> CoverageRow:
+    """An image-text-to-text type outside the causal-LM mapping with no multimodal entry: REFUSED
+    (its entry's reason), UNBUILDABLE (no twin runs) or NO-ENTRY, with upstream's error on packed
+    text-only rows where its forward runs them."""
+    from transformers import AutoModelForImageTextToText
+
+    nan = math.nan
+    refusal = entry.refuse(twin) if entry is not None and entry.refuse is not None else None
+    try:
+        torch.manual_seed(0)
+        model = AutoModelForImageTextToText.from_config(twin).float()
+    except Exception as err:
+        if refusal:
+            return CoverageRow(model_type, "multimodal", nan, nan, nan, "-", "REFUSED", refusal[:200])
+        reason = f"twin does not build: {_err(err)}"
+        return CoverageRow(model_type, "multimodal", nan, nan, nan, "-", "UNBUILDABLE", reason)
+    vocab = getattr(model.config.get_text_config(), "vocab_size", None)
+    try:
+        up_nc, up_def = _upstream(model, vocab) if vocab else (nan, nan)
+    except Exception:  # a forward that needs vision inputs; the twin builds, the verdict stands
+        up_nc, up_def = nan, nan
+    if refusal:
+        return CoverageRow(model_type, "multimodal", up_nc, up_def, nan, "-", "REFUSED", refusal[:200])
+    if entry is not None:
+        reason = f"the {entry.family} entry has no multimodal sample builder to check it with"
+        return CoverageRow(model_type, "multimodal", up_nc, up_def, nan, "-", "FAIL", reason)
+    need = "packed image/text samples: a vision-language entry (patches/multimodal.py)"
+    return CoverageRow(model_type, "multimodal", up_nc, up_def, nan, "-", "NO-ENTRY", need)
 
 
 def _scan_multimodal(
@@ -186,18 +215,22 @@ def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, conf
     _load_entries()
     nan = math.nan
     entry = REGISTRY.get(model_type)
+    vision_only = model_type not in causal_lm_types() and model_type in multimodal_types()
     try:
         if config is None and entry is not None and entry.test_configs is not None:
             twin = next(iter(entry.variants(model_type).values()))  # the entry's own first variant
         else:
             twin = tiny_config(config if config is not None else model_type)
     except TwinError as err:
+        kind = "multimodal" if vision_only else "?"
         refusal = _refusal_of_default(entry, model_type)
         if refusal:
-            return CoverageRow(model_type, "?", nan, nan, nan, "-", "REFUSED", refusal[:200])
-        return CoverageRow(model_type, "?", nan, nan, nan, "-", "UNBUILDABLE", " ".join(str(err).split())[:200])
+            return CoverageRow(model_type, kind, nan, nan, nan, "-", "REFUSED", refusal[:200])
+        return CoverageRow(model_type, kind, nan, nan, nan, "-", "UNBUILDABLE", " ".join(str(err).split())[:200])
     if entry is not None and "sample" in entry.extra:
         return _scan_multimodal(model_type, entry, twin, backend, tol)
+    if vision_only:
+        return _scan_unregistered_multimodal(model_type, entry, twin)
     kind = kind_of(twin)
     try:
         torch.manual_seed(0)
@@ -258,7 +291,7 @@ def scan_all(
     progress: Callable[[int, int, str], None] | None = None,
 ) -> list[CoverageRow]:
     """One :class:`CoverageRow` per model_type (default: every causal LM of the installed release,
-    then the registered image-text-to-text types)."""
+    then every image-text-to-text type that is not one)."""
     import logging
     import warnings
 

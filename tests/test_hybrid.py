@@ -1,15 +1,20 @@
 """Hybrid and recurrent causal LMs: packed == each sequence alone with weights whose state
 survives hundreds of tokens (``long_memory``), where the unpatched model visibly leaks; the
 routed functions come and go with ``apply``/``unapply``; checkpoint recomputation keeps the
-boundaries; kernel adapters keep the kernels' calling conventions."""
+boundaries; kernel adapters keep the kernels' calling conventions; routers read upstream's calls
+through its signature (positional, wrapped), and a hub kernel that would bypass them is refused."""
 
+import functools
 import importlib
+import importlib.util
 import inspect
 import sys
+import types
 
 import pytest
 import torch
 import transformers
+from packaging.version import Version
 
 import hf_varlen_patch
 from hf_varlen_patch import recurrent
@@ -200,3 +205,200 @@ def test_unapply_restores_the_model_and_its_modeling_file(model_type):
     hf_varlen_patch.unapply(model)
     assert _callables(module) == file_before
     assert [_callables(m) for m in model.modules()] == layers_before
+
+
+# ------------------------------------------------------------------ routers bind upstream's signature
+
+
+def _row_conv(hidden_states, weight, bias=None, activation=None, **kwargs):
+    """An upstream-like ``causal_conv1d_fn``: one causal depthwise convolution over the whole row."""
+    out = torch.nn.functional.conv1d(hidden_states, weight[:, None], bias, padding=weight.shape[-1] - 1,
+                                     groups=hidden_states.shape[1])[..., : hidden_states.shape[-1]]  # fmt: skip
+    return torch.nn.functional.silu(out) if activation == "silu" else out
+
+
+def _functools_wrapper(fn):
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def _function_module(fn):
+    """What the ``kernels`` package makes of a function (``use_kernel_forward_from_hub``): an
+    ``nn.Module`` instance whose ``forward`` carries the function's signature after ``self``."""
+
+    class Func(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            return fn(*args, **kwargs)
+
+    own = inspect.Parameter("self", inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    Func.forward.__signature__ = inspect.signature(fn).replace(
+        parameters=[own, *inspect.signature(fn).parameters.values()]
+    )
+    return Func()
+
+
+WRAPPERS = {"plain": lambda fn: fn, "functools": _functools_wrapper, "function_module": _function_module}
+if importlib.util.find_spec("kernels") is not None:  # transformers 5.25's own decorator, where installed
+    WRAPPERS["kernels_hub"] = lambda fn: __import__("kernels").use_kernel_forward_from_hub("causal_conv1d_fn")(fn)
+
+
+def _fake_modeling(upstream):
+    module = types.ModuleType(f"fake_modeling_{id(upstream)}")
+    module.causal_conv1d_fn = upstream
+    return module
+
+
+def _packed_conv_case():
+    from hf_varlen_patch.boundaries import Boundaries
+
+    lengths = [5, 9, 3]
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 6, sum(lengths), generator=generator)
+    weight, bias = torch.randn(6, 4, generator=generator), torch.randn(6, generator=generator)
+    expected, start = [], 0
+    for n in lengths:  # each sequence alone
+        expected.append(_row_conv(x[..., start : start + n], weight, bias, "silu"))
+        start += n
+    return Boundaries.from_position_ids(positions), x, weight, bias, torch.cat(expected, dim=-1)
+
+
+@pytest.mark.parametrize("wrapper", WRAPPERS)
+def test_router_reads_a_positional_call_through_any_wrapper(wrapper):
+    """transformers 5.25 calls ``causal_conv1d_fn(hidden_states, weight, bias, activation=...)``
+    positionally, through the ``kernels`` function module: the router reads it by upstream's
+    parameter names and resets at every sequence start."""
+    from hf_varlen_patch.attention import BOUNDARIES_KWARG
+    from hf_varlen_patch.patching import Patcher
+
+    boundaries, x, weight, bias, expected = _packed_conv_case()
+    module = _fake_modeling(WRAPPERS[wrapper](_row_conv))
+    patcher = Patcher()
+    assert recurrent.route_recurrent_functions(patcher, module) == ["causal_conv1d_fn"]
+    try:
+        routed = module.causal_conv1d_fn(x, weight, bias, activation="silu", **{BOUNDARIES_KWARG: boundaries})
+        whole_row = module.causal_conv1d_fn(x, weight, bias, "silu")  # unpacked: upstream's own result
+    finally:
+        patcher.undo()
+    torch.testing.assert_close(routed, expected)
+    assert (whole_row - expected).abs().max() > 1e-2  # the row conv leaks: the reset is what the test sees
+    torch.testing.assert_close(whole_row, _row_conv(x, weight, bias, "silu"))
+
+
+def test_a_renamed_parameter_is_a_typed_error_naming_it():
+    from hf_varlen_patch.attention import BOUNDARIES_KWARG
+    from hf_varlen_patch.patching import Patcher
+
+    def causal_conv1d_fn(inputs, weight, bias=None, activation=None):
+        return _row_conv(inputs, weight, bias, activation)
+
+    boundaries, x, weight, bias, _ = _packed_conv_case()
+    module = _fake_modeling(causal_conv1d_fn)
+    patcher = Patcher()
+    recurrent.route_recurrent_functions(patcher, module)
+    try:
+        with pytest.raises(recurrent.UnroutableCallError, match="causal_conv1d_fn.*'hidden_states'"):
+            module.causal_conv1d_fn(x, weight, bias, **{BOUNDARIES_KWARG: boundaries})
+        with pytest.raises(recurrent.UnroutableCallError, match="does not bind"):
+            module.causal_conv1d_fn(x, weight, bias, "silu", 5, **{BOUNDARIES_KWARG: boundaries})
+    finally:
+        patcher.undo()
+
+
+def test_a_wrapper_that_hides_the_signature_is_refused_when_routed():
+    from hf_varlen_patch.patching import Patcher
+
+    def opaque(*args, **kwargs):  # no __wrapped__: nothing says which argument is which
+        return _row_conv(*args, **kwargs)
+
+    module = _fake_modeling(opaque)
+    with pytest.raises(recurrent.UnroutableCallError, match="causal_conv1d_fn"):
+        recurrent.route_recurrent_functions(Patcher(), module)
+    assert module.causal_conv1d_fn is opaque
+
+
+#: what the boundary-aware ops read from each routed function, by transformers' parameter names
+OP_PARAMETERS = {
+    "causal_conv1d_fn": {"hidden_states", "weight", "bias", "activation"},
+    "mamba2_chunk_scan": {"hidden_states", "dt", "A", "B", "C", "chunk_size"},
+    "mamba2_split_conv1d_scan_combined": {"zxbcdt"},
+    "mamba_selective_scan": {"hidden_states", "dt", "A", "B", "C"},
+    "torch_chunk_gated_delta_rule": {"query", "key", "value", "g", "beta"},
+    "chunk_kimi_delta_attention": {"query", "key", "value", "g", "beta"},
+}
+
+
+@pytest.mark.skipif(transformers.__version__.startswith("4."), reason="routes module functions on transformers 5.x")
+@pytest.mark.parametrize("model_type", ON_THIS_LINE)
+def test_every_routed_function_names_what_its_op_reads(model_type):
+    """Upstream's signatures (through the kernels wrappers) hold the parameters the ops read, on
+    every registered hybrid of this release: a rename fails here, not in a user's forward."""
+    from hf_varlen_patch.recurrent import _ALIASES
+
+    modeling = importlib.import_module(type(tiny_model(model_type).base_model).__module__)
+    assert set(OP_PARAMETERS) == set(recurrent.RECURRENT_OPS) - {"mamba_inner_fn"}
+    for name in recurrent.routed_functions(modeling):
+        upstream = getattr(modeling, name)
+        upstream = getattr(upstream, "__wrapped__", upstream) if hasattr(upstream, "hf_varlen_route") else upstream
+        names = {_ALIASES.get(p, p) for p in recurrent.upstream_signature(upstream, name).parameters}
+        assert OP_PARAMETERS.get(name, set()) <= names, (model_type, name, names)
+
+
+# ------------------------------------------------------------------ hub kernels cannot bypass the routers
+
+KERNELIZED = [t for t in ("bamba", "qwen3_next", "mamba", "lfm2") if t in ON_THIS_LINE]
+
+
+def _mixers(model):
+    return [m for m in model.modules() if "_kernel_funcs" in vars(m) and "causal_conv1d_forward" in m._kernel_funcs]
+
+
+def _kernelize(func_module, forward):
+    """What ``kernels.kernelize`` does to a function module it finds a hub kernel for
+    (``kernels._internals.layer.layer._replace_forward``): the instance's forward and its repo."""
+    func_module.forward = types.MethodType(forward, func_module)
+    func_module.__dict__["_kernel_repo"] = "kernels-community/fake-conv"
+
+
+@pytest.mark.skipif(Version(transformers.__version__) < Version("5.25"), reason="kernels function modules: 5.25+")
+@pytest.mark.parametrize("model_type", KERNELIZED)
+def test_a_hub_kernel_around_a_routed_function_is_refused(model_type):
+    """A hub kernel in place of ``causal_conv1d_forward`` convolves the whole row without calling
+    the routed ``causal_conv1d_fn``: the packed forward raises instead of leaking."""
+    model = memory_model(model_type)
+    hf_varlen_patch.apply(model)
+    batch = make_packed_batch([[30, 25]], model.config.vocab_size, seed=1)
+    assert compare_packed(model, batch).ok(TOL)
+    calls = []
+
+    def hub_conv_forward(self, conv1d, hidden_states, cache, layer_idx, activation=None, **kwargs):
+        calls.append(layer_idx)
+        return _row_conv(hidden_states, conv1d.weight[:, 0], conv1d.bias, activation)
+
+    for mixer in _mixers(model):
+        _kernelize(mixer._kernel_funcs["causal_conv1d_forward"], hub_conv_forward)
+    with pytest.raises(recurrent.RouterBypassedError, match="causal_conv1d_forward.*fake-conv"):
+        compare_packed(model, batch)
+    calls.clear()
+    with torch.no_grad():  # unpacked calls run the hub kernel, as upstream would
+        model(input_ids=batch.sequences[0][None], use_cache=False)
+    assert calls
+    for mixer in _mixers(model):  # without the guard this is the silent leak it stops
+        recurrent._GuardUser(mixer)()
+    assert compare_packed(model, batch).max_error > 10 * TOL
+
+
+@pytest.mark.skipif(Version(transformers.__version__) < Version("5.25"), reason="kernels function modules: 5.25+")
+def test_a_mixer_that_reaches_no_router_is_refused():
+    """A whole mixer replaced (a layer-level hub kernel, or code that no longer calls the routed
+    functions): its eager packed forward reached no router, so it raises."""
+    model = memory_model("qwen3_next")
+    hf_varlen_patch.apply(model)
+    for mixer in _mixers(model):
+        mixer.forward = types.MethodType(lambda self, hidden_states, *args, **kwargs: hidden_states, mixer)
+    batch = make_packed_batch([[12, 9]], model.config.vocab_size, seed=1)
+    with pytest.raises(recurrent.RouterBypassedError, match="reached none of the boundary-aware functions"):
+        compare_packed(model, batch)
