@@ -13,7 +13,7 @@ SUPPORTED_TRANSFORMERS = ((4, 57), (5, None))
 MIN_TORCH = Version("2.5")
 #: The oldest and newest transformers releases CI runs every registered entry on. A release
 #: between them (say 5.17) is covered; one outside gets a one-line warning.
-TESTED_RANGE = (Version("4.57.6"), Version("5.24.0"))
+TESTED_RANGE = (Version("4.57.6"), Version("5.25.0"))
 
 
 def transformers_version() -> Version:

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Create (or reuse) a virtual environment with the project installed, on a CPU machine.
 # torch is pinned to the CPU build first, so no requirement pulls a multi-GB CUDA build.
-#   VENV=.venv TRANSFORMERS_VERSION=5.24.0 TORCH_VERSION=2.13.0 bash scripts/setup_env.sh
+#   VENV=.venv TRANSFORMERS_VERSION=5.25.0 TORCH_VERSION=2.13.0 bash scripts/setup_env.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 TORCH_VERSION="${TORCH_VERSION:-2.13.0}"
-TRANSFORMERS_VERSION="${TRANSFORMERS_VERSION:-5.24.0}"
+TRANSFORMERS_VERSION="${TRANSFORMERS_VERSION:-5.25.0}"
 PY="${PYTHON:-python3}"
 if [ ! -x "${VENV}/bin/python" ]; then
   "${PY}" -m venv "${VENV}"
