@@ -14,6 +14,7 @@ rows as fit, instead of padding every example to the longest one.
 
 from __future__ import annotations
 
+import array
 import bisect
 import operator
 from collections import deque
@@ -268,7 +269,12 @@ def _values(value: Any, where: str, key: str, *, mask: bool = False, processor: 
                 f"{where}: {key} holds bools; give ints (True and False are no token ids or labels)."
             )
         try:
-            tensor = torch.tensor(value)
+            flat = array.array("q", value)  # a flat list of ints, read at C speed (torch.tensor is ~7x slower)
+            tensor = torch.frombuffer(flat, dtype=torch.int64) if flat else torch.zeros(0, dtype=torch.int64)
+        except (TypeError, OverflowError):
+            tensor = None
+        try:
+            tensor = torch.tensor(value) if tensor is None else tensor
         except (TypeError, ValueError, RuntimeError, OverflowError) as err:
             raise MalformedBatchError(
                 f"{where}: {key} is not a flat list of ints ({err}); give one list of python ints per example "
