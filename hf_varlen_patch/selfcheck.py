@@ -2,14 +2,22 @@
 
 For a model_type without a registry entry, `apply` builds a twin (same classes and flags,
 shrunk), patches it through the generic route, and compares packed with separate runs in float32
-on the CPU (logits, loss, gradients; about a second). Only a pass lets `apply` patch the real
-model. Verdicts are cached per (model_type, transformers version, config fingerprint), in memory
-and in ``$HF_VARLEN_PATCH_CACHE`` (default ``~/.cache/hf_varlen_patch/self_check.json``).
+on the CPU (logits, loss, gradients; a second or a few). Only a pass lets `apply` patch the real
+model. Verdicts are cached per (model_type, transformers version, config fingerprint, code
+digest), in memory and in ``$HF_VARLEN_PATCH_CACHE`` (default
+``~/.cache/hf_varlen_patch/self_check.json``). The code digest hashes the code of every class
+the twin is built from (the model, its modules, the config and their bases: their functions'
+bytecode and the files that define them), the engine's sources and the torch and transformers
+versions, so a changed modeling file is checked again.
 
 What a twin can miss (and the guards):
 - Sizes: behaviour that only appears at real widths or lengths (numerics of bf16 at scale,
-  kernels chosen by size). Windows and chunk sizes are shrunk below the test lengths, so they are
-  exercised; rotary scalings that depend on the input length are refused outright.
+  kernels chosen by size). Every config value that may count tokens (a window, chunk, block,
+  span, budget, ... under any key, in sub-configs and per-layer lists:
+  :func:`~hf_varlen_patch.twins.length_values`) is crossed: the twin shrinks the known ones below
+  the test lengths, and the check adds sequences longer than the others, up to
+  ``MAX_CHECK_LENGTH`` tokens; a longer one that the model can reach is refused, naming the key.
+  Rotary scalings that depend on the input length are refused outright.
 - Flags the shrink had to change: :func:`~hf_varlen_patch.twins.dropped_flags` lists them and
   the check fails rather than vouch for a different model.
 - Code the twin never runs: remote code that branches on sizes, or attention that bypasses the
@@ -18,10 +26,15 @@ What a twin can miss (and the guards):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import marshal
 import math
 import os
+import sys
+import weakref
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -29,9 +42,17 @@ from typing import Any
 import torch
 
 from .errors import VarlenPatchError
-from .twins import TwinError, config_fingerprint, dropped_flags, tiny_config
+from .twins import (
+    MAX_POSITIONS,
+    TwinError,
+    config_fingerprint,
+    dropped_flags,
+    length_values,
+    position_capacity,
+    tiny_config,
+)
 
-__all__ = ["SelfCheck", "self_check", "cache_path", "GENERIC_FAMILY"]
+__all__ = ["SelfCheck", "self_check", "cache_path", "check_layouts", "code_digest", "GENERIC_FAMILY"]
 
 logger = logging.getLogger("hf_varlen_patch")
 GENERIC_FAMILY = "self-check"
@@ -40,6 +61,9 @@ LAYOUTS = (
     dict(rows=[[5, 9, 3]]),
     dict(rows=[[5, 9, 3, 11], [12, 7]], extra_padding=3, seed=1),
 )
+#: The longest sequence the check runs to cross a length-like config value (a tiny twin runs
+#: packed and separate at this length in about a second).
+MAX_CHECK_LENGTH = min(1024, MAX_POSITIONS)
 _MEMORY: dict[str, SelfCheck] = {}
 
 
@@ -53,9 +77,10 @@ class SelfCheck:
     passed: bool
     error: float
     reason: str = ""
+    code: str = ""
 
     def key(self) -> str:
-        return f"{self.model_type}|{self.transformers_version}|{self.fingerprint}"
+        return f"{self.model_type}|{self.transformers_version}|{self.fingerprint}|{self.code}"
 
 
 def cache_path() -> Path:
@@ -114,15 +139,26 @@ def self_check(
     from .registry import PatchEntry
 
     model_type = config.model_type
-    key_result = SelfCheck(model_type, transformers.__version__, config_fingerprint(config), False, math.nan)
-    if use_cache:
-        found = _cached(key_result.key())
-        if found is not None:
-            return found
+    version = transformers.__version__
+    fingerprint = config_fingerprint(config)
     if entry is None:
         entry = PatchEntry(family=GENERIC_FAMILY, model_types=(model_type,))
     try:
-        error, reason = _run(config, entry, model_class, tol)
+        twin = _twin(config)
+        layouts, crossed = check_layouts(config, twin)
+        code = code_digest(_classes_of(twin, model_class), entry)
+    except (TwinError, VarlenPatchError) as err:  # nothing to run: a verdict as cheap to redo as to cache
+        return SelfCheck(model_type, version, fingerprint, False, math.nan, str(err))
+    except Exception as err:
+        reason = f"the tiny twin failed: {type(err).__name__}: {err}"[:300]
+        return SelfCheck(model_type, version, fingerprint, False, math.nan, reason)
+    key = SelfCheck(model_type, version, fingerprint, False, math.nan, code=code).key()
+    if use_cache:
+        found = _cached(key)
+        if found is not None:
+            return found
+    try:
+        error, reason = _run(twin, entry, model_class, layouts)
     except (TwinError, VarlenPatchError) as err:
         error, reason = math.nan, str(err)
     except Exception as err:  # the twin itself does not run: no verdict to trust
@@ -130,39 +166,191 @@ def self_check(
     passed = not reason and math.isfinite(error) and error <= tol
     if not passed and not reason:
         reason = f"packed and separate runs of the tiny twin differ by {error:.1e} (tolerance {tol:g})"
-    result = SelfCheck(model_type, transformers.__version__, key_result.fingerprint, passed, error, reason)
+        if crossed:
+            reason += f", with sequences long enough to cross {crossed}"
+    result = SelfCheck(model_type, version, fingerprint, passed, error, reason, code)
     _store(result)
     return result
 
 
-def _run(config: Any, entry: Any, model_class: type | None, tol: float) -> tuple[float, str]:
-    from transformers import AutoModelForCausalLM
-
-    from .api import apply_entry
-    from .attention import BACKEND_USAGE
-    from .testing import compare_packed, long_memory, make_packed_batch, worst_error
-
+def _twin(config: Any) -> Any:
+    """The twin the check runs (the CPU twin keeps eager or sdpa; a kernel that needs a GPU is
+    checked as sdpa, the reference its packed route is compared with)."""
     twin = tiny_config(config)
     changed = dropped_flags(config, twin)
     if changed:
         names = ", ".join(f"{k} ({a!r} -> {b!r})" for k, (a, b) in list(changed.items())[:4])
-        return math.nan, f"the tiny twin had to change flags that may matter: {names}"
+        raise TwinError(f"the tiny twin had to change flags that may matter: {names}")
     original = getattr(config, "_attn_implementation", None)
-    # the CPU twin keeps eager or sdpa; kernels that need a GPU run the separate reference as sdpa
     twin._attn_implementation = original if original in ("eager", "sdpa") else "sdpa"
+    return twin
+
+
+def check_layouts(config: Any, twin: Any | None = None) -> tuple[tuple[dict, ...], str]:
+    """The packed layouts that check ``twin`` (default: the tiny twin of ``config``), and the
+    length-like values that needed long sequences (``"key = value, ..."``, empty when none).
+
+    :data:`LAYOUTS` cross every value below their longest sequence; for a longer one (a window,
+    chunk, block, ... that the twin keeps: :func:`~hf_varlen_patch.twins.length_values`) two
+    layouts add sequences longer than it, one after a short sequence (a window or chunk counted
+    from the row's start instead of the sequence's shows) and one at a row start beside padding.
+    Values that no sequence of ``config`` can reach (at or past its position capacity, when that
+    is below the twin's) are skipped. Raises :class:`~hf_varlen_patch.twins.TwinError`, naming
+    the key, for one that needs more than :data:`MAX_CHECK_LENGTH` tokens.
+    """
+    twin = tiny_config(config) if twin is None else twin
+    longest = max(n for layout in LAYOUTS for row in layout["rows"] for n in row)
+    capacity = position_capacity(config)
+    if capacity is None or capacity >= MAX_POSITIONS:
+        capacity = None  # no bound, or one the twin may have shrunk: every value can bite
+    uncrossed = [(path, v) for path, v in length_values(twin) if v + 2 > longest]
+    reachable = [(path, v) for path, v in uncrossed if capacity is None or v + 2 <= capacity]
+    if not reachable:
+        return LAYOUTS, ""
+    path, value = max(reachable, key=lambda item: item[1])
+    if value + 2 > MAX_CHECK_LENGTH:
+        top = "." not in path
+        fix = (
+            f"hf_varlen_patch.twins.register_twin_overrides([{config.model_type!r}], {{{path!r}: 8}})"
+            if top
+            else "hf_varlen_patch.twins.register_twin_overrides with a smaller value for it"
+        )
+        raise TwinError(
+            f"the self-check cannot exercise {path} = {value}: a value that may count tokens needs sequences "
+            f"longer than it, and the check runs at most {MAX_CHECK_LENGTH} tokens. If it is a length the "
+            f"model handles the same way at any size, shrink it for the check with {fix}; otherwise the "
+            "model needs a registry entry"
+        )
+    n = value + 2
+    long = (
+        dict(rows=[[7, n, 5]], seed=2),
+        dict(rows=[[n, 3], [4, n]], extra_padding=2, seed=3),
+    )
+    crossed = ", ".join(f"{p} = {v}" for p, v in sorted(set(reachable)))
+    return LAYOUTS + long, crossed
+
+
+def _build(twin: Any, model_class: type | None) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    if model_class is not None and hasattr(model_class, "_from_config"):
+        return model_class._from_config(twin)
+    return AutoModelForCausalLM.from_config(twin)
+
+
+def _classes_of(twin: Any, model_class: type | None) -> set[type]:
+    """The classes a check of ``twin`` runs: the model's and its modules' (built on the meta
+    device, no memory), the config's, and the model class asked for."""
+    classes: set[type] = {type(twin)}
+    if model_class is not None:
+        classes.add(model_class)
+    try:
+        with torch.device("meta"):
+            model = _build(twin, model_class)
+    except Exception as err:  # the check will fail on the same error; its verdict names it
+        logger.debug("hf_varlen_patch: the twin does not build on the meta device: %s", err)
+        return classes
+    return classes | {type(m) for m in model.modules()}
+
+
+_CLASS_HASHES: weakref.WeakKeyDictionary[type, str] = weakref.WeakKeyDictionary()
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+_ENGINE_HASH: list[str] = []
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _tracked(cls: type) -> bool:
+    """Classes whose code can change under a cached verdict (torch and the standard library are
+    keyed by version instead)."""
+    top = cls.__module__.split(".")[0]
+    return top != "torch" and top not in sys.stdlib_module_names
+
+
+def _class_hash(cls: type) -> str:
+    """The hash of a class's functions' bytecode (its file's hash covers the rest of its source):
+    a class redefined with other code in the same file hashes differently."""
+    found = _CLASS_HASHES.get(cls)
+    if found is None:
+        parts = []
+        for name, attr in sorted(vars(cls).items()):
+            fn = attr.fget if isinstance(attr, property) else getattr(attr, "__func__", attr)
+            code = getattr(fn, "__code__", None)
+            parts.append(name.encode() + (marshal.dumps(code) if code is not None else b""))
+        found = _CLASS_HASHES[cls] = _sha(b"\0".join(parts))
+    return found
+
+
+def _file_hash(path: str | None) -> str:
+    """The hash of a source file (module-level functions too), once per version of the file."""
+    if not path:
+        return "-"
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return "-"
+    key = (path, stat.st_mtime_ns, stat.st_size)
+    if key not in _FILE_HASHES:
+        try:
+            _FILE_HASHES[key] = _sha(Path(path).read_bytes())
+        except OSError:
+            return "-"
+    return _FILE_HASHES[key]
+
+
+def _engine_hash() -> str:
+    """hf_varlen_patch's version and sources, with the per-family patches (once per process)."""
+    if not _ENGINE_HASH:
+        from . import __version__
+        from . import patches as patches_package
+
+        roots = [Path(__file__).parent, *map(Path, patches_package.__path__)]
+        files = sorted({p for root in roots for p in root.rglob("*.py")})
+        parts = [__version__.encode()] + [p.name.encode() + p.read_bytes() for p in files]
+        _ENGINE_HASH.append(_sha(b"\0".join(parts)))
+    return _ENGINE_HASH[0]
+
+
+def code_digest(classes: Iterable[type], entry: Any = None) -> str:
+    """A hash of the code a self-check runs: every class of ``classes`` and its bases (source),
+    the files that define them, the engine, ``entry``'s family, and the torch and transformers
+    versions. A verdict cached under one digest is not reused for changed code."""
+    import transformers
+
+    tracked = {base for cls in classes for base in cls.__mro__ if _tracked(base)}
+
+    def names(cls: type) -> str:
+        return f"{cls.__module__}.{cls.__qualname__}"
+
+    parts = [
+        f"engine {_engine_hash()}",
+        f"entry {getattr(entry, 'family', None)}",
+        f"torch {torch.__version__}",
+        f"transformers {transformers.__version__}",
+    ]
+    parts += [f"{names(cls)} {_class_hash(cls)}" for cls in sorted(tracked, key=names)]
+    for module in sorted({cls.__module__ for cls in tracked}):
+        parts.append(f"{module} {_file_hash(getattr(sys.modules.get(module), '__file__', None))}")
+    return _sha("\n".join(parts).encode())
+
+
+def _run(twin: Any, entry: Any, model_class: type | None, layouts: Iterable[dict]) -> tuple[float, str]:
+    from .api import apply_entry
+    from .attention import BACKEND_USAGE
+    from .testing import compare_packed, long_memory, make_packed_batch, worst_error
+
     torch.manual_seed(0)
     with torch.device("cpu"):
-        if model_class is not None and hasattr(model_class, "_from_config"):
-            model = model_class._from_config(twin)
-        else:
-            model = AutoModelForCausalLM.from_config(twin)
+        model = _build(twin, model_class)
     model = long_memory(model.float())  # recurrent state that outlives a sequence, so a leak shows
     apply_entry(model, entry, backend="sdpa")
     vocab = model.config.get_text_config().vocab_size
     BACKEND_USAGE.clear()
     errors = [
         compare_packed(model, make_packed_batch(vocab_size=vocab, **layout), use_cache=use_cache).max_error
-        for layout in LAYOUTS
+        for layout in layouts
         for use_cache in (None, False)
     ]
     if not BACKEND_USAGE:

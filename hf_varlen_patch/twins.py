@@ -5,7 +5,9 @@ change (widths, heads, layers, experts, vocabulary, windows). Every flag that ch
 or positions survives: layer types, sliding windows (shrunk below the test lengths so they bite),
 softcaps, sinks, rope type and partial rotary, MLA ranks, MoE routing, q/k norms, ALiBi, parallel
 residuals, multipliers. Dropouts and router jitter are switched off (they would make two runs
-differ for reasons other than packing).
+differ for reasons other than packing). A value that counts tokens under a key the shrink does not
+know stays as it is: :func:`length_values` finds every such value by its key's name, anywhere in
+the config, so the self-check can run sequences that cross it (or refuse).
 
 Families whose config cannot be shrunk generically declare overrides in their ``patches/`` module
 (or, without an entry, in ``patches/twin_overrides.py``) with :func:`register_twin_overrides`; the
@@ -26,6 +28,8 @@ __all__ = [
     "TwinError",
     "config_fingerprint",
     "dropped_flags",
+    "length_values",
+    "position_capacity",
 ]
 
 #: Target sizes of a twin.
@@ -142,6 +146,8 @@ WINDOW_KEYS = (
     "local_attention_window_len",
     "attention_chunk_size",
     "window_size",
+    "local_attention",
+    "index_topk",
 )
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "max_seq_len", "max_target_positions")
 ZERO_KEYS = ("router_jitter_noise", "input_jitter_noise", "layerdrop", "decoder_layerdrop", "encoder_layerdrop")
@@ -634,6 +640,23 @@ def _check_standalone(model_type: str, config_cls: type | None = None) -> None:
     )
 
 
+def _init_only_windows(cls: type, shrunk: dict) -> dict[str, int]:
+    """Windows a config class takes at init but does not store, deriving a stored one from them
+    (4.57's ModernBERT-decoder: ``sliding_window = local_attention // 2``): passed shrunk, or the
+    stored window would come back at full size."""
+    import inspect
+
+    try:
+        params = inspect.signature(cls.__init__).parameters
+    except (TypeError, ValueError):
+        return {}
+    return {
+        key: WINDOW
+        for key in WINDOW_KEYS
+        if key not in shrunk and key in params and _is_int(params[key].default) and params[key].default > WINDOW
+    }
+
+
 def tiny_config(model_type_or_config: Any, **overrides: Any) -> Any:
     """A tiny twin of ``model_type_or_config`` (a model_type, or any config object).
 
@@ -653,6 +676,7 @@ def tiny_config(model_type_or_config: Any, **overrides: Any) -> Any:
     cls = type(config)
     source = config.to_dict()
     shrunk = _shrink_dict(source, top=True)
+    shrunk.update(_init_only_windows(cls, shrunk))
     # a sub-config's family overrides apply inside the composite config too
     for key, value in source.items():
         if not (isinstance(value, dict) and isinstance(shrunk.get(key), dict) and "model_type" in value):
@@ -698,6 +722,8 @@ def dropped_flags(original: Any, twin: Any) -> dict[str, tuple[Any, Any]]:
         va, vb = a.get(k), b.get(k)
         if va == vb or _deliberate(k, va) or isinstance(va, dict) and isinstance(vb, dict):
             continue  # sub-configs and per-layer dicts are shrunk recursively
+        if is_length_key(k) and _is_int(va) and _is_int(vb) and vb > 1:
+            continue  # a length shrunk, not switched off: the self-check runs sequences that cross it
         seqs = isinstance(va, (list, tuple)) and isinstance(vb, (list, tuple))
         if seqs and {str(x) for x in va} == {str(x) for x in vb}:
             continue
@@ -705,6 +731,108 @@ def dropped_flags(original: Any, twin: Any) -> dict[str, tuple[Any, Any]]:
             continue  # layer indices, remapped to the kept layers
         out[k] = (va, vb)
     return out
+
+
+#: Words of a config key that make its integer value a number of tokens: a window, chunk, block,
+#: span, stride, budget, compression, pool, kernel, ... Such values change the maths only in
+#: sequences longer than them, so a check must run sequences that cross them.
+LENGTH_WORDS = frozenset(
+    {
+        "window", "windows", "chunk", "chunks", "chunksize", "block", "blocks", "span", "spans", "local",
+        "stride", "strides", "segment", "segments", "budget", "topk", "compress", "compressed", "compression",
+        "extent", "floor", "distance", "context", "mem", "memory", "lookback", "horizon", "radius", "band", "swa",
+        "sink", "sinks", "tokens", "pool", "kpool", "conv", "kernel", "cache", "period",
+    }
+)  # fmt: skip
+#: Words that make a key a length even next to ``layer`` (``layer_windows``, not ``attn_layer_period``).
+STRONG_LENGTH_WORDS = frozenset({"window", "windows", "chunk", "chunks", "chunksize", "span", "spans", "tokens", "swa"})
+#: ``len``/``length`` is a number of tokens only next to one of these (not ``prompt_length``, ``seq_length``).
+LENGTH_QUALIFIERS = frozenset({"attention", "attn", "mem", "memory", "local", "global", "cache", "context"})
+#: Words of keys that hold widths, counts of layers/heads/experts, ids or other modalities' sizes.
+NOT_LENGTH_WORDS = frozenset(
+    {
+        "layers", "head", "heads", "expert", "experts", "moe", "vocab", "hidden", "dim", "dims", "width",
+        "intermediate", "rank", "group", "groups", "position", "positions", "pos", "multiple", "pattern", "types",
+        "buckets", "bucket", "seed", "feed", "suppress", "forced", "bad",
+        "image", "images", "vision", "visual", "audio", "video", "speech", "patch", "mel", "spatial", "temporal",
+        "pixel", "frame", "frames", "query", "cls",
+    }
+)  # fmt: skip
+#: Keys that bound a sequence's length (a length-like value at or above one can never bite).
+CAPACITY_KEYS = POSITION_KEYS + ("context_length", "max_context_length", "seq_length", "max_sequence_length")
+#: Sub-configs of other modalities: their windows count patches or frames, not text tokens.
+MODALITY_WORDS = frozenset(
+    {"vision", "visual", "image", "audio", "video", "speech", "vq", "perceiver", "qformer", "encoder", "codec"}
+)
+
+
+def _words(key: str) -> set[str]:
+    return set(key.lower().replace("-", "_").split("_"))
+
+
+def is_length_key(key: str) -> bool:
+    """Whether ``key`` names a number of tokens (by its words; see :data:`LENGTH_WORDS`)."""
+    words = _words(key)
+    qualified_length = bool(words & {"len", "length"} and words & LENGTH_QUALIFIERS)
+    if key in CAPACITY_KEYS or not (words & LENGTH_WORDS or qualified_length):
+        return False
+    if words & NOT_LENGTH_WORDS or key.endswith(("_id", "_ids", "_idx", "_index", "_indices", "_indexes")):
+        return False
+    if "layer" in words and not words & STRONG_LENGTH_WORDS:
+        return False  # a layer's period, offset or index
+    if key.lower().split("_")[0] in ("num", "n", "number") or "num" in words:
+        return "tokens" in words  # a count of things, unless the things are tokens
+    return "max" not in words or "distance" in words
+
+
+def _is_sub_config(key: str, value: dict) -> bool:
+    return "model_type" in value or key.endswith("_config")
+
+
+def length_values(config: Any) -> list[tuple[str, int]]:
+    """Every integer of ``config`` that may be a number of tokens, as (dotted path, value).
+
+    Found by key name (:func:`is_length_key`) under any key, in nested sub-configs and plain
+    dicts (a child named only by its parent, e.g. ``{"windows": {"0": 40}}``, counts), and in
+    per-layer lists (their largest value); sub-configs of other modalities are skipped. Values
+    below 2 (off, or a single token) are left out.
+    """
+    found: list[tuple[str, int]] = []
+
+    def walk(d: dict, prefix: str, parent: str | None) -> None:
+        for key, value in d.items():
+            key = str(key)
+            path = f"{prefix}{key}"
+            named = is_length_key(key) or (parent is not None and is_length_key(f"{parent}_{key}"))
+            if isinstance(value, dict):
+                if _is_sub_config(key, value):
+                    if not _words(key) & MODALITY_WORDS:
+                        walk(value, path + ".", None)
+                else:
+                    walk(value, path + ".", key if parent is None else f"{parent}_{key}")
+                continue
+            if not named:
+                continue
+            if isinstance(value, (list, tuple)):
+                ints = [v for v in value if _is_int(v)]
+                if ints and len(ints) == sum(v is not None for v in value) and max(ints) > 1:
+                    found.append((path, max(ints)))
+            elif _is_int(value) and value > 1:
+                found.append((path, value))
+
+    walk(config.to_dict(), "", None)
+    return found
+
+
+def position_capacity(config: Any) -> int | None:
+    """The longest sequence ``config``'s text model takes, when the config says (else None)."""
+    try:
+        text = config.get_text_config()
+    except Exception:  # not a transformers config, or a composite one that cannot say
+        text = config
+    values = [getattr(text, k, None) for k in CAPACITY_KEYS]
+    values = [v for v in values if _is_int(v) and v > 0]
+    return min(values) if values else None
 
 
 def config_fingerprint(config: Any) -> str:

@@ -85,3 +85,19 @@ def test_twins_widen_to_a_minimum_head_dim_where_they_can():
     hf_varlen_patch.apply(wide)
     batch = make_packed_batch([[5, 9, 3], [17]], wide.config.vocab_size, extra_padding=2, seed=3)
     assert compare_packed(wide, batch).ok(1e-5)
+
+
+def test_lengths_the_twin_knows_shrink_below_the_test_lengths():
+    """Windows and top-k budgets under known keys end below the self-check's sequences, also where
+    the config derives one from another (5.x ModernBERT-decoder's window from its local_attention)."""
+    from transformers import CONFIG_MAPPING
+
+    from hf_varlen_patch.selfcheck import LAYOUTS, check_layouts
+
+    modernbert = tiny_config("modernbert-decoder")
+    assert 1 < modernbert.sliding_window <= 8 and getattr(modernbert, "local_attention", 8) <= 8
+    for model_type in ("deepseek_v32", "glm_moe_dsa", "axk2"):  # DeepSeek sparse attention's top-k keys
+        if model_type in CONFIG_MAPPING:
+            assert tiny_config(model_type).index_topk == 8
+    for model_type in ("modernbert-decoder", "gemma2", "mistral", "qwen2"):
+        assert check_layouts(AutoConfig.for_model(model_type))[0] == LAYOUTS  # nothing left to cross
