@@ -69,7 +69,8 @@ _MEMORY: dict[str, SelfCheck] = {}
 
 @dataclass(frozen=True)
 class SelfCheck:
-    """The verdict of one self-check: ``passed`` and the largest packed-vs-separate error."""
+    """The verdict of one self-check: ``passed`` and the largest packed-vs-separate error;
+    ``code`` is the :func:`code_digest` of what it ran."""
 
     model_type: str
     transformers_version: str
@@ -314,9 +315,10 @@ def _engine_hash() -> str:
 
 
 def code_digest(classes: Iterable[type], entry: Any = None) -> str:
-    """A hash of the code a self-check runs: every class of ``classes`` and its bases (source),
-    the files that define them, the engine, ``entry``'s family, and the torch and transformers
-    versions. A verdict cached under one digest is not reused for changed code."""
+    """A hash of the code a self-check runs: every class of ``classes`` and its bases (their
+    functions' bytecode), the files that define them, the engine, ``entry``'s family, and the
+    torch and transformers versions. A verdict cached under one digest is not reused for changed
+    code; each class and file is hashed once per process (a file again when it changes)."""
     import transformers
 
     tracked = {base for cls in classes for base in cls.__mro__ if _tracked(base)}
