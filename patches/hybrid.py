@@ -4,7 +4,10 @@ Their attention layers (if any) take the generic route; their recurrent layers c
 module-level functions of the modeling file (transformers 5.x), which the engine routes through
 boundary-aware ops (``hf_varlen_patch.recurrent``): the convolution drops taps of the previous
 sequence and every scan starts a fresh state at each sequence start. Upstream derives nothing from
-position_ids for these layers, so unpatched they leak state across packed sequences.
+position_ids for these layers, so unpatched they leak state across packed sequences. From
+transformers 5.25 those functions are ``kernels`` function modules a hub kernel can replace; a
+packed forward through a mixer whose routed call a hub kernel would bypass raises instead
+(``guard_recurrent_layers``).
 
 Mixers computed inline, with no function to route, run with each packed sequence as its own row
 (``AS_ROWS``); Griffin's RG-LRU, which resets at position 0, gets positions restarting per sequence.
