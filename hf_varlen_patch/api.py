@@ -15,6 +15,7 @@ from .attention import parse_implementation, register_implementation
 from .backends import AUTO_ORDER, BACKENDS
 from .errors import BackendUnavailableError, StalePatchError, UnsupportedArchitectureError, VarlenPatchError
 from .heads import capture_outputs, head_kind
+from .integrations import guard_prompt_learning, refuse_prompt_learning
 from .loss import LOSSES, check_sequence_mean_supported, refuse_bypassed_loss, sequence_mean_loss_function
 from .patching import (
     Patcher,
@@ -47,12 +48,22 @@ def find_hf_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers PreTrainedModel inside wrappers (PEFT, DDP, FSDP, torch.compile)."""
     from transformers import PreTrainedModel
 
-    seen = 0
-    current = model
-    while not isinstance(current, PreTrainedModel):
-        seen += 1
-        if seen > 8:
-            break
+    current = _wrapper_chain(model)[-1]
+    if not isinstance(current, PreTrainedModel):
+        raise UnsupportedArchitectureError(
+            f"{type(model).__name__} is not a transformers PreTrainedModel (nor a PEFT/DDP/compiled "
+            "wrapper of one); hf_varlen_patch patches transformers models only."
+        )
+    return current
+
+
+def _wrapper_chain(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """``model``, the wrappers inside it, and last what they wrap (the transformers model)."""
+    from transformers import PreTrainedModel
+
+    chain = [model]
+    while not isinstance(chain[-1], PreTrainedModel) and len(chain) <= 8:
+        current = chain[-1]
         if hasattr(current, "get_base_model"):
             current = current.get_base_model()
         elif isinstance(getattr(current, "module", None), torch.nn.Module):
@@ -61,12 +72,8 @@ def find_hf_model(model: torch.nn.Module) -> torch.nn.Module:
             current = current._orig_mod
         else:
             break
-    if not isinstance(current, PreTrainedModel):
-        raise UnsupportedArchitectureError(
-            f"{type(model).__name__} is not a transformers PreTrainedModel (nor a PEFT/DDP/compiled "
-            "wrapper of one); hf_varlen_patch patches transformers models only."
-        )
-    return current
+        chain.append(current)
+    return chain
 
 
 def is_patched(model: torch.nn.Module) -> bool:
@@ -110,6 +117,8 @@ def apply(
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, not {loss!r}")
     hf_model = find_hf_model(model)
+    refuse_prompt_learning(_wrapper_chain(model)[:-1])
+    guard_prompt_learning()
     options = PatchOptions(backend=backend, check_inputs=check_inputs, loss=loss)
     state: PatchState | None = vars(hf_model).get(STATE_ATTR)
     if state is not None:
@@ -118,11 +127,19 @@ def apply(
         unapply(hf_model)
 
     model_type = getattr(hf_model.config, "model_type", None)
+    if getattr(hf_model.config, "is_encoder_decoder", False):
+        raise UnsupportedArchitectureError(
+            f"{type(hf_model).__name__} is an encoder-decoder model; hf_varlen_patch packs decoder-only models "
+            f"(for {model_type}, its causal LM decoder class, e.g. AutoModelForCausalLM), not encoder-decoder ones."
+        )
     entry = _entry_for(hf_model, model_type, self_check)
     if entry.refuse is not None:
         reason = entry.refuse(hf_model.config)
         if reason:
             raise UnsupportedArchitectureError(f"hf_varlen_patch cannot patch this {model_type} model: {reason}")
+    head_refusal = entry.refuse_heads.get(head_kind(hf_model))
+    if head_refusal:
+        raise UnsupportedArchitectureError(f"hf_varlen_patch cannot pack {type(hf_model).__name__}: {head_refusal}")
     _warn_untested(model_type)
     apply_entry(hf_model, entry, backend=backend, check_inputs=check_inputs, loss=loss)
     return model

@@ -150,7 +150,9 @@ class Boundaries:
         if mask is not None:
             real = mask.detach().to("cpu", torch.bool)
             switches = real[:, 1:] != real[:, :-1]
-            resumed = real[:, 1:] & ~real[:, :-1]
+            # a real token after padding that follows real tokens of its row (left padding, before
+            # a row's first real token, needs no restart: generate() and tokenizers build it)
+            resumed = real[:, 1:] & ~real[:, :-1] & (real.cumsum(1)[:, :-1] > 0)
             if bool((resumed & ~starts[:, 1:]).any()):
                 raise MalformedBoundariesError(
                     "attention_mask has padding (0) inside a packed sequence: a real token that "
@@ -184,13 +186,17 @@ class Boundaries:
         check: bool = True,
         cu_seqlens_k: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        seq_idx: torch.Tensor | None = None,
     ) -> Boundaries:
         """Take boundaries as given (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``).
 
         No device sync unless ``check`` is True and the offsets live on an accelerator: then one
         copy to the host validates them (increasing, ending at B*T, no sequence across rows,
         ``max_seqlen`` large enough, equal to ``cu_seqlens_k`` if given, no padding in
-        ``attention_mask``). Pass ``check=False`` only for trusted collators. The check is a
+        ``attention_mask``, ``position_ids`` (the (B, T) text positions) counting 0, 1, 2, ... from
+        every offset, ``seq_idx`` changing exactly at the offsets). Pass ``check=False`` only for
+        trusted collators. The check is a
         custom op, so under torch.compile it stays inside the graph. ``max_seqlen=None`` reads the
         longest sequence from the offsets (a sync).
         """
@@ -211,7 +217,7 @@ class Boundaries:
         # int() on it would specialise the graph to every new value (a recompile per batch)
         if check or cu_seqlens.device.type == "cpu":
             cu = torch.ops.hf_varlen.checked_cu_seqlens(
-                cu_seqlens, cu_seqlens_k, attention_mask, max_seqlen, batch, length
+                cu_seqlens, cu_seqlens_k, attention_mask, max_seqlen, batch, length, position_ids, seq_idx
             )
         else:
             cu = cu_seqlens.to(torch.int32)
@@ -230,6 +236,8 @@ def _checked_cu_seqlens(
     max_seqlen: int,
     batch: int,
     length: int,
+    position_ids: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The offsets as int32 after validating them on the host (raises MalformedBoundariesError)."""
     host = cu_seqlens.detach().to("cpu", torch.int64)
@@ -244,12 +252,58 @@ def _checked_cu_seqlens(
             "sequence of its own in cu_seq_lens (or pass position_ids and the mask instead)."
         )
     _validate_cu_seqlens(host, max_seqlen, batch, length)
+    if position_ids is not None:
+        expected = _positions_from_offsets(host, batch * length)
+        given = position_ids.detach().to("cpu", torch.int64).expand(batch, length).reshape(-1)
+        if not torch.equal(given, expected):
+            where = int((given != expected).nonzero()[0])
+            raise MalformedBoundariesError(
+                f"position_ids disagree with cu_seq_lens: token {where} (row {where // length}) has position "
+                f"{int(given[where])}, but the offsets put it at position {int(expected[where])} of its sequence. "
+                "Pass the positions the collator built with these offsets (0, 1, 2, ... from every sequence "
+                "start), or only one of the two."
+            )
+    if seq_idx is not None:
+        _check_seq_idx(seq_idx, host, batch, length)
     return cu_seqlens.to(torch.int32, copy=True)
 
 
 @_checked_cu_seqlens.register_fake
-def _(cu_seqlens, cu_seqlens_k, attention_mask, max_seqlen, batch, length):
+def _(cu_seqlens, cu_seqlens_k, attention_mask, max_seqlen, batch, length, position_ids=None, seq_idx=None):
     return torch.empty_like(cu_seqlens, dtype=torch.int32)
+
+
+def _positions_from_offsets(cu: torch.Tensor, total: int) -> torch.Tensor:
+    flat = torch.arange(total, dtype=torch.int64)
+    return flat - cu[torch.searchsorted(cu, flat, right=True) - 1]
+
+
+def _check_seq_idx(seq_idx: torch.Tensor, cu: torch.Tensor, batch: int, length: int) -> None:
+    """``seq_idx`` (what TRL and flattening collators send for recurrent kernels) must change value
+    exactly where a sequence of the offsets starts (numbered per row or over the batch alike)."""
+    if not isinstance(seq_idx, torch.Tensor) or seq_idx.numel() != batch * length:
+        raise MalformedBoundariesError(
+            f"seq_idx must hold one sequence index per token, shape ({batch}, {length}); got "
+            f"{tuple(getattr(seq_idx, 'shape', ()))}."
+        )
+    rows = seq_idx.detach().to("cpu", torch.int64).reshape(batch, length)
+    changes = torch.ones(batch, length, dtype=torch.bool)
+    changes[:, 1:] = rows[:, 1:] != rows[:, :-1]
+    starts = torch.zeros(batch * length, dtype=torch.bool)
+    starts[cu[:-1]] = True
+    if not torch.equal(changes.reshape(-1), starts):
+        where = int((changes.reshape(-1) != starts).nonzero()[0])
+        raise MalformedBoundariesError(
+            f"seq_idx disagrees with the packed boundaries at token {where} (row {where // length}): it "
+            f"{'starts' if bool(changes.reshape(-1)[where]) else 'does not start'} a sequence there and the "
+            "position_ids / cu_seq_lens say otherwise. Pass the seq_idx the collator built with them, or none."
+        )
+
+
+def check_seq_idx(seq_idx: torch.Tensor, boundaries: Boundaries) -> None:
+    """Raise MalformedBoundariesError unless ``seq_idx`` marks the same sequences (one host copy)."""
+    batch, length = boundaries.shape
+    _check_seq_idx(seq_idx, boundaries.cu_seqlens.detach().to("cpu", torch.int64), batch, length)
 
 
 def _to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:

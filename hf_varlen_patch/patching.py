@@ -20,7 +20,7 @@ import torch
 from torch.utils.weak import WeakIdKeyDictionary
 
 from .attention import BOUNDARIES_KWARG, packed_mask_placeholder
-from .boundaries import Boundaries
+from .boundaries import Boundaries, check_seq_idx
 from .errors import MalformedBoundariesError, PackedCallError, PackedOutputAttentionsError, VarlenPatchError
 
 
@@ -306,6 +306,8 @@ def boundaries_for_call(call: dict, *, check_inputs: bool, rows_are_sequences: b
             check=check_inputs,
             cu_seqlens_k=cu_k if cu_q is not None and cu_k is not cu_q else None,
             attention_mask=mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None,
+            position_ids=_text_positions_to_check(call.get("position_ids"), shape) if check_inputs else None,
+            seq_idx=call.get("seq_idx") if check_inputs else None,
         )
     position_ids = call.get("position_ids")
     if position_ids is None or shape[1] <= 1:
@@ -313,7 +315,24 @@ def boundaries_for_call(call: dict, *, check_inputs: bool, rows_are_sequences: b
     mask = call.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.ndim != 2:
         return None  # a custom 4-D mask: the caller built the attention pattern, respect it.
-    return _boundaries_from_positions(position_ids, shape, mask, cache_of(call), rows_are_sequences)
+    boundaries = _boundaries_from_positions(position_ids, shape, mask, cache_of(call), rows_are_sequences)
+    if boundaries is not None and check_inputs and isinstance(call.get("seq_idx"), torch.Tensor):
+        check_seq_idx(call["seq_idx"], boundaries)
+    return boundaries
+
+
+def _text_positions_to_check(position_ids: Any, shape: tuple[int, int]) -> torch.Tensor | None:
+    """The (B|1, T) positions to hold against collator offsets: 2-D ids, or the text row of
+    transformers' packed (4, B, T) rotary layout (3-D rotary rows are checked per sample elsewhere)."""
+    if not isinstance(position_ids, torch.Tensor):
+        return None
+    if position_ids.ndim == 3 and position_ids.shape[0] == 4:
+        position_ids = position_ids[0]
+    if position_ids.ndim == 1:
+        position_ids = position_ids.unsqueeze(0)
+    if position_ids.ndim != 2 or position_ids.shape[1] != shape[1] or position_ids.shape[0] not in (1, shape[0]):
+        return None
+    return position_ids
 
 
 @torch.compiler.disable(reason="packing is read from position_ids on the host; pass cu_seq_lens_q/k to avoid it")

@@ -57,6 +57,8 @@ class PatchEntry:
             the vision tower keeps upstream's attention.
         test_dtype: the dtype the equivalence tests and ``scan`` run the tiny models in (float32;
             float64 where fp32 rounding alone exceeds the 1e-5 tolerance, say so in ``notes``).
+        refuse_heads: head kind (:data:`~hf_varlen_patch.heads.HEAD_KINDS`) -> why this family's
+            head of that kind cannot give per-sequence results on a packed row (``apply`` refuses it).
         notes: one line for the README table.
     """
 
@@ -72,6 +74,7 @@ class PatchEntry:
     boundaries_from_context: bool | Callable[[torch.nn.Module], bool] = False
     attention_configs: Callable[[Any], list[Any]] | None = None
     notes: str = ""
+    refuse_heads: dict[str, str] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def variants(self, model_type: str) -> dict[str, Any]:

@@ -48,6 +48,11 @@ register(
         generic=False,
         patch=_patch,
         refuse=_refuse,
+        refuse_heads={
+            "question_answering": "BigBirdForQuestionAnswering masks its logits by the question length of each row "
+            "(the first separator token of the row), so a packed row's later sequences would be scored against the "
+            "first one's question"
+        },
         notes="original_full attention: own self-attention wrapped per instance (causal for decoders); "
         "block_sparse refused",
     )
