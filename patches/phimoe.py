@@ -11,7 +11,11 @@ own length, so in a packed forward every token gets the regime of its own sequen
 (:func:`_long_tokens`): on 5.x by wrapping the model's rotary embedding, on 4.57 inside
 :func:`_packed_forward`. With LongRoPE a batch of several rows with ``position_ids`` (and an empty
 cache) runs the packed path too, one sequence per row (``rows_are_sequences``): upstream would
-give every row the longest row's regime.
+give every row the longest row's regime. Such a batch differs from upstream's in the padding's
+own logits (padding attends only to padding) and, where rows reach different regimes, in the
+shorter rows; real tokens' logits and the loss are upstream's bit for bit where the rows share
+a regime (an exception to "unpacked calls run upstream's code unchanged" that
+``tests/test_unpacked.py`` states exactly).
 """
 
 from __future__ import annotations
@@ -166,8 +170,9 @@ register(
         refuse=lambda config: refuse_length_dependent_rope(config, allowed=("longrope",)),
         rows_are_sequences=lambda config: _rope(config).get("rope_type") == "longrope",
         notes=(
-            "sparsemixer MoE; sliding window passed to attention; LongRoPE regime per sequence; "
-            "4.57: legacy attention classes wrapped per instance"
+            "sparsemixer MoE; sliding window passed to attention; LongRoPE regime per sequence, and per row in "
+            "padded batches with position_ids (run as one sequence per row: the padding's own logits differ from "
+            "upstream's); 4.57: legacy attention classes wrapped per instance"
         ),
     )
 )

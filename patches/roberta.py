@@ -4,9 +4,16 @@
 Alone, a sequence gets positions ``padding_idx + 1 + (number of non-pad tokens so far)`` (a pad
 token gets ``padding_idx``), computed from ``input_ids``. In a packed forward the embeddings get
 the same numbering restarted at every sequence start; attention goes through the
-AttentionInterface. After ``apply``, explicit ``position_ids`` are read as what collators emit
-(0-based per sequence) in unpacked batches too: upstream would index its table with them raw,
-off by ``padding_idx + 1`` from what the same sequence gets without them.
+AttentionInterface.
+
+Explicit ``position_ids`` next to ``input_ids`` never index the table: in unpacked calls too
+(``generate()`` passes them), the tokens get the model's own numbering, as without them.
+Upstream indexes the table with them raw, off by ``padding_idx + 1`` for the 0-based positions
+collators emit; but an unpacked row of 0-based positions cannot be told from a packing
+collator's row that holds one sequence, and that row must number as the sequence alone (and as
+in a packed row), whatever else is in the batch. So this family's unpacked calls with
+``position_ids`` differ from upstream's: an exception to "unpacked calls run upstream's code
+unchanged" that ``tests/test_unpacked.py`` states exactly.
 
 X-MOD adds per-language adapters chosen by ``lang_ids``, one language per row: the sequences
 packed into a row share that row's language.
@@ -72,7 +79,8 @@ register(
         generic=lambda model: not on_4(),
         patch=_patch,
         refuse=refuse_relative_positions,
-        notes="positions from padding_idx + 1, skipping pad tokens, restarted per sequence; attention via "
-        "AttentionInterface",
+        notes="positions from padding_idx + 1, skipping pad tokens, restarted per sequence; explicit "
+        "position_ids, unpacked calls and generate() included, get that numbering (upstream indexes its table "
+        "with them raw); attention via AttentionInterface",
     )
 )
