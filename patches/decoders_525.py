@@ -20,6 +20,11 @@ from ._legacy_attention import refuse_length_dependent_rope
 
 DECODERS = ("ergo", "minicpm5_moe", "param2moe")
 
+NOTES = (
+    "new in 5.25: positions from position_ids, attention via AttentionInterface (tested on the tiny twin); "
+    "kolibri1_1 refused (indexed attention)"
+)
+
 REASONS = {
     "kolibri1_1": "its indexed-attention layers attend to a per-query selection of keys (Kolibri1_1Indexer: the "
     "top index_topk of a scored pool, plus sink and local tokens) laid over the dense 4-D mask, which packed "
@@ -28,19 +33,19 @@ REASONS = {
 
 register(
     PatchEntry(
-        family="decoders",
+        family="decoders_525",
         model_types=DECODERS,
         refuse=refuse_length_dependent_rope,
-        notes="positions from position_ids; attention via AttentionInterface (tested on the tiny twin)",
+        notes=NOTES,
     )
 )
 
 register(
     PatchEntry(
-        family="refused",
+        family="decoders_525",
         model_types=tuple(REASONS),
         refuse=lambda config: REASONS[config.model_type],
-        notes="refused: see the reason per type",
+        notes=NOTES,
     )
 )
 
