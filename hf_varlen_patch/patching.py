@@ -717,10 +717,11 @@ def make_entry_wrapper(
             return wrapped(*args, **kwargs)
         if is_top and check_route is not None:
             check_route(instance)
-        if not outer:
+        # rows_are_sequences batches (one sequence per row) need none of this: rows stay rows
+        if not outer and boundaries.is_packed:
             refuse_packed_outputs(instance, call, head if is_top else "base")
             remember_packed_cache(call)
-        if is_top and head == "sequence_classification":
+        if is_top and head == "sequence_classification" and boundaries.is_packed:
             return classify_sequences(wrapped, instance, call, boundaries)
         token = enter_packed(boundaries)
         try:
