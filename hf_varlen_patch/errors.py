@@ -44,3 +44,13 @@ class PackedOutputAttentionsError(PackedCallError, NotImplementedError):
 class StalePatchError(VarlenPatchError, RuntimeError):
     """Something changed the patched model after ``apply`` (its attention implementation, say), so
     packed calls would no longer take the patched route; ``apply`` it again."""
+
+
+class UnroutableCallError(VarlenPatchError, TypeError):
+    """A routed upstream function's parameters cannot be read by name (a signature hidden behind
+    ``*args``, a call that does not bind, or a parameter the boundary-aware op needs is gone)."""
+
+
+class RouterBypassedError(VarlenPatchError, RuntimeError):
+    """A packed forward ran a recurrent mixer whose convolution or scan the router never saw (a
+    hub kernel replaced the function around it, or the mixer itself)."""

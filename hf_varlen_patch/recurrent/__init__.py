@@ -33,7 +33,7 @@ import torch
 
 from ..attention import BOUNDARIES_KWARG
 from ..boundaries import Boundaries
-from ..errors import VarlenPatchError
+from ..errors import RouterBypassedError, UnroutableCallError, VarlenPatchError
 from . import kernels, torch_ops
 
 __all__ = [
@@ -54,14 +54,7 @@ __all__ = [
 RecurrentOp = Callable[[Boundaries, Callable, dict, types.ModuleType], Any]
 
 
-class UnroutableCallError(VarlenPatchError, TypeError):
-    """A routed upstream function's parameters cannot be read by name (a signature hidden behind
-    ``*args``, a call that does not bind, or a parameter the boundary-aware op needs is gone)."""
 
-
-class RouterBypassedError(VarlenPatchError, RuntimeError):
-    """A packed forward ran a recurrent mixer whose convolution or scan the router never saw (a
-    hub kernel replaced the function around it, or the mixer itself)."""
 
 
 def upstream_signature(fn: Callable, name: str) -> inspect.Signature:
