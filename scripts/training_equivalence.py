@@ -1,7 +1,7 @@
 """Parameter differences after 3 SGD steps (float32, CPU): padded run vs packed run, without and
 with ``apply``, for HF Trainer, TRL SFTTrainer (padding-free, LoRA) and gradient checkpointing.
 
-    .venv-tf4.57.6/bin/python scripts/training_equivalence.py      # or .venv (5.24.0)
+    .venv-tf4.57.6/bin/python scripts/training_equivalence.py      # or .venv (5.25.0)
     ... --bf16    # TRL runs with its own default, bf16 autocast, and the bf16-vs-fp32 noise
 
 Reuses the set-ups of tests/test_training.py, which asserts the same comparisons.
