@@ -152,17 +152,14 @@ class Patcher:
 
     def _state_of(self, obj: Any) -> UnpatchedState:
         hook = vars(obj).get("__getstate__")
-        if isinstance(hook, UnpatchedState) and hook.obj is obj and id(hook) in self._hooks():
+        if isinstance(hook, UnpatchedState) and hook.obj is obj and id(hook) in self.own_hooks:
             return hook
         new = UnpatchedState(obj, hook)
-        self._hooks().add(id(new))
+        self.own_hooks.add(id(new))
         old = hook if "__getstate__" in vars(obj) else _MISSING
         object.__setattr__(obj, "__getstate__", new)
         self.undo_log.append(RestoreAttr(obj, "__getstate__", old))
         return new
-
-    def _hooks(self) -> set[int]:
-        return self.own_hooks
 
     def wrap_method(self, obj: Any, name: str, wrapper: Callable) -> None:
         """Wrap ``obj.name`` for this instance only: ``wrapper(wrapped, instance, args, kwargs)``.
@@ -799,7 +796,7 @@ def classify_sequences(wrapped: Callable, instance: Any, call: dict, boundaries:
     rows are then run as one flat row, which the packed path computes identically (rows never
     merge), and the outputs per token come back as (B, T).
     """
-    from .heads import check_sequence_labels, per_token_scores, pool_sequences, real_sequences
+    from .heads import captured_outputs, check_sequence_labels, per_token_scores, pool_sequences, real_sequences
 
     config = instance.config.get_text_config() if hasattr(instance.config, "get_text_config") else instance.config
     pad_token_id = getattr(config, "pad_token_id", None)
@@ -815,8 +812,6 @@ def classify_sequences(wrapped: Callable, instance: Any, call: dict, boundaries:
     if labels is not None:
         real = real_sequences(boundaries, input_ids, mask, pad_token_id)
         check_sequence_labels(labels, int(real.sum()), instance)
-
-    from .heads import captured_outputs
 
     def run() -> Any:
         token = enter_packed(flat)

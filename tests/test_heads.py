@@ -24,7 +24,7 @@ NUM_LABELS = 3
 SKIP_MAPPINGS = ("CAUSAL_LM", "IMAGE", "VISION", "AUDIO", "SPEECH", "VIDEO", "CTC", "DEPTH", "SEMANTIC", "OBJECT",
                  "KEYPOINT", "ZERO_SHOT", "TIME_SERIES", "TEXT_TO", "MASK_GENERATION", "UNIVERSAL", "INSTANCE",
                  "DOCUMENT", "TABLE", "PANOPTIC", "BACKBONE", "RETRIEVAL", "SEQ_TO_SEQ", "XVECTOR", "FRAME",
-                 "TEXT_ENCODING", "MULTIMODAL", "PRETRAINING_MAPPING_NAMES_X")
+                 "TEXT_ENCODING", "MULTIMODAL")
 LAYOUTS = (dict(rows=[[5, 9, 3]]), dict(rows=[[5, 9, 3, 4], [6, 7]], extra_padding=2, seed=1))
 
 

@@ -53,16 +53,7 @@ WITH_POSITIONS = frozenset(
     }
 )
 #: Padded batches of several rows with ``position_ids`` (the padding's own logits).
-PADDED_ROWS_WITH_POSITIONS = frozenset(
-    {
-        "right_padding_positions",
-        "right_padding_arange",
-        "left_padding_positions",
-        "left_padding_arange",
-        "labels_padding_positions",
-        "grad:labels_padding_positions",
-    }
-)
+PADDED_ROWS_WITH_POSITIONS = WITH_POSITIONS - {"positions", "generate"}
 ROBERTA_FAMILY = (
     "camembert",
     "data2vec-text",
