@@ -13,6 +13,7 @@ import torch
 
 from .attention import parse_implementation, register_implementation
 from .backends import AUTO_ORDER, BACKENDS
+from .context import boundaries_for
 from .errors import BackendUnavailableError, StalePatchError, UnsupportedArchitectureError, VarlenPatchError
 from .heads import capture_outputs, head_kind
 from .integrations import guard_prompt_learning, refuse_prompt_learning
@@ -22,7 +23,6 @@ from .patching import (
     accepts_argument,
     accepts_var_kwargs,
     carry_boundaries_through_checkpoints,
-    current_boundaries,
     make_entry_wrapper,
     nested_configs,
     own_config,
@@ -326,7 +326,7 @@ def _patch(hf_model: torch.nn.Module, entry: PatchEntry, options: PatchOptions, 
     _pin_default_loss(patcher, hf_model)
     if options.loss == "sequence_mean":
         check_sequence_mean_supported(hf_model, entry.shifts_labels)
-        patcher.set_attr(hf_model, "_loss_function", sequence_mean_loss_function(current_boundaries))
+        patcher.set_attr(hf_model, "_loss_function", sequence_mean_loss_function(boundaries_for))
         # Trainer then averages micro-batches instead of dividing by a global token count
         patcher.set_attr(hf_model, "accepts_loss_kwargs", False)
         refuse_bypassed_loss(patcher, hf_model)

@@ -20,6 +20,7 @@ import torch
 
 from .backends import AttentionSpec, select_backend
 from .boundaries import Boundaries
+from .context import BOUNDARIES_KWARG, boundaries_for
 from .errors import BackendUnavailableError, BoundariesLostError, VarlenPatchError
 
 __all__ = [
@@ -33,8 +34,6 @@ __all__ = [
     "varlen_attention",
 ]
 
-#: The keyword under which the boundaries travel from the model's entry to every layer.
-BOUNDARIES_KWARG = "varlen_boundaries"
 #: Chunked attention (a token attends within its chunk of this many tokens from its sequence's
 #: start): an entry adds it to the kwargs of the layers that use it.
 CHUNK_KWARG = "varlen_attention_chunk"
@@ -73,9 +72,7 @@ def is_packed_mask_placeholder(mask: Any) -> bool:
     if torch.compiler.is_compiling():
         # traced tensors do not keep the zero strides; inside a packed forward the mask the base
         # model got is always the placeholder, so a 4-D boolean mask of the batch's shape is it
-        from .patching import current_boundaries
-
-        boundaries = current_boundaries()
+        boundaries = boundaries_for()
         if boundaries is None:
             return False
         batch, length = boundaries.shape

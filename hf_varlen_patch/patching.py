@@ -6,7 +6,6 @@ Everything `apply` changes goes through a :class:`Patcher`, which records how to
 
 from __future__ import annotations
 
-import contextvars
 import copy
 import functools
 import inspect
@@ -17,10 +16,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch.utils.weak import WeakIdKeyDictionary
 
-from .attention import BOUNDARIES_KWARG, packed_mask_placeholder
+from .attention import packed_mask_placeholder
 from .boundaries import Boundaries, check_seq_idx
+from .context import BOUNDARIES_KWARG, boundaries_for, carried, enter_packed, leave_packed, remember
 from .errors import MalformedBoundariesError, PackedCallError, PackedOutputAttentionsError, VarlenPatchError
 
 
@@ -361,127 +360,10 @@ def mask_boundary_labels(labels: torch.Tensor, boundaries: Boundaries, *, shifte
     return masked
 
 
-_REPLAYED = WeakIdKeyDictionary()
-
-
-def remember_boundaries(key: Any, boundaries: Boundaries) -> Any:
-    """Tie ``boundaries`` to ``key``, a tensor that a layer's call will be handed again when
-    gradient checkpointing recomputes it (its ``position_ids``, mask, ALiBi tensor, hidden states).
-
-    The one lookup "by an object the layer call replays": by identity, and only while the tensor
-    is unchanged in place (a reused buffer with new contents is not the same call), so nothing
-    outlives the tensor. Returns ``key``; a non-tensor key is ignored.
-    """
-    if isinstance(key, torch.Tensor) and not torch.compiler.is_compiling():
-        # compiled graphs replay their own inputs (checkpoint recomputation happens inside the
-        # graph), and their traced tensors have no identity to key on
-        _REPLAYED[key] = (boundaries, key._version)
-    return key
-
-
-def remembered_boundaries(key: Any) -> Boundaries | None:
-    """The boundaries :func:`remember_boundaries` tied to this very, unchanged tensor (else None)."""
-    if not isinstance(key, torch.Tensor):
-        return None
-    if torch.compiler.is_compiling():
-        # traced tensors have no identity to look up; compiled code never runs outside its forward
-        # (the graph replays checkpointed layers itself), so the running forward's are the ones
-        return current_boundaries()
-    found = _REPLAYED.get(key)
-    if found is None or found[1] != key._version:
-        return None  # never registered, or changed in place since (a reused buffer)
-    return found[0]
-
-
-def boundaries_for_positions(position_ids: Any) -> Boundaries | None:
-    """The boundaries a patched forward derived for this very ``position_ids`` tensor.
-
-    For layers that receive ``position_ids`` but no keyword arguments (legacy attention classes);
-    see :func:`remembered_boundaries`.
-    """
-    return remembered_boundaries(position_ids)
-
-
-_CURRENT: contextvars.ContextVar[Boundaries | None] = contextvars.ContextVar("hf_varlen_boundaries", default=None)
-#: The packed forwards running inside compiled code: dynamo cannot trace ``ContextVar.set``, but
-#: it traces (and replays after its graph) pushes and pops of a module-level list.
-_COMPILED: list[Boundaries] = []
-#: How many eager packed forwards are running (any thread): compiled code guards on it, so it
-#: looks for an eager forward's context only when there is one.
-_EAGER_PACKED = [0]
-_LAST_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def current_boundaries() -> Boundaries | None:
-    """The boundaries of the packed forward running now (None outside one, or when unpacked).
-
-    For layers that receive neither keyword arguments nor ``position_ids``. Such a layer must be
-    registered with :func:`track_layer` so that gradient-checkpoint recomputation, which runs
-    outside the forward, sees the same boundaries.
-    """
-    if torch.compiler.is_compiling():  # dynamo traces neither ContextVar.get nor .set
-        if _COMPILED:
-            return _COMPILED[-1]
-        if _EAGER_PACKED[0]:
-            # compiled modules inside an eager packed forward (``layer.compile()``): read the
-            # context outside the graph (a graph break, only here) rather than miss it
-            return _context_boundaries()
-        return None
-    return _CURRENT.get()
-
-
-@torch.compiler.disable(reason="a compiled module inside an eager packed forward reads its boundaries")
-def _context_boundaries() -> Boundaries | None:
-    return _CURRENT.get()
-
-
-def enter_packed(boundaries: Boundaries) -> Any:
-    """Make ``boundaries`` the :func:`current_boundaries` until :func:`leave_packed` with the
-    returned token: a context variable in eager code, a stack that torch.compile can trace in
-    compiled code (so entering a packed forward is no graph break)."""
-    if torch.compiler.is_compiling():
-        _COMPILED.append(boundaries)
-        return None
-    _EAGER_PACKED[0] += 1
-    return _CURRENT.set(boundaries)
-
-
-def leave_packed(token: Any) -> None:
-    if token is None:
-        _COMPILED.pop()
-    else:
-        _EAGER_PACKED[0] -= 1
-        _CURRENT.reset(token)
-
-
-def boundaries_for_layer_call(module: torch.nn.Module, first: Any) -> Boundaries | None:
-    """The boundaries of ``module``'s call whose first tensor argument is ``first`` (None: unpacked).
-
-    In a packed forward: the running forward's, remembered against ``first``. Outside one
-    (gradient-checkpoint recomputation): those remembered for the very tensor the recomputation
-    passes again. After a packed call, a recomputation that finds none (``use_reentrant=True``
-    detaches the inputs) raises instead of silently attending across sequences.
-    """
-    boundaries = current_boundaries()
-    if boundaries is not None:
-        remember_boundaries(first, boundaries)
-        if not torch.compiler.is_compiling():
-            _LAST_PACKED[module] = True
-        return boundaries
-    found = remembered_boundaries(first)
-    if found is None:
-        if _LAST_PACKED.get(module, False) and torch._C._current_graph_task_id() != -1:
-            raise VarlenPatchError(
-                f"{type(module).__name__} is recomputed by reentrant gradient checkpointing, which "
-                "hides the packing boundaries; enable checkpointing with use_reentrant=False."
-            )
-        _LAST_PACKED[module] = False
-    return found
-
-
 def track_layer(patcher: Patcher, layer: torch.nn.Module) -> None:
-    """Make :func:`current_boundaries` valid inside ``layer`` during checkpoint recomputation
-    (:func:`boundaries_for_layer_call`, keyed on the layer's first tensor argument).
+    """Make the packed forward's boundaries current inside ``layer`` during checkpoint
+    recomputation (:func:`~hf_varlen_patch.context.boundaries_for` keyed on the layer's first
+    tensor argument).
 
     transformers' own checkpointing needs no tracking: the engine reruns every checkpointed module
     inside the packed forward's context (:func:`carry_boundaries_through_checkpoints`). This is
@@ -491,8 +373,8 @@ def track_layer(patcher: Patcher, layer: torch.nn.Module) -> None:
 
     def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
         first = next((a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)), None)
-        outer = current_boundaries()
-        boundaries = boundaries_for_layer_call(instance, first)
+        outer = boundaries_for()
+        boundaries = boundaries_for(key=first, layer=instance)
         if outer is not None or boundaries is None:
             return wrapped(*args, **kwargs)
         token = enter_packed(boundaries)
@@ -515,19 +397,9 @@ class _CheckpointCarryingBoundaries:
         self.inner = inner
 
     def __call__(self, function: Callable, *args: Any, **kwargs: Any) -> Any:
-        if current_boundaries() is None or torch.compiler.is_compiling():  # a graph recomputes from its inputs
+        if boundaries_for() is None or torch.compiler.is_compiling():  # a graph recomputes from its inputs
             return self.inner(function, *args, **kwargs)
-        context = contextvars.copy_context()
-
-        def rerun(*inner_args: Any, **inner_kwargs: Any) -> Any:
-            # compiled layers look for an eager forward's context only while one runs (current_boundaries)
-            _EAGER_PACKED[0] += 1
-            try:
-                return context.run(function, *inner_args, **inner_kwargs)
-            finally:
-                _EAGER_PACKED[0] -= 1
-
-        return self.inner(rerun, *args, **kwargs)
+        return self.inner(carried(function), *args, **kwargs)
 
 
 _CARRIER = "_gradient_checkpointing_func"
@@ -581,18 +453,14 @@ def attach_boundaries(
     """Wrap ``module.forward`` so a packed call carries ``varlen_boundaries`` (and ``extra(module)``).
 
     For attention modules that call the AttentionInterface but whose callers drop the keyword
-    arguments. The boundaries come from the call's kwargs, else from its ``position_ids``
-    (:func:`boundaries_for_positions`, which also holds during checkpoint recomputation), else from
-    the packed forward running now (:func:`current_boundaries`; register the enclosing layers with
-    :func:`track_layer` so recomputation sees them too). Unpacked calls pass through unchanged.
+    arguments. The boundaries come from :func:`~hf_varlen_patch.context.boundaries_for` (its kwargs,
+    the packed forward running now, or its ``position_ids`` on a checkpoint replay; register the
+    enclosing layers with :func:`track_layer` so a replay by hand sees them too). Unpacked calls
+    pass through unchanged.
     """
 
     def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        boundaries = kwargs.get(BOUNDARIES_KWARG)
-        if boundaries is None:
-            boundaries = boundaries_for_positions(call_as_kwargs(wrapped, args, kwargs).get("position_ids"))
-        if boundaries is None:
-            boundaries = current_boundaries()
+        boundaries = boundaries_for(kwargs) or boundaries_for(call_as_kwargs(wrapped, args, kwargs))
         if boundaries is None:
             return wrapped(*args, **kwargs)
         kwargs = {**kwargs, BOUNDARIES_KWARG: boundaries}
@@ -614,7 +482,7 @@ def index_positions_per_sequence(patcher: Patcher, module: torch.nn.Module) -> N
     """
 
     def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        boundaries = current_boundaries()
+        boundaries = boundaries_for()
         try:
             out = wrapped(*args, **kwargs)
         except IndexError as err:
@@ -678,7 +546,7 @@ def make_entry_wrapper(
         """Edit ``call`` for a packed forward and return its boundaries (None: not packed)."""
         # From an outer patched forward (kwarg or context), never from an earlier forward: a caller
         # may reuse the same position_ids tensor with new contents.
-        boundaries = call.pop(BOUNDARIES_KWARG, None) or current_boundaries()
+        boundaries = call.pop(BOUNDARIES_KWARG, None) or boundaries_for()
         if boundaries is None:
             boundaries = boundaries_for_call(call, check_inputs=check_inputs, rows_are_sequences=rows_are_sequences)
             if boundaries is None:
@@ -689,7 +557,7 @@ def make_entry_wrapper(
             call.pop("seq_idx", None)  # TRL's padding-free collator sends it; the boundaries replace it
         if call.get("position_ids") is None:
             call["position_ids"] = boundaries.position_ids()
-        remember_boundaries(call["position_ids"], boundaries)
+        remember(call["position_ids"], boundaries)
         if passes_kwargs:
             call[BOUNDARIES_KWARG] = boundaries
         if is_top and head == "causal_lm" and isinstance(call.get("labels"), torch.Tensor):
@@ -704,7 +572,7 @@ def make_entry_wrapper(
     def entry(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
         call = call_as_kwargs(wrapped, args, kwargs)
         refuse_packed_cache_reuse(call)
-        outer = current_boundaries() is not None or call.get(BOUNDARIES_KWARG) is not None
+        outer = boundaries_for() is not None or call.get(BOUNDARIES_KWARG) is not None
         boundaries = prepare(call)
         if not takes_position_ids:
             # the model numbers its tokens itself; in packed forwards the boundaries travel in the context

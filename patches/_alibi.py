@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
-from hf_varlen_patch.attention import BOUNDARIES_KWARG, packed_mask_placeholder
+from hf_varlen_patch.attention import packed_mask_placeholder
 from hf_varlen_patch.boundaries import Boundaries
+from hf_varlen_patch.context import BOUNDARIES_KWARG, boundaries_for
 from hf_varlen_patch.errors import VarlenPatchError
-from hf_varlen_patch.patching import call_as_kwargs, current_boundaries, remember_boundaries, remembered_boundaries
+from hf_varlen_patch.patching import call_as_kwargs
 
 
 def check_packed_call(call: dict, name: str) -> None:
@@ -33,20 +34,16 @@ def check_packed_call(call: dict, name: str) -> None:
         raise VarlenPatchError(f"output_attentions=True is not available with packed inputs ({name}).")
 
 
-def remember(tensor: torch.Tensor, boundaries: Boundaries) -> torch.Tensor:
-    """Tie ``boundaries`` to a tensor the base model hands every block (its ALiBi tensor)."""
-    return remember_boundaries(tensor, boundaries)
-
-
 def recall(tensor: Any, hidden_states: torch.Tensor) -> Boundaries | None:
-    """The boundaries tied to ``tensor`` by :func:`remember`, for a layer that gets no position_ids.
+    """The boundaries tied to ``tensor`` (the ALiBi tensor the base model hands every block, by
+    :func:`~hf_varlen_patch.context.remember`), for a layer that gets no position_ids.
 
     The lookup is by identity: the ALiBi tensor travels as a keyword argument of the blocks, so
     gradient-checkpoint recomputation (transformers checkpoints ``partial(forward, **kwargs)``,
     reentrant or not, 4.57 or 5.x) passes the same object again and finds the same boundaries.
     None outside a packed forward (the layer then runs upstream's code).
     """
-    boundaries = remembered_boundaries(tensor)
+    boundaries = boundaries_for(key=tensor)
     if boundaries is not None and tuple(hidden_states.shape[:2]) != tuple(boundaries.shape):
         raise VarlenPatchError(
             f"a packed forward of {boundaries.shape} tokens reached an attention layer with "
@@ -98,7 +95,7 @@ def packed_mask_wrapper(*, placeholder: bool):
     wrappers take everything from the boundaries). Unpacked calls run untouched."""
 
     def wrapper(wrapped, instance, args, kwargs):
-        boundaries = current_boundaries()
+        boundaries = boundaries_for()
         if boundaries is None and BOUNDARIES_KWARG not in kwargs:
             return wrapped(*args, **kwargs)
         call = call_as_kwargs(wrapped, args, kwargs)

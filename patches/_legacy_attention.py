@@ -2,7 +2,7 @@
 
 Two cases, both keyed on ``position_ids``: a patched forward registers its boundaries against
 that very tensor, and every decoder layer hands it on to its attention module, also during
-gradient-checkpoint recomputation (:func:`~hf_varlen_patch.patching.boundaries_for_positions`).
+gradient-checkpoint recomputation (:func:`~hf_varlen_patch.context.boundaries_for`).
 
 - :func:`pass_boundaries`: the module calls transformers' AttentionInterface, but its decoder
   layer drops the keyword arguments (so ``varlen_boundaries`` never arrives). The wrapper adds
@@ -27,8 +27,9 @@ import torch
 
 from hf_varlen_patch.attention import is_packed_mask_placeholder, varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
+from hf_varlen_patch.context import boundaries_for
 from hf_varlen_patch.errors import PackedOutputAttentionsError
-from hf_varlen_patch.patching import Patcher, attach_boundaries, boundaries_for_positions, cache_of, call_as_kwargs
+from hf_varlen_patch.patching import Patcher, attach_boundaries, cache_of, call_as_kwargs
 
 __all__ = [
     "Attend",
@@ -86,7 +87,7 @@ def packed_attention(
 
     def wrapper(wrapped, instance, args, kwargs):
         call = call_as_kwargs(wrapped, args, kwargs)
-        boundaries = boundaries_for_positions(call.get("position_ids"))
+        boundaries = boundaries_for(call)
         if boundaries is None:
             return wrapped(*args, **kwargs)
         if call.get("output_attentions"):

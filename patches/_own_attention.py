@@ -1,8 +1,7 @@
 """Helpers for entries whose attention (or position table) computes itself and whose layers get
 neither keyword arguments nor ``position_ids`` (MVP, RoFormer, Blenderbot).
 
-- :func:`layer_boundaries`: the engine's
-  :func:`~hf_varlen_patch.patching.boundaries_for_layer_call`, keyed on the hidden states a
+- the engine's :func:`~hf_varlen_patch.context.boundaries_for`, keyed on the hidden states a
   self-attention module gets: transformers 5.x's gradient checkpointing recomputes the class
   ``forward`` of a layer (no context), and post-norm layers hand their input to attention as is.
 - :func:`wrap_bart_style_self_attention`: a BART-style self-attention module that computes
@@ -25,30 +24,26 @@ import torch
 from hf_varlen_patch.attention import varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.boundaries import Boundaries
+from hf_varlen_patch.context import boundaries_for
 from hf_varlen_patch.errors import VarlenPatchError
-from hf_varlen_patch.patching import Patcher, boundaries_for_layer_call, cache_of, call_as_kwargs, current_boundaries
+from hf_varlen_patch.patching import Patcher, cache_of, call_as_kwargs
 
 from ._legacy_attention import PackedOutputAttentionsError
 
 __all__ = [
     "wrap_bart_style_self_attention",
     "current_padding",
-    "layer_boundaries",
     "refuse_when_packed",
     "remember_padding",
     "sequence_positions",
 ]
 
 
-#: The engine's lookup (kept under this name for the entries that use it).
-layer_boundaries = boundaries_for_layer_call
-
-
 def refuse_when_packed(patcher: Patcher, module: torch.nn.Module, what: str) -> None:
     """Make ``module`` raise in packed forwards (``what`` names what cannot be packed)."""
 
     def wrapper(wrapped, instance, args, kwargs):
-        if current_boundaries() is not None:
+        if boundaries_for() is not None:
             raise VarlenPatchError(f"{what} cannot be packed.")
         return wrapped(*args, **kwargs)
 
@@ -64,7 +59,7 @@ def remember_padding(patcher: Patcher, module: torch.nn.Module) -> None:
 
     def wrapper(wrapped, instance, args, kwargs):
         mask = call_as_kwargs(wrapped, args, kwargs).get("attention_mask")
-        if current_boundaries() is None or not (isinstance(mask, torch.Tensor) and mask.ndim == 2):
+        if boundaries_for() is None or not (isinstance(mask, torch.Tensor) and mask.ndim == 2):
             return wrapped(*args, **kwargs)
         token = _PADDING.set(mask)
         try:
@@ -95,12 +90,13 @@ def sequence_positions(boundaries: Boundaries, device: torch.device) -> torch.Te
 def wrap_bart_style_self_attention(patcher: Patcher, module: torch.nn.Module, backend: str) -> None:
     """Packed calls of a BART-style self-attention module (queries pre-scaled by ``scaling``,
     ``q_proj/k_proj/v_proj/out_proj``) attend through the varlen backend; the boundaries by
-    :func:`layer_boundaries` on its hidden states, so 5.x checkpoint recomputation finds them."""
+    :func:`~hf_varlen_patch.context.boundaries_for` keyed on its hidden states, so 5.x checkpoint
+    recomputation finds them."""
 
     def wrapper(wrapped, instance, args, kwargs):
         call = call_as_kwargs(wrapped, args, kwargs)
         hidden = call["hidden_states"]
-        boundaries = layer_boundaries(instance, hidden)
+        boundaries = boundaries_for(key=hidden, layer=instance)
         if boundaries is None:
             return wrapped(*args, **kwargs)
         if call.get("key_value_states") is not None:

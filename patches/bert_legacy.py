@@ -19,10 +19,11 @@ import sys
 
 import transformers
 
-from hf_varlen_patch.attention import BOUNDARIES_KWARG, is_packed_mask_placeholder, varlen_attention
+from hf_varlen_patch.attention import is_packed_mask_placeholder, varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
+from hf_varlen_patch.context import boundaries_for
 from hf_varlen_patch.errors import VarlenPatchError
-from hf_varlen_patch.patching import cache_of, call_as_kwargs, current_boundaries, track_layer
+from hf_varlen_patch.patching import cache_of, call_as_kwargs, track_layer
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._legacy_attention import PackedOutputAttentionsError
@@ -31,7 +32,7 @@ from ._legacy_attention import PackedOutputAttentionsError
 def _self_attention(backend: str):
     def wrapper(wrapped, instance, args, kwargs):
         call = call_as_kwargs(wrapped, args, kwargs)
-        boundaries = call.get(BOUNDARIES_KWARG) or current_boundaries()
+        boundaries = boundaries_for(call)
         if boundaries is None:
             return wrapped(*args, **kwargs)
         if call.get("encoder_hidden_states") is not None:

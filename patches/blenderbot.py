@@ -24,14 +24,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from hf_varlen_patch.patching import (
-    Patcher,
-    accepts_argument,
-    attach_boundaries,
-    call_as_kwargs,
-    current_boundaries,
-    track_layer,
-)
+from hf_varlen_patch.context import boundaries_for
+from hf_varlen_patch.patching import Patcher, accepts_argument, attach_boundaries, call_as_kwargs, track_layer
 from hf_varlen_patch.registry import PatchEntry, PatchOptions, register
 
 from ._own_attention import refuse_when_packed, remember_padding, sequence_positions
@@ -45,7 +39,7 @@ def _configs(model_type: str) -> dict:
 
 
 def _positions_per_sequence(wrapped, instance, args, kwargs):
-    boundaries = current_boundaries()
+    boundaries = boundaries_for()
     if boundaries is None:
         return wrapped(*args, **kwargs)
     call = call_as_kwargs(wrapped, args, kwargs)

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from hf_varlen_patch.attention import is_packed_mask_placeholder, varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
-from hf_varlen_patch.patching import call_as_kwargs, current_boundaries
+from hf_varlen_patch.context import boundaries_for, remember
+from hf_varlen_patch.patching import call_as_kwargs
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._alibi import (
@@ -36,7 +37,6 @@ from ._alibi import (
     drop_packed_kwargs_wrapper,
     packed_mask_wrapper,
     recall,
-    remember,
     update_cache,
 )
 
@@ -77,7 +77,7 @@ def _build_alibi_tensor(wrapped, instance, args, kwargs):
     """For the placeholder mask of a packed forward: a zero-memory dummy, tied to the boundaries."""
     call = call_as_kwargs(wrapped, args, kwargs)
     mask = call["attention_mask"]
-    boundaries = current_boundaries()
+    boundaries = boundaries_for()
     if boundaries is None or not is_packed_mask_placeholder(mask):
         return wrapped(*args, **kwargs)
     batch, length = mask.shape[0], mask.shape[-1]

@@ -14,10 +14,11 @@ import math
 import sys
 from functools import partial
 
-from hf_varlen_patch.attention import BOUNDARIES_KWARG, varlen_attention
+from hf_varlen_patch.attention import varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
+from hf_varlen_patch.context import BOUNDARIES_KWARG, boundaries_for
 from hf_varlen_patch.errors import VarlenPatchError
-from hf_varlen_patch.patching import call_as_kwargs, current_boundaries, track_layer
+from hf_varlen_patch.patching import call_as_kwargs, track_layer
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._common import tiny_config
@@ -33,7 +34,7 @@ def _legacy(model) -> bool:
 
 
 def _without_placeholder(wrapped, instance, args, kwargs):
-    if current_boundaries() is None:
+    if boundaries_for() is None:
         return wrapped(*args, **kwargs)
     call = call_as_kwargs(wrapped, args, kwargs)
     call["attention_mask"] = None  # the boundaries say everything; upstream would reshape the placeholder
@@ -42,7 +43,7 @@ def _without_placeholder(wrapped, instance, args, kwargs):
 
 
 def _packed_attention_forward(wrapped, instance, args, kwargs, *, backend: str):
-    boundaries = current_boundaries()
+    boundaries = boundaries_for()
     if boundaries is None:
         return wrapped(*args, **kwargs)
     call = call_as_kwargs(wrapped, args, kwargs)

@@ -41,9 +41,10 @@ from typing import Any
 
 import torch
 
-from hf_varlen_patch.attention import BOUNDARIES_KWARG, varlen_attention
+from hf_varlen_patch.attention import varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
-from hf_varlen_patch.patching import boundaries_for_positions, call_as_kwargs
+from hf_varlen_patch.context import BOUNDARIES_KWARG, boundaries_for
+from hf_varlen_patch.patching import call_as_kwargs
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._alibi import SlopeCache, check_packed_call, update_cache
@@ -104,7 +105,7 @@ def _alibi_slopes(model) -> SlopeCache:
 
 def _packed_attention_forward(wrapped, instance, args, kwargs, *, backend: str, slopes: SlopeCache):
     call = call_as_kwargs(wrapped, args, kwargs)
-    boundaries = boundaries_for_positions(call.get("position_ids"))
+    boundaries = boundaries_for(call)
     if boundaries is None:
         return wrapped(*args, **kwargs)
     check_packed_call(call, type(instance).__name__)
@@ -190,7 +191,7 @@ def _register_attention_function() -> None:
 def _packed_interface_forward(wrapped, instance, args, kwargs, *, backend: str, slopes: SlopeCache):
     """transformers 5.25+: upstream's forward, its attention function swapped for the varlen one."""
     call = call_as_kwargs(wrapped, args, kwargs)
-    boundaries = boundaries_for_positions(call.get("position_ids"))
+    boundaries = boundaries_for(call)
     if boundaries is None:
         return wrapped(*args, **kwargs)
     check_packed_call(call, type(instance).__name__)
@@ -208,7 +209,7 @@ def _base_forward(wrapped, instance, args, kwargs):
     if not instance.use_alibi:
         return wrapped(*args, **kwargs)
     call = call_as_kwargs(wrapped, args, kwargs)
-    if boundaries_for_positions(call.get("position_ids")) is None:
+    if boundaries_for(call) is None:
         return wrapped(*args, **kwargs)
     instance.use_alibi = False
     try:

@@ -3,7 +3,7 @@
 
 On both transformers lines the attention classes are picked by name at construction and their
 ``forward`` receives neither ``position_ids`` nor keyword arguments (the 4.57 base model takes no
-``**kwargs`` at all), so the boundaries come from ``current_boundaries()`` (which the engine
+``**kwargs`` at all), so the boundaries come from ``boundaries_for()`` (which the engine
 keeps valid in gradient-checkpoint recomputation) or the mask tensor the blocks get (see :func:`_find`). Each
 self-attention module's ``forward``/``_attn`` are wrapped as for GPT-J
 (:func:`patches.gptj.patch_attn_method`). The local layers' window is applied inside each
@@ -14,7 +14,7 @@ upstream's banded ``bias`` buffer); GPT-Neo does not scale the scores.
 from __future__ import annotations
 
 from hf_varlen_patch.boundaries import Boundaries
-from hf_varlen_patch.patching import current_boundaries, remember_boundaries, remembered_boundaries
+from hf_varlen_patch.context import boundaries_for
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._common import tiny_config
@@ -43,12 +43,7 @@ def _find(call: dict) -> Boundaries | None:
     """The boundaries of this attention call: the running packed forward's (the engine carries them
     into gradient-checkpoint recomputation), else those tied to the very mask object the blocks'
     replayed keyword arguments pass again (a checkpoint wrapper outside transformers')."""
-    mask = call.get("attention_mask")
-    boundaries = current_boundaries()
-    if boundaries is not None:
-        remember_boundaries(mask, boundaries)
-        return boundaries
-    return remembered_boundaries(mask)
+    return boundaries_for(key=call.get("attention_mask"))
 
 
 def _patch(model, patcher, options) -> None:

@@ -28,13 +28,9 @@ import torch
 from hf_varlen_patch.attention import varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.boundaries import Boundaries
+from hf_varlen_patch.context import boundaries_for
 from hf_varlen_patch.errors import VarlenPatchError
-from hf_varlen_patch.patching import (
-    Patcher,
-    boundaries_for_positions,
-    call_as_kwargs,
-    current_boundaries,
-)
+from hf_varlen_patch.patching import Patcher, call_as_kwargs
 from hf_varlen_patch.registry import PatchEntry, PatchOptions, register
 
 from ._legacy_attention import PackedOutputAttentionsError, refuse_length_dependent_rope
@@ -47,7 +43,7 @@ _PACKED: contextvars.ContextVar[tuple[torch.nn.Module, Boundaries] | None] = con
 
 def _packed_forward(wrapped, instance, args, kwargs):
     call = call_as_kwargs(wrapped, args, kwargs)
-    boundaries = boundaries_for_positions(call.get("position_ids")) or current_boundaries()
+    boundaries = boundaries_for(call)
     if boundaries is None:
         return wrapped(*args, **kwargs)
     if call.get("output_attentions"):
@@ -77,7 +73,7 @@ def _packed_attn(wrapped, instance, args, kwargs, *, backend: str):
 
 def _no_mask_when_packed(wrapped, instance, args, kwargs):
     """4.57: packed attention ignores the mask, so the legacy builder does not make a (T, T) one."""
-    if current_boundaries() is not None:
+    if boundaries_for() is not None:
         return None
     return wrapped(*args, **kwargs)
 

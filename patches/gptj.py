@@ -29,8 +29,9 @@ import torch
 from hf_varlen_patch.attention import varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.boundaries import Boundaries
+from hf_varlen_patch.context import boundaries_for
 from hf_varlen_patch.errors import VarlenPatchError
-from hf_varlen_patch.patching import boundaries_for_positions, call_as_kwargs
+from hf_varlen_patch.patching import call_as_kwargs
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._common import tiny_config
@@ -100,7 +101,7 @@ def patch_attn_method(
 
 
 def _by_positions(call: dict) -> Boundaries | None:
-    return boundaries_for_positions(call.get("position_ids"))
+    return boundaries_for(call)
 
 
 def _legacy(model) -> bool:

@@ -24,7 +24,8 @@ import types
 import torch
 import transformers
 
-from hf_varlen_patch.patching import accepts_var_kwargs, current_boundaries
+from hf_varlen_patch.context import boundaries_for
+from hf_varlen_patch.patching import accepts_var_kwargs
 from hf_varlen_patch.recurrent import (
     guard_recurrent_layers,
     route_causal_conv,
@@ -152,7 +153,7 @@ def _restart_positions(patcher, layer) -> None:
     """``layer(activations, position_ids)`` resets its state where a position is 0."""
 
     def forward(wrapped, instance, args, kwargs):
-        boundaries = current_boundaries()
+        boundaries = boundaries_for()
         if boundaries is None or len(args) != 2:
             return wrapped(*args, **kwargs)
         return wrapped(args[0], boundaries.position_ids().to(args[1].device), **kwargs)

@@ -15,7 +15,8 @@ import contextvars
 
 import torch
 
-from hf_varlen_patch.attention import BOUNDARIES_KWARG, CHUNK_KWARG
+from hf_varlen_patch.attention import CHUNK_KWARG
+from hf_varlen_patch.context import BOUNDARIES_KWARG
 from hf_varlen_patch.registry import PatchEntry, register
 from hf_varlen_patch.twins import register_twin_overrides
 

@@ -26,11 +26,12 @@ from functools import partial
 
 from hf_varlen_patch.attention import varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
+from hf_varlen_patch.context import boundaries_for, remember
 from hf_varlen_patch.errors import VarlenPatchError
-from hf_varlen_patch.patching import cache_of, call_as_kwargs, current_boundaries
+from hf_varlen_patch.patching import cache_of, call_as_kwargs
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._alibi import SlopeCache, check_packed_call, packed_mask_wrapper, recall, remember, update_cache
+from ._alibi import SlopeCache, check_packed_call, packed_mask_wrapper, recall, update_cache
 
 
 def _config(**attn_config):
@@ -68,7 +69,7 @@ def _alibi_slopes(base) -> SlopeCache:
 def _build_alibi_tensor(wrapped, instance, args, kwargs):
     """Upstream's row-wide ALiBi tensor; in a packed forward, tied to the boundaries."""
     alibi = wrapped(*args, **kwargs)
-    boundaries = current_boundaries()
+    boundaries = boundaries_for()
     return alibi if boundaries is None else remember(alibi, boundaries)
 
 

@@ -26,9 +26,9 @@ from typing import Any
 
 import torch
 
-from hf_varlen_patch.attention import BOUNDARIES_KWARG
+from hf_varlen_patch.context import BOUNDARIES_KWARG, boundaries_for, enter_packed, leave_packed
 from hf_varlen_patch.errors import MalformedBoundariesError, VarlenPatchError
-from hf_varlen_patch.patching import call_as_kwargs, current_boundaries, enter_packed, leave_packed, nested_configs
+from hf_varlen_patch.patching import call_as_kwargs, nested_configs
 from hf_varlen_patch.registry import PatchEntry, register
 from hf_varlen_patch.twins import register_twin_overrides
 
@@ -185,7 +185,7 @@ def _mrope_forward(check_inputs: bool):
     boundaries, then each sample's own rotary rows (computed, or the caller's once checked)."""
 
     def forward(wrapped, instance, args, kwargs):
-        boundaries = current_boundaries()
+        boundaries = boundaries_for()
         if boundaries is None:
             return wrapped(*args, **kwargs)
         call = call_as_kwargs(wrapped, args, kwargs)
@@ -226,7 +226,7 @@ def _refuse_packed_images(reason: str):
     """A packed forward with vision inputs raises ``reason``; text-only packed rows run."""
 
     def forward(wrapped, instance, args, kwargs):
-        if current_boundaries() is not None:
+        if boundaries_for() is not None:
             call = call_as_kwargs(wrapped, args, kwargs)
             if any(call.get(name) is not None for name in VISION_INPUTS):
                 raise VarlenPatchError(
@@ -243,7 +243,7 @@ def _blocks_forward(blocks_of):
     blocks, so each sample's image (or prefix) attends both ways as it does alone."""
 
     def forward(wrapped, instance, args, kwargs):
-        boundaries = current_boundaries()
+        boundaries = boundaries_for()
         if boundaries is None:
             return wrapped(*args, **kwargs)
         call = call_as_kwargs(wrapped, args, kwargs)

@@ -8,7 +8,7 @@ sequence fits (:func:`~hf_varlen_patch.patching.index_positions_per_sequence` wo
 whole row up first). Each decoder self-attention projects as upstream does (queries
 pre-scaled), updates the cache, and attends through the varlen backend (causal, attention
 dropout). Its layers call attention without keyword arguments, so the boundaries come from the
-packed forward's context (:func:`patches._own_attention.layer_boundaries` for gradient
+packed forward's context (:func:`~hf_varlen_patch.context.boundaries_for` for gradient
 checkpointing). On 4.57 the causal LM takes no ``position_ids``: the patched forward accepts
 them anyway (the boundaries travel in the context). MVP does not shift ``labels``.
 
@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from hf_varlen_patch.patching import Patcher, current_boundaries
+from hf_varlen_patch.context import boundaries_for
+from hf_varlen_patch.patching import Patcher
 from hf_varlen_patch.registry import PatchEntry, PatchOptions, register
 
 from ._own_attention import refuse_when_packed, remember_padding, sequence_positions, wrap_bart_style_self_attention
@@ -39,7 +40,7 @@ def _refuse(config: Any) -> str | None:
 
 
 def _positions_per_sequence(wrapped, instance, args, kwargs):
-    boundaries = current_boundaries()
+    boundaries = boundaries_for()
     if boundaries is None:
         return wrapped(*args, **kwargs)
     positions = sequence_positions(boundaries, instance.weight.device)

@@ -15,10 +15,11 @@ import math
 from functools import partial
 from typing import Any
 
-from hf_varlen_patch.attention import BOUNDARIES_KWARG, is_packed_mask_placeholder, varlen_attention
+from hf_varlen_patch.attention import is_packed_mask_placeholder, varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
+from hf_varlen_patch.context import BOUNDARIES_KWARG, boundaries_for
 from hf_varlen_patch.errors import VarlenPatchError
-from hf_varlen_patch.patching import Patcher, call_as_kwargs, current_boundaries, track_layer
+from hf_varlen_patch.patching import Patcher, call_as_kwargs, track_layer
 from hf_varlen_patch.registry import PatchEntry, PatchOptions, register
 
 from ._legacy_attention import PackedOutputAttentionsError
@@ -42,7 +43,7 @@ def _without_placeholder(wrapped, instance, args, kwargs):
 
 
 def _packed_attn(wrapped, instance, args, kwargs, *, backend: str):
-    boundaries = current_boundaries()
+    boundaries = boundaries_for()
     if boundaries is None:
         return wrapped(*args, **kwargs)
     call = call_as_kwargs(wrapped, args, kwargs)

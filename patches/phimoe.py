@@ -26,7 +26,8 @@ import torch
 
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.boundaries import Boundaries
-from hf_varlen_patch.patching import boundaries_for_positions, call_as_kwargs
+from hf_varlen_patch.context import boundaries_for
+from hf_varlen_patch.patching import call_as_kwargs
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._common import tiny_config
@@ -80,7 +81,7 @@ def _longrope_rotary(wrapped, instance, args, kwargs):
     """5.x: the model's rotary embedding, per sequence in a packed forward."""
     call = call_as_kwargs(wrapped, args, kwargs)
     position_ids = call.get("position_ids")
-    boundaries = boundaries_for_positions(position_ids)
+    boundaries = boundaries_for(call)
     if boundaries is None:
         return wrapped(*args, **kwargs)
     x = call["x"]
@@ -101,7 +102,7 @@ def _longrope_rotary(wrapped, instance, args, kwargs):
 def _legacy_longrope(self, rotary, call: dict, like: torch.Tensor):
     """4.57: per-token cos/sin (B, T, D) for a packed call, each in its sequence's regime."""
     position_ids = call["position_ids"]
-    boundaries = boundaries_for_positions(position_ids)
+    boundaries = boundaries_for(call)
     limit = self.config.rope_scaling["original_max_position_embeddings"]
     long = _long_tokens(position_ids, boundaries, limit)
     positions = position_ids.expand(boundaries.shape)

@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 
 from hf_varlen_patch.boundaries import Boundaries
-from hf_varlen_patch.patching import call_as_kwargs, current_boundaries
+from hf_varlen_patch.context import boundaries_for
+from hf_varlen_patch.patching import call_as_kwargs
 from hf_varlen_patch.registry import PatchEntry, register
 
 from .bert_legacy import decoder_variants, on_4, refuse_relative_positions, wrap_self_attention
@@ -43,7 +44,7 @@ def roberta_positions(input_ids: torch.Tensor | None, boundaries: Boundaries, pa
 
 def _packed_embeddings(wrapped, instance, args, kwargs):
     call = call_as_kwargs(wrapped, args, kwargs)
-    boundaries = current_boundaries()
+    boundaries = boundaries_for()
     if boundaries is not None:
         call["position_ids"] = roberta_positions(call.get("input_ids"), boundaries, instance.padding_idx)
         return wrapped(**call)

@@ -10,7 +10,7 @@ each sequence otherwise (as upstream's ``RoFormerForCausalLM`` without ``is_deco
 sqrt(head size), attention dropout. The encoder's row-wide lookup is then made at position 0 (it
 is unused), so a packed row may be longer than the table as long as every sequence fits. The
 layers call attention without the boundaries: they come from the packed forward's context
-(:func:`patches._own_attention.layer_boundaries` for gradient checkpointing). Cross-attention,
+(:func:`~hf_varlen_patch.context.boundaries_for` for gradient checkpointing). Cross-attention,
 ``head_mask`` and ``output_attentions`` raise in packed calls.
 """
 
@@ -24,12 +24,13 @@ import torch
 
 from hf_varlen_patch.attention import varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
+from hf_varlen_patch.context import boundaries_for
 from hf_varlen_patch.errors import VarlenPatchError
-from hf_varlen_patch.patching import Patcher, cache_of, call_as_kwargs, current_boundaries
+from hf_varlen_patch.patching import Patcher, cache_of, call_as_kwargs
 from hf_varlen_patch.registry import PatchEntry, PatchOptions, register
 
 from ._legacy_attention import PackedOutputAttentionsError
-from ._own_attention import layer_boundaries, refuse_when_packed, remember_padding, sequence_positions
+from ._own_attention import refuse_when_packed, remember_padding, sequence_positions
 from .bert_legacy import refuse_bidirectional_decoder
 
 
@@ -54,7 +55,7 @@ def _refuse(config: Any) -> str | None:
 
 def _row_lookup_at_zero(wrapped, instance, args, kwargs):
     """The encoder's ``sinusoidal_pos`` of a packed forward: unused, so looked up at position 0."""
-    if current_boundaries() is None:
+    if boundaries_for() is None:
         return wrapped(*args, **kwargs)
     call = call_as_kwargs(wrapped, args, kwargs)
     length = call["input_ids_shape"][1]
@@ -65,7 +66,7 @@ def _row_lookup_at_zero(wrapped, instance, args, kwargs):
 def _self_attention(wrapped, instance, args, kwargs, *, backend: str, table: torch.nn.Embedding):
     call = call_as_kwargs(wrapped, args, kwargs)
     hidden = call["hidden_states"]
-    boundaries = layer_boundaries(instance, hidden)
+    boundaries = boundaries_for(key=hidden, layer=instance)
     if boundaries is None:
         return wrapped(*args, **kwargs)
     if call.get("encoder_hidden_states") is not None:

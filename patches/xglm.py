@@ -17,10 +17,11 @@ from functools import partial
 
 import torch
 
-from hf_varlen_patch.attention import BOUNDARIES_KWARG, varlen_attention
+from hf_varlen_patch.attention import varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
+from hf_varlen_patch.context import boundaries_for
 from hf_varlen_patch.errors import VarlenPatchError
-from hf_varlen_patch.patching import cache_of, call_as_kwargs, current_boundaries, track_layer
+from hf_varlen_patch.patching import cache_of, call_as_kwargs, track_layer
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._common import tiny_config
@@ -50,7 +51,7 @@ def _copied_positions(wrapped, instance, args, kwargs):
 
 def _packed_attention_forward(wrapped, instance, args, kwargs, *, backend: str):
     call = call_as_kwargs(wrapped, args, kwargs)
-    boundaries = call.get(BOUNDARIES_KWARG) or current_boundaries()
+    boundaries = boundaries_for(call)
     if boundaries is None:
         return wrapped(*args, **kwargs)
     if call.get("key_value_states") is not None:

@@ -24,15 +24,16 @@ from typing import Any
 
 import torch
 
-from hf_varlen_patch.attention import BOUNDARIES_KWARG, varlen_attention
+from hf_varlen_patch.attention import varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.boundaries import Boundaries
+from hf_varlen_patch.context import BOUNDARIES_KWARG, boundaries_for
 from hf_varlen_patch.errors import VarlenPatchError
-from hf_varlen_patch.patching import Patcher, cache_of, call_as_kwargs, current_boundaries
+from hf_varlen_patch.patching import Patcher, cache_of, call_as_kwargs
 from hf_varlen_patch.registry import PatchEntry, PatchOptions, register
 
 from ._legacy_attention import PackedOutputAttentionsError
-from ._own_attention import current_padding, layer_boundaries, remember_padding
+from ._own_attention import current_padding, remember_padding
 
 _MASK = "xlm_token_mask"
 _SPLIT = "xlm_split_at_masked_tails"
@@ -91,7 +92,7 @@ def _split_at_masked_tails(boundaries: Boundaries) -> Boundaries:
 
 
 def _packed_base(wrapped, instance, args, kwargs):
-    boundaries = current_boundaries()
+    boundaries = boundaries_for()
     if boundaries is None:
         return wrapped(*args, **kwargs)
     call = call_as_kwargs(wrapped, args, kwargs)
@@ -105,7 +106,7 @@ def _packed_base(wrapped, instance, args, kwargs):
 def _attention(wrapped, instance, args, kwargs, *, backend: str, causal: bool):
     call = call_as_kwargs(wrapped, args, kwargs)
     hidden = call["input"]
-    boundaries = layer_boundaries(instance, hidden)
+    boundaries = boundaries_for(key=hidden, layer=instance)
     if boundaries is None:
         return wrapped(*args, **kwargs)
     if call.get("kv") is not None:

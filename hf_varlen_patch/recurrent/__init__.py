@@ -31,8 +31,8 @@ from typing import Any
 
 import torch
 
-from ..attention import BOUNDARIES_KWARG
 from ..boundaries import Boundaries
+from ..context import BOUNDARIES_KWARG, boundaries_for
 from ..errors import RouterBypassedError, UnroutableCallError, VarlenPatchError
 from . import kernels, torch_ops
 
@@ -298,12 +298,11 @@ _ROUTER_CALLS = [0]
 
 
 def _make_router(name: str, upstream: Callable, op: RecurrentOp, module: types.ModuleType) -> Callable:
-    from ..patching import current_boundaries
-
     signature = upstream_signature(upstream, f"{module.__name__}.{name}")
 
     def router(*args, **kwargs):
-        boundaries = kwargs.pop(BOUNDARIES_KWARG, None) or current_boundaries()
+        boundaries = boundaries_for(kwargs)
+        kwargs.pop(BOUNDARIES_KWARG, None)
         if boundaries is None:
             return upstream(*args, **kwargs)
         if not torch.compiler.is_compiling():
@@ -368,14 +367,12 @@ def route_recurrent_attribute(patcher: Any, layer: torch.nn.Module, attr: str, o
 def route_causal_conv(patcher: Any, conv: torch.nn.Conv1d) -> None:
     """Make a causal depthwise ``nn.Conv1d`` (padding ``width - 1``, its caller keeps the first
     ``length`` outputs) drop the taps of the previous sequence in packed forwards."""
-    from ..patching import current_boundaries
-
     width = conv.kernel_size[0]
     if conv.groups != conv.in_channels or conv.out_channels != conv.in_channels or conv.padding != (width - 1,):
         raise VarlenPatchError(f"{conv} is not a causal depthwise convolution; it cannot be routed.")
 
     def forward(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> torch.Tensor:
-        boundaries = current_boundaries()
+        boundaries = boundaries_for()
         if boundaries is None:
             return wrapped(*args, **kwargs)
         (x,) = args
@@ -417,10 +414,8 @@ def run_sequences_as_rows(
     inside this layer; a packed forward leaves no
     recurrent state of this layer in the cache.
     """
-    from ..patching import current_boundaries
-
     def forward(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-        boundaries = kwargs.get(BOUNDARIES_KWARG) or current_boundaries()
+        boundaries = boundaries_for(kwargs)
         if boundaries is None:
             return wrapped(*args, **kwargs)
         shape = boundaries.shape
@@ -503,9 +498,7 @@ def _kernelized(obj: Any) -> Any:
 
 
 def _guard_before(layer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    from ..patching import current_boundaries
-
-    if current_boundaries() is None:
+    if boundaries_for() is None:
         return
     replaced = []
     if _kernelized(layer) is not None:
@@ -526,9 +519,7 @@ def _guard_before(layer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
 
 
 def _guard_after(layer: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-    from ..patching import current_boundaries
-
-    if current_boundaries() is None or torch.compiler.is_compiling() or not _GUARD_STACK:
+    if boundaries_for() is None or torch.compiler.is_compiling() or not _GUARD_STACK:
         return
     start = _GUARD_STACK.pop()
     if output is not None and _ROUTER_CALLS[0] == start:  # None: the forward raised, its error stands
