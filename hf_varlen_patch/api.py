@@ -133,10 +133,9 @@ def apply(
             f"(for {model_type}, its causal LM decoder class, e.g. AutoModelForCausalLM), not encoder-decoder ones."
         )
     entry = _entry_for(hf_model, model_type, self_check)
-    if entry.refuse is not None:
-        reason = entry.refuse(hf_model.config)
-        if reason:
-            raise UnsupportedArchitectureError(f"hf_varlen_patch cannot patch this {model_type} model: {reason}")
+    reason = entry.refusal(hf_model.config)
+    if reason:
+        raise UnsupportedArchitectureError(f"hf_varlen_patch cannot patch this {model_type} model: {reason}")
     head_refusal = entry.refuse_heads.get(head_kind(hf_model))
     if head_refusal:
         raise UnsupportedArchitectureError(f"hf_varlen_patch cannot pack {type(hf_model).__name__}: {head_refusal}")
@@ -158,7 +157,7 @@ def _entry_for(hf_model: torch.nn.Module, model_type: str, self_check: str) -> P
     if entry is not None and self_check != "always":
         return entry
     candidate = entry or PatchEntry(family=GENERIC_FAMILY, model_types=(model_type,))
-    if candidate.refuse is not None and candidate.refuse(hf_model.config):
+    if candidate.refusal(hf_model.config):
         return candidate  # apply() raises with the entry's reason
     result = run_self_check(
         hf_model.config, entry=candidate, model_class=type(hf_model), use_cache=self_check != "always"
@@ -280,7 +279,7 @@ def _patch(hf_model: torch.nn.Module, entry: PatchEntry, options: PatchOptions, 
     from_context = entry.boundaries_from_context
     from_context = from_context(hf_model) if callable(from_context) else from_context
     passes_kwargs = {id(m): accepts_var_kwargs(m.forward) and not from_context for m, _, _ in targets}
-    generic = entry.generic(hf_model) if callable(entry.generic) else entry.generic
+    generic = entry.takes_generic_route(hf_model)
     if generic and not passes_kwargs[id(base)] and not from_context:
         raise UnsupportedArchitectureError(
             f"{type(base).__name__}.forward takes no **kwargs on this transformers version, so the "

@@ -75,13 +75,13 @@ def check_config(
     from .registry import REGISTRY
 
     entry = REGISTRY.get(model_type)
-    if entry is not None and "sample" in entry.extra:  # a vision-language model: samples with images
+    if entry is not None and entry.multimodal is not None:  # a vision-language model: samples with images
         from .coverage import _scan_multimodal
 
         row = _scan_multimodal(model_type, entry, config, backend, tol, device=device, dtype=dtype)
         return Row(model_type, variant, row.upstream_no_cache, row.upstream_default, row.patched, row.backend,
                    row.verdict, row.reason[:120])  # fmt: skip
-    reason = entry.refuse(config) if entry is not None and entry.refuse is not None else None
+    reason = entry.refusal(config) if entry is not None else None
     if dtype is None:  # the entry's own test dtype (float64 where fp32 rounding alone exceeds the tolerance)
         dtype = entry.test_dtype if entry is not None else torch.float32
     nan = float("nan")

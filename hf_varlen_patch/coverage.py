@@ -82,7 +82,7 @@ def _scan_unregistered_multimodal(model_type: str, entry: Any, twin: Any) -> Cov
     from transformers import AutoModelForImageTextToText
 
     nan = math.nan
-    refusal = entry.refuse(twin) if entry is not None and entry.refuse is not None else None
+    refusal = entry.refusal(twin) if entry is not None else None
     try:
         torch.manual_seed(0)
         model = AutoModelForImageTextToText.from_config(twin).float()
@@ -122,7 +122,7 @@ def _scan_multimodal(
     from .testing import compare_multimodal, multimodal_layouts, multimodal_samples, worst_error
 
     nan = math.nan
-    refusal = entry.refuse(twin) if entry.refuse is not None else None
+    refusal = entry.refusal(twin)
     if refusal:
         return CoverageRow(model_type, "multimodal", nan, nan, nan, "-", "REFUSED", refusal[:200])
     try:
@@ -193,10 +193,10 @@ def _refusal_of_default(entry: Any, model_type: str) -> str | None:
     """A registered entry's refusal of the type's default config (when no twin can be built)."""
     from transformers import CONFIG_MAPPING
 
-    if entry is None or entry.refuse is None:
+    if entry is None:
         return None
     try:
-        return entry.refuse(CONFIG_MAPPING[model_type]())
+        return entry.refusal(CONFIG_MAPPING[model_type]())
     except Exception:
         return None
 
@@ -227,7 +227,7 @@ def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, conf
         if refusal:
             return CoverageRow(model_type, kind, nan, nan, nan, "-", "REFUSED", refusal[:200])
         return CoverageRow(model_type, kind, nan, nan, nan, "-", "UNBUILDABLE", " ".join(str(err).split())[:200])
-    if entry is not None and "sample" in entry.extra:
+    if entry is not None and entry.multimodal is not None:
         return _scan_multimodal(model_type, entry, twin, backend, tol)
     if vision_only:
         return _scan_unregistered_multimodal(model_type, entry, twin)
@@ -244,7 +244,7 @@ def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, conf
     vocab = getattr(model.config.get_text_config(), "vocab_size", None)
     if not vocab:
         return CoverageRow(model_type, kind, nan, nan, nan, "-", "UNBUILDABLE", "the config has no vocab_size")
-    refusal = entry.refuse(model.config) if entry is not None and entry.refuse is not None else None
+    refusal = entry.refusal(model.config) if entry is not None else None
     try:
         up_nc, up_def = _upstream(model, vocab)
     except Exception as err:

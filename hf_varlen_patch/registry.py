@@ -9,9 +9,24 @@ from typing import Any
 
 import torch
 
+from . import twins
 from .errors import UnsupportedArchitectureError
+from .versions import transformers_version
 
-__all__ = ["PatchEntry", "PatchOptions", "register", "lookup", "supported_model_types", "REGISTRY"]
+__all__ = [
+    "PatchEntry",
+    "PatchOptions",
+    "MultimodalSpec",
+    "ReleaseRefusal",
+    "register",
+    "register_twin_overrides",
+    "lookup",
+    "supported_model_types",
+    "REGISTRY",
+]
+
+#: A twin override: config values, or ``original_config -> values`` (see :mod:`hf_varlen_patch.twins`).
+TwinOverrides = dict[str, Any] | Callable[[Any], dict[str, Any]]
 
 
 @dataclass(frozen=True)
@@ -21,6 +36,41 @@ class PatchOptions:
     backend: str = "auto"
     check_inputs: bool = True
     loss: str = "token_mean"
+
+
+@dataclass(frozen=True)
+class MultimodalSpec:
+    """How tests, ``check`` and ``scan`` build samples for a vision-language entry's tiny twins."""
+
+    #: ``(model, parts, generator) -> processor-like inputs`` of one sample; ``parts`` lists text
+    #: lengths and ``"image"`` / ``"video"`` in order (see :mod:`hf_varlen_patch.samples`).
+    sample: Callable[[torch.nn.Module, list, torch.Generator], dict]
+    #: types whose samples may mix videos with images in one batch
+    videos_with_images: tuple[str, ...] = ()
+    #: types that pack text-only rows (a packed batch with images is refused)
+    text_only: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReleaseRefusal:
+    """``model_types`` cannot be made correct on the transformers releases in ``releases`` (a
+    ``packaging`` specifier such as ``"<5"``); ``reason`` says what stands in the way there."""
+
+    model_types: tuple[str, ...]
+    reason: str
+    releases: str = "<5"
+    fix: str = "upgrade to transformers 5.x, where it is supported"
+
+    def applies(self, model_type: str) -> bool:
+        from packaging.specifiers import SpecifierSet
+
+        version = transformers_version()
+        return model_type in self.model_types and SpecifierSet(self.releases).contains(
+            version.base_version, prereleases=True
+        )
+
+    def message(self) -> str:
+        return f"on transformers {transformers_version()} {self.reason}; {self.fix}."
 
 
 @dataclass(frozen=True)
@@ -34,11 +84,19 @@ class PatchEntry:
         test_configs: model_type -> {variant name: tiny config} for tests and ``scan``; each
             variant exercises a code path (sliding window, softcap, ...). Default: the tiny twin
             of the model_type's default config (``{"twin": tiny_config(model_type)}``).
-        generic: route attention through the registered AttentionInterface function (a bool,
-            or ``model -> bool`` where it depends on the transformers version).
+        routes_attention: the model's attention layers call transformers' AttentionInterface,
+            so the engine routes them to its varlen function by name (a bool, or ``model -> bool``
+            where the model's classes decide, e.g. legacy attention classes on 4.57). False: the
+            entry's ``patch`` makes attention pack itself.
         patch: extra instance-level changes ``(model, patcher, options) -> None`` where the
             generic route is not enough (positions, ALiBi, attention classes, ...).
-        refuse: ``config -> reason`` for configurations the entry cannot make correct.
+        refuse: ``config -> reason`` for configurations the entry cannot make correct (see
+            :meth:`refusal`, which also applies ``refused_on``).
+        refused_on: types this entry cannot make correct on some transformers releases, declared
+            with the reason (:class:`ReleaseRefusal`).
+        twin_overrides: model_type -> what generic shrinking gets wrong for its tiny twin (config
+            values, or ``original_config -> values``), applied after the generic shrink.
+        multimodal: for vision-language entries, how tests build samples (:class:`MultimodalSpec`).
         shifts_labels: the model shifts ``labels`` inside its loss (``labels[t]`` is the target of
             ``logits[t-1]``), so each sequence start is masked; False for models whose
             ``labels[t]`` is the target of ``logits[t]`` (``BartForCausalLM`` and kin): there
@@ -65,7 +123,7 @@ class PatchEntry:
     family: str
     model_types: tuple[str, ...]
     test_configs: Callable[[str], dict[str, Any]] | None = None
-    generic: bool | Callable[[torch.nn.Module], bool] = True
+    routes_attention: bool | Callable[[torch.nn.Module], bool] = True
     patch: Callable[[torch.nn.Module, Any, PatchOptions], None] | None = None
     refuse: Callable[[Any], str | None] | None = None
     shifts_labels: bool = True
@@ -75,24 +133,56 @@ class PatchEntry:
     attention_configs: Callable[[Any], list[Any]] | None = None
     notes: str = ""
     refuse_heads: dict[str, str] = field(default_factory=dict)
-    extra: dict = field(default_factory=dict)
+    refused_on: tuple[ReleaseRefusal, ...] = ()
+    twin_overrides: dict[str, TwinOverrides] = field(default_factory=dict)
+    multimodal: MultimodalSpec | None = None
+
+    def refusal(self, config: Any) -> str | None:
+        """Why this entry cannot make ``config``'s model correct here (None: it can)."""
+        for refusal in self.refused_on:
+            if refusal.applies(config.model_type):
+                return refusal.message()
+        return self.refuse(config) if self.refuse is not None else None
+
+    def takes_generic_route(self, model: torch.nn.Module) -> bool:
+        return self.routes_attention(model) if callable(self.routes_attention) else self.routes_attention
 
     def variants(self, model_type: str) -> dict[str, Any]:
         """{variant name: tiny config} to test ``model_type`` with."""
         if self.test_configs is not None:
             return self.test_configs(model_type)
-        from .twins import tiny_config
-
-        return {"twin": tiny_config(model_type)}
+        return {"twin": twins.tiny_config(model_type)}
 
 
 REGISTRY: dict[str, PatchEntry] = {}
+#: model_type -> twin override, from entries and from :func:`register_twin_overrides`.
+TWIN_OVERRIDES: dict[str, TwinOverrides] = {}
 
 
 def register(entry: PatchEntry) -> PatchEntry:
     for model_type in entry.model_types:
         REGISTRY[model_type] = entry
+    TWIN_OVERRIDES.update(entry.twin_overrides)
     return entry
+
+
+def register_twin_overrides(model_types: tuple[str, ...], overrides: TwinOverrides) -> None:
+    """Twin overrides for model_types without an entry (an entry declares its own in
+    ``PatchEntry.twin_overrides``)."""
+    for model_type in model_types:
+        TWIN_OVERRIDES[model_type] = overrides
+
+
+def declared_twin_overrides(model_type: str) -> Callable[[Any], dict[str, Any]] | None:
+    """``original_config -> values`` declared for ``model_type``'s twin, if any."""
+    _load_entries()
+    overrides = TWIN_OVERRIDES.get(model_type)
+    if overrides is None or callable(overrides):
+        return overrides
+    return lambda _config, _o=overrides: dict(_o)
+
+
+twins.declare_overrides_with(declared_twin_overrides)
 
 
 def _load_entries() -> None:

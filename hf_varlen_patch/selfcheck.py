@@ -212,9 +212,9 @@ def check_layouts(config: Any, twin: Any | None = None) -> tuple[tuple[dict, ...
     if value + 2 > MAX_CHECK_LENGTH:
         top = "." not in path
         fix = (
-            f"hf_varlen_patch.twins.register_twin_overrides([{config.model_type!r}], {{{path!r}: 8}})"
+            f"hf_varlen_patch.registry.register_twin_overrides([{config.model_type!r}], {{{path!r}: 8}})"
             if top
-            else "hf_varlen_patch.twins.register_twin_overrides with a smaller value for it"
+            else "hf_varlen_patch.registry.register_twin_overrides with a smaller value for it"
         )
         raise TwinError(
             f"the self-check cannot exercise {path} = {value}: a value that may count tokens needs sequences "

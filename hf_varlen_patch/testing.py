@@ -64,17 +64,17 @@ def registered_variants(*, refused: bool = False, multimodal: bool = False) -> l
         if mt not in CONFIG_MAPPING:
             continue  # a model_type of another transformers release
         entry = lookup(mt)
-        if ("sample" in entry.extra) != multimodal:
+        if (entry.multimodal is not None) != multimodal:
             continue
         try:
             variants = test_variants(mt)
         except TwinError:
             # no twin on this release: only acceptable where the entry refuses the type here anyway
-            if entry.refuse is not None and entry.refuse(CONFIG_MAPPING[mt]()):
+            if entry.refusal(CONFIG_MAPPING[mt]()):
                 continue
             raise
         for variant, config in variants.items():
-            reason = entry.refuse(config) if entry.refuse is not None else None
+            reason = entry.refusal(config)
             if bool(reason) == refused:
                 out.append((mt, variant))
     return out
@@ -85,7 +85,7 @@ def auto_class(model_type: str) -> type:
     vision-language entry (vision tower included), else causal LM."""
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
-    return AutoModelForImageTextToText if "sample" in lookup(model_type).extra else AutoModelForCausalLM
+    return AutoModelForImageTextToText if lookup(model_type).multimodal is not None else AutoModelForCausalLM
 
 
 def tiny_model(
@@ -576,12 +576,12 @@ VIDEO_LAYOUT = [5, "video", 2]
 def multimodal_layouts(model_type: str) -> list[list[Any]]:
     """The standard sample layouts for ``model_type`` (tests, scan, check): text-only for entries
     that pack only text rows, plus :data:`VIDEO_LAYOUT` where videos mix with images."""
-    extra = lookup(model_type).extra
-    if model_type in extra.get("text_only", ()):
+    spec = lookup(model_type).multimodal
+    if spec is not None and model_type in spec.text_only:
         layouts = [[n for n in layout if isinstance(n, int)] for layout in MULTIMODAL_LAYOUTS]
     else:
         layouts = [list(layout) for layout in MULTIMODAL_LAYOUTS]
-    if model_type in extra.get("videos_with_images", ()):
+    if spec is not None and model_type in spec.videos_with_images:
         layouts.append(list(VIDEO_LAYOUT))
     return layouts
 
@@ -594,11 +594,11 @@ def multimodal_samples(model: torch.nn.Module, layouts: Sequence[Sequence[Any]],
     from .registry import lookup
 
     hf_model = find_hf_model(model)
-    build = lookup(hf_model.config.model_type).extra.get("sample")
-    if build is None:
+    spec = lookup(hf_model.config.model_type).multimodal
+    if spec is None:
         raise ValueError(f"{hf_model.config.model_type} has no multimodal sample builder")
     generator = torch.Generator().manual_seed(seed)
-    return [build(hf_model, list(layout), generator) for layout in layouts]
+    return [spec.sample(hf_model, list(layout), generator) for layout in layouts]
 
 
 def inputs_on_model(model: torch.nn.Module, inputs: dict) -> dict:

@@ -9,9 +9,10 @@ differ for reasons other than packing). A value that counts tokens under a key t
 know stays as it is: :func:`length_values` finds every such value by its key's name, anywhere in
 the config, so the self-check can run sequences that cross it (or refuse).
 
-Families whose config cannot be shrunk generically declare overrides in their ``patches/`` module
-(or, without an entry, in ``patches/twin_overrides.py``) with :func:`register_twin_overrides`; the
-twin applies them last, also to a composite config's sub-config of that family.
+Families whose config cannot be shrunk generically declare overrides in their registry entry
+(``PatchEntry.twin_overrides``; without an entry, ``registry.register_twin_overrides`` in
+``patches/twin_overrides.py``); the twin applies them last, also to a composite config's
+sub-config of that family.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from typing import Any
 
 __all__ = [
     "tiny_config",
-    "register_twin_overrides",
     "twin_overrides",
     "TwinError",
     "config_fingerprint",
@@ -193,30 +193,23 @@ SIZE_KEYS = frozenset(
     )
 )
 
-_OVERRIDES: dict[str, Callable[[Any], dict[str, Any]]] = {}
-
-
 class TwinError(ValueError):
     """A config that cannot be shrunk to a twin (the message says why)."""
 
 
-def register_twin_overrides(model_types: Iterable[str], overrides: dict[str, Any] | Callable[[Any], dict]) -> None:
-    """Declare what generic shrinking gets wrong for ``model_types``: a dict of config values, or
-    ``original_config -> dict``. Applied after the generic shrink."""
-    fn = overrides if callable(overrides) else (lambda _config, _o=dict(overrides): dict(_o))
-    for model_type in model_types:
-        _OVERRIDES[model_type] = fn
+#: Where declared overrides come from: the registry hands its lookup in on import, so this module
+#: (used by the registry for default test configs) imports nothing back.
+_DECLARED: list[Callable[[str], Callable[[Any], dict[str, Any]] | None]] = []
+
+
+def declare_overrides_with(lookup: Callable[[str], Callable[[Any], dict[str, Any]] | None]) -> None:
+    """Take per-type twin overrides from ``lookup(model_type)`` (the registry's)."""
+    _DECLARED[:] = [lookup]
 
 
 def twin_overrides(model_type: str) -> Callable[[Any], dict[str, Any]] | None:
-    _load_entries()
-    return _OVERRIDES.get(model_type)
-
-
-def _load_entries() -> None:
-    from .registry import _load_entries as load
-
-    load()
+    """``original_config -> values`` that a registry declaration sets for ``model_type``'s twin."""
+    return _DECLARED[0](model_type) if _DECLARED else None
 
 
 def _even(x: float, minimum: int = 2) -> int:
@@ -662,7 +655,7 @@ def tiny_config(model_type_or_config: Any, **overrides: Any) -> Any:
 
     Sizes shrink (hidden 64, 4 heads of 16, 2 layers or as many as the layer pattern needs,
     8 experts choosing 2, vocabulary 128, windows of 8); every other value is kept. Family
-    overrides declared with :func:`register_twin_overrides` (a sub-config's family's inside a
+    overrides declared in the registry (:func:`twin_overrides`; a sub-config's family's inside a
     composite config), then ``overrides``, are applied last; a dict given for a sub-config updates
     it. Raises :class:`TwinError` when the config cannot be shrunk, or when AutoModelForCausalLM
     cannot build or run the type on its own (a draft model fed by its target, a causal LM that

@@ -20,6 +20,11 @@ def transformers_version() -> Version:
     return Version(transformers.__version__)
 
 
+#: The installed transformers is a 4.x release (4.57): legacy attention classes, older names.
+#: For patches that branch on the line; refusals per release are declared in ``ReleaseRefusal``.
+TRANSFORMERS_4 = transformers_version().major == 4
+
+
 def check_versions() -> None:
     """Raise :class:`UnsupportedVersionError` outside the supported range, naming the fix."""
     tv = transformers_version()

@@ -25,6 +25,7 @@ from hf_varlen_patch.context import boundaries_for
 from hf_varlen_patch.errors import VarlenPatchError
 from hf_varlen_patch.patching import cache_of, call_as_kwargs, track_layer
 from hf_varlen_patch.registry import PatchEntry, register
+from hf_varlen_patch.versions import TRANSFORMERS_4
 
 from ._legacy_attention import PackedOutputAttentionsError
 
@@ -87,15 +88,11 @@ def wrap_self_attention(model, patcher, options) -> None:
         track_layer(patcher, module)
 
 
-def on_4(model=None) -> bool:
-    return transformers.__version__.startswith("4.")
-
-
 def refuse_bidirectional_decoder(config) -> str | None:
     """Some 5.x releases (5.17 among them) build MegatronBERT's, RemBERT's and RoFormer's mask with
     ``create_bidirectional_mask`` even when ``is_decoder=True``: their causal LM then sees later
     tokens, and there is no causal per-sequence result to match. Read from the installed code."""
-    if on_4() or not getattr(config, "is_decoder", False):
+    if TRANSFORMERS_4 or not getattr(config, "is_decoder", False):
         return None
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -132,7 +129,7 @@ register(
         family="bert_legacy",
         model_types=("megatron-bert", "rembert"),
         test_configs=decoder_variants,
-        generic=False,
+        routes_attention=False,
         patch=_patch,
         refuse=refuse_relative_positions,
         notes="absolute positions from position_ids; own self-attention wrapped per instance (causal for decoders)",
@@ -145,7 +142,7 @@ BERT_LIKE = ("bert", "bert-generation", "electra", "ernie", "roc_bert")
 
 
 def _bert_like_patch(model, patcher, options) -> None:
-    if on_4():
+    if TRANSFORMERS_4:
         wrap_self_attention(model, patcher, options)
 
 
@@ -154,7 +151,7 @@ register(
         family="bert_legacy",
         model_types=BERT_LIKE,
         test_configs=decoder_variants,
-        generic=lambda model: not on_4(),
+        routes_attention=not TRANSFORMERS_4,
         patch=_bert_like_patch,
         refuse=refuse_relative_positions,
         notes="absolute positions from position_ids; 5.x: attention via AttentionInterface; 4.57: own "

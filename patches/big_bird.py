@@ -45,7 +45,7 @@ register(
         family="big_bird",
         model_types=("big_bird",),
         test_configs=_variants,
-        generic=False,
+        routes_attention=False,
         patch=_patch,
         refuse=_refuse,
         refuse_heads={

@@ -137,7 +137,7 @@ register(
         family="bloom",
         model_types=("bloom",),
         test_configs=_configs,
-        generic=False,
+        routes_attention=False,
         patch=_patch,
         notes="per-sequence ALiBi; own attention wrapped per instance (boundaries tied to the ALiBi tensor)",
     )

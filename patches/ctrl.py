@@ -78,7 +78,7 @@ register(
         family="ctrl",
         model_types=("ctrl",),
         test_configs=_configs,
-        generic=lambda model: not _legacy(model),
+        routes_attention=lambda model: not _legacy(model),
         patch=_patch,
         notes="sinusoidal positions from position_ids; 4.57: legacy attention wrapped per instance",
     )

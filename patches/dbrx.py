@@ -74,7 +74,7 @@ register(
         model_types=("dbrx",),
         test_configs=_configs,
         refuse=refuse_length_dependent_rope,
-        generic=lambda model: not _legacy(model),
+        routes_attention=lambda model: not _legacy(model),
         patch=_patch,
         notes="fused Wqkv with clip_qkv, MoE; 4.57: legacy attention classes wrapped per instance",
     )

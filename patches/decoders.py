@@ -12,11 +12,8 @@ classes on 4.57) or configuration (length-dependent rotary scaling).
 
 from __future__ import annotations
 
-import transformers
-
 from hf_varlen_patch.patching import attach_boundaries
-from hf_varlen_patch.registry import PatchEntry, register
-from hf_varlen_patch.twins import register_twin_overrides
+from hf_varlen_patch.registry import PatchEntry, ReleaseRefusal, register
 
 from ._legacy_attention import refuse_length_dependent_rope
 
@@ -98,35 +95,28 @@ DECODERS = (
 
 #: Decoders whose 4.57 code computes attention in legacy classes the generic route cannot reach.
 NEEDS_5X = ("moshi", "phi4_multimodal")
-#: Why, where more than the legacy classes stands in the way.
-WHY_5X = {
-    "moshi": "MoshiModel builds no causal mask without an attention_mask (eager attention sees the whole "
-    "row), so a sequence alone has no reference result",
-}
+#: What 4.57 gets in the way of, per type.
+REFUSED_ON_4 = (
+    ReleaseRefusal(
+        ("emu3",),
+        "its causal LM takes the composite (multimodal) config, which no tiny twin exercises",
+    ),
+    ReleaseRefusal(
+        ("moshi",),
+        "MoshiModel builds no causal mask without an attention_mask (eager attention sees the whole row), so "
+        "a sequence alone has no reference result",
+        fix="use transformers 5.x, where it is supported",
+    ),
+    ReleaseRefusal(
+        ("phi4_multimodal",),
+        "it computes attention in its own classes (or takes no **kwargs), which the generic route cannot reach",
+    ),
+)
 
 
 #: Decoders whose layers call attention without the keyword arguments on some 5.x releases
 #: (moshi on 5.17): the boundaries are attached to each self-attention module.
 LAYERS_DROP_KWARGS = ("moshi",)
-
-#: Types whose 4.57 causal LM takes a composite config, whose tiny twin does not run there.
-COMPOSITE_ON_4 = ("emu3",)
-
-
-def _refuse(config) -> str | None:
-    if config.model_type in COMPOSITE_ON_4 and transformers.__version__.startswith("4."):
-        return (
-            f"on transformers 4.57 {config.model_type}'s causal LM takes the composite (multimodal) config, "
-            "which no tiny twin exercises; upgrade to transformers 5.x, where it is supported."
-        )
-    if config.model_type in WHY_5X and transformers.__version__.startswith("4."):
-        return f"on transformers 4.57 {WHY_5X[config.model_type]}; use transformers 5.x, where it is supported."
-    if config.model_type in NEEDS_5X and transformers.__version__.startswith("4."):
-        return (
-            f"on transformers 4.57 {config.model_type} computes attention in its own classes (or takes no "
-            "**kwargs), which the generic route cannot reach; upgrade to transformers 5.x, where it is supported."
-        )
-    return refuse_length_dependent_rope(config)
 
 
 def _patch(model, patcher, options) -> None:
@@ -137,20 +127,20 @@ def _patch(model, patcher, options) -> None:
             attach_boundaries(patcher, module)
 
 
+# the generic shrink gives glm4_moe_lite's MLA rows of 26 floats (kv_lora 16 + rope 10) and
+# 40-wide query heads, views that fault on CUDA in upstream's own unpacked forward; the dims the
+# other MLA twins have keep it aligned.
+TWINS = {"glm4_moe_lite": {"qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32, "head_dim": 16}}
+
+
 register(
     PatchEntry(
         family="decoders",
         model_types=DECODERS + NEEDS_5X,
         patch=_patch,
-        refuse=_refuse,
+        refuse=refuse_length_dependent_rope,
+        refused_on=REFUSED_ON_4,
+        twin_overrides=TWINS,
         notes="positions from position_ids; attention via AttentionInterface (tested on the tiny twin)",
     )
-)
-
-# the generic shrink gives glm4_moe_lite's MLA rows of 26 floats (kv_lora 16 + rope 10) and
-# 40-wide query heads; those views fault on CUDA (misaligned address in upstream's own unpacked
-# forward, H200, torch 2.11, fp32, eager and sdpa alike). The dims the other MLA twins
-# have (which run there) keep it aligned.
-register_twin_overrides(
-    ("glm4_moe_lite",), {"qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32, "head_dim": 16}
 )

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 from hf_varlen_patch.registry import PatchEntry, register
-from hf_varlen_patch.twins import register_twin_overrides
 
 from ._legacy_attention import refuse_length_dependent_rope
 
@@ -31,30 +30,11 @@ REASONS = {
     "varlen attention does not take; it needs a dedicated patch",
 }
 
-register(
-    PatchEntry(
-        family="decoders_525",
-        model_types=DECODERS,
-        refuse=refuse_length_dependent_rope,
-        notes=NOTES,
-    )
-)
-
-register(
-    PatchEntry(
-        family="decoders_525",
-        model_types=tuple(REASONS),
-        refuse=lambda config: REASONS[config.model_type],
-        notes=NOTES,
-    )
-)
-
 # The generic shrink keeps the first layers' types and the 50-layer K/V-sharing map, which the
 # shrunk config rejects: a sliding layer, an indexer and an indexed layer reading its K/V, with a
 # selection budget the twin's sequences exceed.
-register_twin_overrides(
-    ("kolibri1_1",),
-    {
+TWINS = {
+    "kolibri1_1": {
         "num_hidden_layers": 3,
         "layer_types": ["sliding_attention", "indexed_attention", "indexed_attention"],
         "index_layers": [1],
@@ -66,4 +46,43 @@ register_twin_overrides(
         "index_num_local_tokens": 2,
         "index_num_sink_tokens": 1,
     },
+}
+
+
+register(
+    PatchEntry(
+        family="decoders_525",
+        model_types=DECODERS,
+        refuse=refuse_length_dependent_rope,
+        notes=NOTES,
+    )
+)
+
+# The generic shrink keeps the first layers' types and the 50-layer K/V-sharing map, which the
+# shrunk config rejects: a sliding layer, an indexer and an indexed layer reading its K/V, with a
+# selection budget the twin's sequences exceed.
+TWINS = {
+    "kolibri1_1": {
+        "num_hidden_layers": 3,
+        "layer_types": ["sliding_attention", "indexed_attention", "indexed_attention"],
+        "index_layers": [1],
+        "kv_source_layers": [0, 1, 1],
+        "mlp_only_layers": [0],
+        "index_num_heads": 1,
+        "index_pool_size": 32,
+        "index_compression": 4,
+        "index_num_local_tokens": 2,
+        "index_num_sink_tokens": 1,
+    },
+}
+
+
+register(
+    PatchEntry(
+        family="decoders_525",
+        model_types=tuple(REASONS),
+        refuse=lambda config: REASONS[config.model_type],
+        twin_overrides=TWINS,
+        notes=NOTES,
+    )
 )

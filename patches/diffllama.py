@@ -60,7 +60,7 @@ register(
     PatchEntry(
         family="diffllama",
         model_types=("diffllama",),
-        generic=lambda model: not _legacy(model),
+        routes_attention=lambda model: not _legacy(model),
         patch=_patch,
         refuse=refuse_length_dependent_rope,
         notes="differential attention; 5.x: via AttentionInterface; 4.57: legacy attention classes wrapped "

@@ -266,7 +266,7 @@ register(
         family="falcon",
         model_types=("falcon",),
         test_configs=_configs,
-        generic=False,
+        routes_attention=False,
         patch=_patch,
         refuse=_refuse,
         notes="rotary or per-sequence ALiBi; MQA/GQA, old/new architecture, parallel attention; own "

@@ -59,7 +59,7 @@ register(
         family="gpt_neo",
         model_types=("gpt_neo",),
         test_configs=_configs,
-        generic=False,
+        routes_attention=False,
         patch=_patch,
         notes="learned positions; global and local (window_size) layers; attention _attn wrapped per instance",
     )

@@ -91,7 +91,7 @@ register(
     PatchEntry(
         family="gpt_neox_japanese",
         model_types=("gpt_neox_japanese",),
-        generic=False,
+        routes_attention=False,
         patch=_patch,
         refuse=refuse_length_dependent_rope,
         notes="rotary from position_ids; own attention (forward and _attn) wrapped per instance",

@@ -147,7 +147,7 @@ register(
         family="gptj",
         model_types=("gptj", "codegen"),
         test_configs=_configs,
-        generic=lambda model: not _legacy(model),
+        routes_attention=lambda model: not _legacy(model),
         patch=_patch,
         notes="partial rotary from position_ids; up to 5.23 attention modules' forward and _attn wrapped per "
         "instance, from 5.24 attention via AttentionInterface",

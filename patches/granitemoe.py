@@ -10,6 +10,7 @@ must leave the packed mask placeholder alone (:func:`keep_packed_mask`).
 from __future__ import annotations
 
 from hf_varlen_patch.registry import PatchEntry, register
+from hf_varlen_patch.versions import TRANSFORMERS_4
 
 from ._common import tiny_config
 from ._legacy_attention import keep_packed_mask, pass_boundaries, refuse_length_dependent_rope
@@ -30,9 +31,8 @@ def _configs(model_type: str) -> dict:
 
 
 def _patch(model, patcher, options) -> None:
-    import transformers
 
-    if not transformers.__version__.startswith("4."):
+    if not TRANSFORMERS_4:
         return
     keep_packed_mask(patcher, model.base_model)
     for layer in model.base_model.layers:

@@ -34,8 +34,8 @@ from hf_varlen_patch.recurrent import (
     routed_functions,
     run_sequences_as_rows,
 )
-from hf_varlen_patch.registry import PatchEntry, register
-from hf_varlen_patch.twins import register_twin_overrides
+from hf_varlen_patch.registry import PatchEntry, ReleaseRefusal, register
+from hf_varlen_patch.versions import TRANSFORMERS_4
 
 #: model_type -> the modeling module that holds its recurrent functions (default: its own).
 MODELING = {
@@ -88,9 +88,11 @@ INLINE = {
 # Bamba's default config has no attention layer (attn_layer_indices None); released Bamba models
 # interleave attention with Mamba-2 layers, and a cache over Mamba layers only breaks upstream's
 # mask creation.
-register_twin_overrides(("bamba",), {"attn_layer_indices": [1], "num_hidden_layers": 2})
-# RecurrentGemma repeats (recurrent, recurrent, attention) blocks: two layers would drop attention.
-register_twin_overrides(("recurrent_gemma",), {"num_hidden_layers": 3})
+TWINS = {
+    "bamba": {"attn_layer_indices": [1], "num_hidden_layers": 2},
+    # RecurrentGemma repeats (recurrent, recurrent, attention) blocks: two layers would drop attention.
+    "recurrent_gemma": {"num_hidden_layers": 3},
+}
 
 
 def _modeling(model_type: str) -> types.ModuleType | None:
@@ -123,18 +125,22 @@ RESET_AT_POSITION_ZERO = ("Rglru",)
 ATTRIBUTES_ON_4 = {"chunk_gated_delta_rule": "torch_chunk_gated_delta_rule", "causal_conv1d_fn": "causal_conv1d_fn"}
 
 
+#: On 4.57 the other types' recurrent layers compute inline (nothing to route without copying them).
+REFUSED_ON_4 = (
+    ReleaseRefusal(
+        tuple(t for t in HYBRIDS if t not in ROUTED_ON_4),
+        "their recurrent layers compute inline in their forward, which hf_varlen_patch does not copy",
+        fix="upgrade to transformers 5.x, where their convolution and scans are routed through boundary-aware ops",
+    ),
+)
+
+
 def _refuse(config) -> str | None:
     model_type = config.model_type
     if model_type in INLINE:
         return f"{INLINE[model_type]}; hf_varlen_patch has no boundary-aware version of it yet."
-    if transformers.__version__.startswith("4."):
-        if model_type in ROUTED_ON_4:
-            return None
-        return (
-            f"on transformers {transformers.__version__} {model_type}'s recurrent layers compute inline in "
-            "their forward, which hf_varlen_patch does not copy; upgrade to transformers 5.x, where their "
-            "convolution and scans are routed through boundary-aware ops."
-        )
+    if TRANSFORMERS_4:
+        return None  # ROUTED_ON_4; the others are refused on 4.57 (REFUSED_ON_4)
     module = _modeling(model_type)
     if model_type in CONV_MODULES or model_type in AS_ROWS or (module is not None and routed_functions(module)):
         return None
@@ -166,13 +172,12 @@ def _patch(model, patcher, options) -> None:
     for module in sorted(modules, key=lambda m: m.__name__):
         if module.__name__.startswith("transformers.models."):
             route_recurrent_functions(patcher, module)
-    on_4 = transformers.__version__.startswith("4.")
     for layer in model.modules():
-        if on_4:
+        if TRANSFORMERS_4:
             for attr, op in ATTRIBUTES_ON_4.items():
                 if callable(vars(layer).get(attr)):
                     route_recurrent_attribute(patcher, layer, attr, op)
-        if isinstance(layer, torch.nn.Conv1d) and (on_4 or model.config.model_type in CONV_MODULES):
+        if isinstance(layer, torch.nn.Conv1d) and (TRANSFORMERS_4 or model.config.model_type in CONV_MODULES):
             route_causal_conv(patcher, layer)
         if type(layer).__name__.endswith(RESET_AT_POSITION_ZERO):
             _restart_positions(patcher, layer)
@@ -198,6 +203,8 @@ register(
         patch=_patch,
         refuse=_refuse,
         boundaries_from_context=_from_context,
+        refused_on=REFUSED_ON_4,
+        twin_overrides=TWINS,
         notes=(
             "attention via AttentionInterface; conv taps and SSM/delta-rule state reset at each start "
             "(5.x; 4.57: qwen3_next, lfm2); inline recurrences refused"

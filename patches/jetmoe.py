@@ -80,7 +80,7 @@ register(
         model_types=("jetmoe",),
         test_configs=_configs,
         refuse=refuse_length_dependent_rope,
-        generic=lambda model: not _legacy(model),
+        routes_attention=lambda model: not _legacy(model),
         patch=_patch,
         notes="mixture-of-attention experts, MoE; 4.57: legacy attention classes wrapped per instance",
     )

@@ -18,7 +18,6 @@ import torch
 from hf_varlen_patch.attention import CHUNK_KWARG
 from hf_varlen_patch.context import BOUNDARIES_KWARG
 from hf_varlen_patch.registry import PatchEntry, register
-from hf_varlen_patch.twins import register_twin_overrides
 
 from ._legacy_attention import pass_boundaries, refuse_length_dependent_rope
 
@@ -74,7 +73,6 @@ def _patch(model, patcher, options) -> None:
 
 # the twin keeps a chunked layer and a NoPE layer, with a chunk and a temperature floor that the
 # test lengths cross
-register_twin_overrides(("llama4_text",), {"floor_scale": 4, "attention_chunk_size": 8})
 
 register(
     PatchEntry(
@@ -82,6 +80,7 @@ register(
         model_types=("llama4_text",),
         refuse=refuse_length_dependent_rope,
         patch=_patch,
+        twin_overrides={"llama4_text": {"floor_scale": 4, "attention_chunk_size": 8}},
         notes="chunked-attention layers cut per sequence; NoPE temperature tuning per sequence position",
     )
 )

@@ -124,7 +124,7 @@ register(
         family="mpt",
         model_types=("mpt",),
         test_configs=_configs,
-        generic=False,
+        routes_attention=False,
         patch=_patch,
         notes="per-sequence ALiBi; clip_qkv; own attention wrapped per instance (boundaries tied to the ALiBi tensor)",
     )

@@ -20,6 +20,7 @@ Refused with the reason: what upstream 4.57 gets wrong unpacked already, and Lla
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from typing import Any
@@ -29,8 +30,8 @@ import torch
 from hf_varlen_patch.context import BOUNDARIES_KWARG, boundaries_for, enter_packed, leave_packed
 from hf_varlen_patch.errors import MalformedBoundariesError, VarlenPatchError
 from hf_varlen_patch.patching import call_as_kwargs, nested_configs
-from hf_varlen_patch.registry import PatchEntry, register
-from hf_varlen_patch.twins import register_twin_overrides
+from hf_varlen_patch.registry import MultimodalSpec, PatchEntry, ReleaseRefusal, register
+from hf_varlen_patch.samples import VIDEO_IN_IMAGE_TOKENS, multimodal_sample
 
 #: Rotary positions over (temporal, height, width) from ``get_rope_index`` on the base model.
 MROPE = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "qwen3_5", "qwen3_5_moe", "glm4v")
@@ -85,22 +86,33 @@ def _language_configs(config: Any) -> list[Any]:
     return nested_configs(config.get_text_config())
 
 
-#: What is wrong upstream on transformers 4.57, unpacked already: nothing correct to match there.
-BROKEN_ON_4 = {
-    "qwen3_vl": "upstream derives its attention mask from the temporal rotary row, so even an unpacked sample with an "
-    "image is cut into pieces at its image tokens",
-    "qwen3_vl_moe": "upstream derives its attention mask from the temporal rotary row, so even an unpacked sample "
-    "with an image is cut into pieces at its image tokens",
-    "glm4v": "upstream hands its own (3, batch, seq_len) rotary positions to create_causal_mask, which crashes on "
-    "every sample with an image, unpacked already",
-}
-#: What this entry cannot reach on transformers 4.57.
-NOT_ON_4 = {
-    "gemma3": "Gemma3ForConditionalGeneration has no base model of its own (base_model_prefix is empty) and computes "
-    "its loss from the attention mask, which a packed forward replaces",
-    "paligemma": "PaliGemma builds its bidirectional prefix mask from token_type_ids in its own mask code, which "
-    "hf_varlen_patch routes on 5.x only (block_sequence_ids)",
-}
+_NO_REFERENCE = "there is no correct per-sample result to match; upgrade to transformers 5.x"
+_CUT_AT_IMAGES = (
+    "upstream derives its attention mask from the temporal rotary row, so even an unpacked sample with an "
+    "image is cut into pieces at its image tokens"
+)
+#: On transformers 4.57: what is wrong upstream, unpacked already, and what this entry cannot reach.
+REFUSED_ON_4 = (
+    ReleaseRefusal(("qwen3_vl", "qwen3_vl_moe"), _CUT_AT_IMAGES, fix=_NO_REFERENCE),
+    ReleaseRefusal(
+        ("glm4v",),
+        "upstream hands its own (3, batch, seq_len) rotary positions to create_causal_mask, which crashes on "
+        "every sample with an image, unpacked already",
+        fix=_NO_REFERENCE,
+    ),
+    ReleaseRefusal(
+        ("gemma3",),
+        "Gemma3ForConditionalGeneration has no base model of its own (base_model_prefix is empty) and computes "
+        "its loss from the attention mask, which a packed forward replaces",
+        fix="upgrade to transformers 5.x",
+    ),
+    ReleaseRefusal(
+        ("paligemma",),
+        "PaliGemma builds its bidirectional prefix mask from token_type_ids in its own mask code, which "
+        "hf_varlen_patch routes on 5.x only (block_sequence_ids)",
+        fix="upgrade to transformers 5.x",
+    ),
+)
 
 
 def _text_entry(config: Any) -> PatchEntry | None:
@@ -112,24 +124,12 @@ def _text_entry(config: Any) -> PatchEntry | None:
 
 
 def _refuse(config: Any) -> str | None:
-    import transformers
-
     reason = REFUSED.get(config.model_type)
     text_entry = _text_entry(config)
-    if reason is None and text_entry is not None and text_entry.refuse is not None:
-        text_reason = text_entry.refuse(config.get_text_config())
+    if reason is None and text_entry is not None:
+        text_reason = text_entry.refusal(config.get_text_config())
         if text_reason:
             reason = f"its language model ({config.get_text_config().model_type}): {text_reason.rstrip('.')}"
-    on_4 = transformers.__version__.startswith("4.")
-    if reason is None and config.model_type in BROKEN_ON_4 and on_4:
-        reason = (
-            f"on transformers {transformers.__version__} {BROKEN_ON_4[config.model_type]}: there is no correct "
-            "per-sample result to match; upgrade to transformers 5.x"
-        )
-    if reason is None and config.model_type in NOT_ON_4 and on_4:
-        reason = (
-            f"on transformers {transformers.__version__} {NOT_ON_4[config.model_type]}; upgrade to transformers 5.x"
-        )
     return f"{reason}." if reason else None
 
 
@@ -275,159 +275,7 @@ def _patch(model, patcher, options) -> None:
         patcher.wrap_method(model.base_model, "forward", _refuse_packed_images(TEXT_ONLY[model.config.model_type]))
 
 
-# ---------------------------------------------------------------- samples for tests and scan
-
-
-def _vision_inputs(model, kind: str, generator: torch.Generator) -> dict:
-    """One image's (or video's) vision inputs for a tiny twin, shaped as its processor gives them."""
-    config = model.config
-    vision = config.vision_config
-    model_type = config.model_type
-
-    def randn(*shape):
-        return torch.randn(*shape, generator=generator)
-
-    if model_type in MROPE:
-        p, tp, c = vision.patch_size, vision.temporal_patch_size, vision.in_channels
-        t, h, w = (2, 4, 4) if kind == "video" else (1, 4 + 4 * int(torch.randint(2, (1,), generator=generator)), 8)
-        prefix = "pixel_values_videos" if kind == "video" else "pixel_values"
-        grid = "video_grid_thw" if kind == "video" else "image_grid_thw"
-        return {prefix: randn(t * h * w, c * tp * p * p), grid: torch.tensor([[t, h, w]])}
-    if kind == "video":
-        raise ValueError(f"{model_type} twins take no videos")
-    size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
-    channels = getattr(vision, "num_channels", 3)
-    if model_type in ("idefics3", "smolvlm"):
-        return {"pixel_values": randn(1, 1, channels, size, size)}
-    if model_type == "mistral3":
-        return {"pixel_values": randn(1, channels, 56, 56), "image_sizes": torch.tensor([[56, 56]])}
-    if model_type == "llava_next":
-        return {"pixel_values": randn(1, 2, channels, size, size), "image_sizes": torch.tensor([[size, size]])}
-    return {"pixel_values": randn(1, channels, size, size)}
-
-
-def _features(output) -> list[torch.Tensor]:
-    output = getattr(output, "pooler_output", output)
-    if isinstance(output, torch.Tensor):
-        return [output.reshape(-1, output.shape[-1])]
-    if isinstance(output, (list, tuple)) and output and isinstance(output[0], (list, tuple)):
-        output = output[0]  # (features, deepstack features)
-    return [f.reshape(-1, f.shape[-1]) for f in output]
-
-
-def _placeholders(model, kind: str, inputs: dict) -> int:
-    """How many placeholder tokens these vision inputs fill: the model's own feature count."""
-    from hf_varlen_patch.testing import inputs_on_model
-
-    base = model.base_model
-    inputs = inputs_on_model(model, inputs)  # the sample stays on the host; the count runs where the model is
-    with torch.no_grad():
-        if kind == "video":
-            out = base.get_video_features(inputs["pixel_values_videos"], inputs["video_grid_thw"])
-        else:
-            extra = {k: v for k, v in inputs.items() if k != "pixel_values"}
-            if "image_grid_thw" in extra:
-                out = base.get_image_features(inputs["pixel_values"], extra["image_grid_thw"])
-            else:
-                out = base.get_image_features(inputs["pixel_values"], **extra)
-    return sum(f.shape[0] for f in _features(out))
-
-
-#: GLM-4V places video frames on image tokens (between its video start/end tokens).
-VIDEO_IN_IMAGE_TOKENS = ("glm4v",)
-
-
-def _token(config, *names: str) -> int:
-    for name in names:
-        value = getattr(config, name, None)
-        if isinstance(value, int):
-            return value
-    raise AttributeError(f"{config.model_type} config has none of {names}")
-
-
-def multimodal_sample(model, parts: list, generator: torch.Generator) -> dict:
-    """Processor-like inputs of one sample for a tiny twin: ``parts`` is a list of text lengths
-    (ints) and ``"image"`` / ``"video"``, in order."""
-    config = model.config
-    image_token = _token(config, "image_token_id", "image_token_index")
-    special = {v for k, v in config.to_dict().items() if k.endswith(("token_id", "token_index")) and isinstance(v, int)}
-    vocab = config.get_text_config().vocab_size
-    text_ids = torch.tensor([i for i in range(1, vocab) if i not in special])
-    mrope = config.model_type in MROPE
-    ids, types, vision = [], [], {}
-    for part in parts:
-        if isinstance(part, int):
-            ids += text_ids[torch.randint(len(text_ids), (part,), generator=generator)].tolist()
-            types += [0] * part
-            continue
-        inputs = _vision_inputs(model, part, generator)
-        count = _placeholders(model, part, inputs)
-        video = part == "video" and config.model_type not in VIDEO_IN_IMAGE_TOKENS
-        token = _token(config, "video_token_id") if video else image_token
-        # Qwen3-VL/3.5 and GLM-4V lay a video out frame by frame, each between its own start/end tokens
-        per_frame = part == "video" and config.model_type.startswith(("qwen3", "glm4v"))
-        frames = int(inputs["video_grid_thw"][0, 0]) if per_frame else 1
-        for _ in range(frames):
-            block = [token] * (count // frames)
-            if mrope:
-                kind = "video" if part == "video" else "image"
-                start = _token(config, "vision_start_token_id", f"{kind}_start_token_id")
-                end = _token(config, "vision_end_token_id", f"{kind}_end_token_id")
-                block = [start, *block, end]
-            ids += block
-            types += [0 if t != token else (2 if part == "video" else 1) for t in block]
-        for key, value in inputs.items():
-            vision[key] = torch.cat([vision[key], value]) if key in vision else value
-    sample = {"input_ids": torch.tensor([ids])}
-    if "mm_token_type_ids" in inspect.signature(model.base_model.forward).parameters:
-        sample["mm_token_type_ids"] = torch.tensor([types])
-    if config.model_type == "gemma3":  # its processor marks image tokens 1
-        sample["token_type_ids"] = torch.tensor([[int(t == 1) for t in types]])
-    if config.model_type == "paligemma":  # prefix 0 (images and prompt), suffix 1: the last text part
-        suffix = parts[-1] if isinstance(parts[-1], int) and len(parts) > 1 else 0
-        sample["token_type_ids"] = torch.tensor([[0] * (len(ids) - suffix) + [1] * suffix])
-    sample.update(vision)
-    return sample
-
-
-#: What tests and scan read: the sample builder, who takes videos next to images (GLM-4V cannot mix
-#: them in one batch upstream: its videos fill image tokens) and who packs text-only rows.
-EXTRA = {
-    "sample": multimodal_sample,
-    "videos_with_images": tuple(t for t in MROPE if t not in VIDEO_IN_IMAGE_TOKENS),
-    "text_only": tuple(TEXT_ONLY),
-}
-
-
-def _register(model_types: tuple[str, ...], **fields: Any) -> None:
-    register(
-        PatchEntry(
-            family="multimodal",
-            model_types=model_types,
-            patch=_patch,
-            refuse=_refuse,
-            attention_configs=_language_configs,
-            extra=EXTRA,
-            **fields,
-        )
-    )
-
-
-_register(
-    MROPE + CAUSAL + ("paligemma",) + tuple(TEXT_ONLY) + tuple(REFUSED),
-    notes="language model via AttentionInterface (vision tower upstream); mRoPE positions per sample; "
-    "bidirectional prefix blocks (paligemma); mllama text-only rows",
-)
-#: Gemma 3: its image projection's gradients reach 3e6 on the twin, where fp32 rounding alone
-#: (2.6e-7 relative) exceeds the 1e-5 tolerance; packed == alone holds to float64 rounding.
-_register(
-    ("gemma3",),
-    test_dtype=torch.float64,
-    notes="bidirectional image blocks (token_type_ids) within each sample; tested in float64",
-)
-
-
-# ---------------------------------------------------------------- tiny twins
+# ---------------------------------------------------------------- tiny twins and samples
 
 
 #: Twins' mRoPE sections (temporal, height, width) over half the 16-dim heads. The default configs
@@ -461,20 +309,6 @@ def _mrope_twin(config) -> dict:
     return {"text_config": text_overrides, "vision_config": vision}
 
 
-register_twin_overrides(MROPE, _mrope_twin)
-# images of 4x4 patches (16 tokens; internvl's pixel shuffle makes 4): the default sizes give hundreds
-register_twin_overrides(("llava",), {"vision_config": {"image_size": 56}})
-# one any-resolution grid the size of the base image: each image is the base view plus one tile
-register_twin_overrides(("llava_next",), {"vision_config": {"image_size": 56}, "image_grid_pinpoints": [[56, 56]]})
-register_twin_overrides(("internvl",), {"vision_config": {"image_size": [56, 56]}})
-register_twin_overrides(
-    ("paligemma",), {"vision_config": {"image_size": 56, "projection_dim": 64}, "projection_dim": 64}
-)
-# 4x4 patches pooled to 2x2 image tokens (the default pools 64x64 patches to 16x16)
-register_twin_overrides(("gemma3",), {"vision_config": {"image_size": 56}, "mm_tokens_per_image": 4})
-register_twin_overrides(("idefics3", "smolvlm"), {"vision_config": {"image_size": 64, "patch_size": 16}})
-
-
 def _mllama_twin(config) -> dict:
     # the 4.57 default text config leaves rope_scaling None, which its rotary embedding indexes
     text = config.get_text_config()
@@ -483,4 +317,54 @@ def _mllama_twin(config) -> dict:
     return {"text_config": {"rope_scaling": {"rope_type": "default"}}}
 
 
-register_twin_overrides(("mllama",), _mllama_twin)
+TWINS = {
+    **{model_type: _mrope_twin for model_type in MROPE},
+    "mllama": _mllama_twin,
+    # images of 4x4 patches (16 tokens; internvl's pixel shuffle makes 4): the default sizes give hundreds
+    "llava": {"vision_config": {"image_size": 56}},
+    # one any-resolution grid the size of the base image: each image is the base view plus one tile
+    "llava_next": {"vision_config": {"image_size": 56}, "image_grid_pinpoints": [[56, 56]]},
+    "internvl": {"vision_config": {"image_size": [56, 56]}},
+    "paligemma": {"vision_config": {"image_size": 56, "projection_dim": 64}, "projection_dim": 64},
+    # 4x4 patches pooled to 2x2 image tokens (the default pools 64x64 patches to 16x16)
+    "gemma3": {"vision_config": {"image_size": 56}, "mm_tokens_per_image": 4},
+    "idefics3": {"vision_config": {"image_size": 64, "patch_size": 16}},
+    "smolvlm": {"vision_config": {"image_size": 64, "patch_size": 16}},
+}
+
+#: GLM-4V places video frames on image tokens, so it cannot mix videos with images in one batch.
+SPEC = MultimodalSpec(
+    sample=functools.partial(multimodal_sample, mrope=MROPE),
+    videos_with_images=tuple(t for t in MROPE if t not in VIDEO_IN_IMAGE_TOKENS),
+    text_only=tuple(TEXT_ONLY),
+)
+
+
+def _register(model_types: tuple[str, ...], **fields: Any) -> None:
+    register(
+        PatchEntry(
+            family="multimodal",
+            model_types=model_types,
+            patch=_patch,
+            refuse=_refuse,
+            attention_configs=_language_configs,
+            refused_on=REFUSED_ON_4,
+            twin_overrides={t: TWINS[t] for t in model_types if t in TWINS},
+            multimodal=SPEC,
+            **fields,
+        )
+    )
+
+
+_register(
+    MROPE + CAUSAL + ("paligemma",) + tuple(TEXT_ONLY) + tuple(REFUSED),
+    notes="language model via AttentionInterface (vision tower upstream); mRoPE positions per sample; "
+    "bidirectional prefix blocks (paligemma); mllama text-only rows",
+)
+#: Gemma 3: its image projection's gradients reach 3e6 on the twin, where fp32 rounding alone
+#: (2.6e-7 relative) exceeds the 1e-5 tolerance; packed == alone holds to float64 rounding.
+_register(
+    ("gemma3",),
+    test_dtype=torch.float64,
+    notes="bidirectional image blocks (token_type_ids) within each sample; tested in float64",
+)

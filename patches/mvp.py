@@ -60,7 +60,7 @@ register(
     PatchEntry(
         family="mvp",
         model_types=("mvp",),
-        generic=False,
+        routes_attention=False,
         patch=_patch,
         refuse=_refuse,
         shifts_labels=False,

@@ -38,7 +38,7 @@ register(
     PatchEntry(
         family="nemotron",
         model_types=("nemotron",),
-        generic=lambda model: not _legacy(model),
+        routes_attention=lambda model: not _legacy(model),
         patch=_patch,
         refuse=refuse_length_dependent_rope,
         notes="partial rotary; boundaries re-attached to attention (its layer drops the kwargs); "

@@ -56,7 +56,7 @@ register(
         model_types=("olmoe",),
         test_configs=_configs,
         refuse=refuse_length_dependent_rope,
-        generic=lambda model: not _legacy(model),
+        routes_attention=lambda model: not _legacy(model),
         patch=_patch,
         notes="q/k norm, clip_qkv, MoE; 4.57: legacy attention classes wrapped per instance",
     )

@@ -40,7 +40,7 @@ register(
     PatchEntry(
         family="open_llama",
         model_types=("open-llama",),
-        generic=False,
+        routes_attention=False,
         patch=_patch,
         refuse=refuse_length_dependent_rope,
         notes="4.57 only: rotary by position_ids; own attention class wrapped per instance",

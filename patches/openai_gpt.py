@@ -74,7 +74,7 @@ register(
         family="openai_gpt",
         model_types=("openai-gpt",),
         test_configs=_configs,
-        generic=False,
+        routes_attention=False,
         patch=_patch,
         notes="learned positions from position_ids; own attention (_attn) wrapped per instance",
     )

@@ -29,6 +29,7 @@ from hf_varlen_patch.boundaries import Boundaries
 from hf_varlen_patch.context import boundaries_for
 from hf_varlen_patch.patching import call_as_kwargs
 from hf_varlen_patch.registry import PatchEntry, register
+from hf_varlen_patch.versions import TRANSFORMERS_4
 
 from ._common import tiny_config
 from ._legacy_attention import modeling_module, packed_attention, pass_boundaries, refuse_length_dependent_rope
@@ -59,9 +60,8 @@ def _configs(model_type: str) -> dict:
 
 
 def _rope_key() -> str:
-    import transformers
 
-    return "rope_scaling" if transformers.__version__.startswith("4.") else "rope_parameters"
+    return "rope_scaling" if TRANSFORMERS_4 else "rope_parameters"
 
 
 def _rope(config) -> dict:
@@ -166,7 +166,7 @@ register(
         family="phimoe",
         model_types=("phimoe",),
         test_configs=_configs,
-        generic=lambda model: not _legacy(model),
+        routes_attention=lambda model: not _legacy(model),
         patch=_patch,
         refuse=lambda config: refuse_length_dependent_rope(config, allowed=("longrope",)),
         rows_are_sequences=lambda config: _rope(config).get("rope_type") == "longrope",

@@ -10,6 +10,7 @@ found by ``position_ids``; otherwise it runs the original class's forward.
 from __future__ import annotations
 
 from hf_varlen_patch.registry import PatchEntry, register
+from hf_varlen_patch.versions import TRANSFORMERS_4
 
 from ._common import tiny_config
 from ._legacy_attention import llama_style_forward, modeling_module, packed_attention
@@ -33,9 +34,8 @@ def _legacy(model) -> bool:
 
 
 def _refuse(config) -> str | None:
-    import transformers
 
-    if transformers.__version__.startswith("4.") and getattr(config, "use_sliding_window", False):
+    if TRANSFORMERS_4 and getattr(config, "use_sliding_window", False):
         return (
             "use_sliding_window=True on transformers 4.57 (its legacy attention classes apply the "
             "window through the mask only); upgrade to transformers 5.x for sliding-window Qwen2-MoE."
@@ -55,7 +55,7 @@ register(
         family="qwen2_moe",
         model_types=("qwen2_moe",),
         test_configs=_configs,
-        generic=lambda model: not _legacy(model),
+        routes_attention=lambda model: not _legacy(model),
         patch=_patch,
         refuse=_refuse,
         notes="MoE with shared expert; 4.57: legacy attention classes wrapped per instance",

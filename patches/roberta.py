@@ -27,8 +27,9 @@ from hf_varlen_patch.boundaries import Boundaries
 from hf_varlen_patch.context import boundaries_for
 from hf_varlen_patch.patching import call_as_kwargs
 from hf_varlen_patch.registry import PatchEntry, register
+from hf_varlen_patch.versions import TRANSFORMERS_4
 
-from .bert_legacy import decoder_variants, on_4, refuse_relative_positions, wrap_self_attention
+from .bert_legacy import decoder_variants, refuse_relative_positions, wrap_self_attention
 
 
 def roberta_positions(input_ids: torch.Tensor | None, boundaries: Boundaries, padding_idx: int) -> torch.Tensor:
@@ -57,7 +58,7 @@ def _packed_embeddings(wrapped, instance, args, kwargs):
 
 
 def _patch(model, patcher, options) -> None:
-    if on_4():  # 4.57: no **kwargs, BERT-style attention classes
+    if TRANSFORMERS_4:  # 4.57: no **kwargs, BERT-style attention classes
         wrap_self_attention(model, patcher, options)
     for module in model.modules():
         if type(module).__name__.endswith("Embeddings") and hasattr(module, "padding_idx"):
@@ -77,7 +78,7 @@ register(
             "xmod",
         ),
         test_configs=decoder_variants,
-        generic=lambda model: not on_4(),
+        routes_attention=not TRANSFORMERS_4,
         patch=_patch,
         refuse=refuse_relative_positions,
         notes="positions from padding_idx + 1, skipping pad tokens, restarted per sequence; explicit "

@@ -114,7 +114,7 @@ register(
         family="roformer",
         model_types=("roformer",),
         test_configs=_configs,
-        generic=False,
+        routes_attention=False,
         patch=_patch,
         refuse=_refuse,
         notes="sinusoidal rotary per sequence position; own self-attention wrapped per instance (causal for "

@@ -69,7 +69,7 @@ register(
         model_types=("stablelm",),
         test_configs=_configs,
         refuse=refuse_length_dependent_rope,
-        generic=lambda model: not _legacy(model),
+        routes_attention=lambda model: not _legacy(model),
         patch=_patch,
         notes=(
             "partial rotary, per-head q/k LayerNorm; 5.x: boundaries re-attached to attention from position_ids; "

@@ -36,7 +36,7 @@ register(
     PatchEntry(
         family="trocr",
         model_types=("trocr",),
-        generic=False,
+        routes_attention=False,
         patch=_patch,
         shifts_labels=False,
         notes="positions re-indexed per sequence; own self-attention wrapped per instance; labels not shifted",

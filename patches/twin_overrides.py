@@ -4,7 +4,8 @@ would give a twin that misses what the real models have, or that cannot be built
 
 from __future__ import annotations
 
-from hf_varlen_patch.twins import WINDOW, TwinError, register_twin_overrides
+from hf_varlen_patch.registry import register_twin_overrides
+from hf_varlen_patch.twins import WINDOW, TwinError
 
 # The default LFM2 config is attention-only; released LFM2 models interleave short-convolution
 # layers, which the twin must keep (they leak across packed sequences: the hybrid issue).

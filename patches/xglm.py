@@ -86,7 +86,7 @@ register(
         family="xglm",
         model_types=("xglm",),
         test_configs=_configs,
-        generic=False,
+        routes_attention=False,
         patch=_patch,
         refuse=_refuse,
         notes="scaled embeddings; sinusoidal positions (offset 2) from position_ids; own attention wrapped",

@@ -146,7 +146,7 @@ register(
         family="xlm",
         model_types=("xlm",),
         test_configs=_configs,
-        generic=False,
+        routes_attention=False,
         patch=_patch,
         shifts_labels=False,
         notes="positions from position_ids; per-sequence length mask; own attention wrapped per instance "

@@ -42,7 +42,7 @@ def unregistered(monkeypatch):
 @pytest.mark.parametrize("model_type, variant", registered_variants(refused=True))
 def test_refused_types_say_why(model_type, variant):
     config = test_variants(model_type)[variant]
-    reason = REGISTRY[model_type].refuse(config)
+    reason = REGISTRY[model_type].refusal(config)
     assert reason
     try:
         model = hf_varlen_patch.testing.auto_class(model_type).from_config(config)
@@ -94,10 +94,10 @@ def test_self_check_can_be_turned_off_or_forced(unregistered):
 
 
 def test_the_self_check_refuses_a_twin_that_changed_flags(monkeypatch):
-    from hf_varlen_patch import twins
+    from hf_varlen_patch import registry
 
     config = hf_varlen_patch.testing.tiny_config("llama")
-    monkeypatch.setitem(twins._OVERRIDES, "llama", lambda _c: {"attention_bias": not config.attention_bias})
+    monkeypatch.setitem(registry.TWIN_OVERRIDES, "llama", lambda _c: {"attention_bias": not config.attention_bias})
     result = selfcheck.self_check(config, use_cache=False)
     assert not result.passed and "attention_bias" in result.reason
 

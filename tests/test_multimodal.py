@@ -43,7 +43,7 @@ def test_the_issue_types_are_covered_or_refused():
 def test_packed_samples_match_each_sample_alone(model_type):
     model = tiny_model(model_type, attn_implementation="sdpa")
     samples = _samples(model, model_type)
-    if model_type not in hf_varlen_patch.lookup(model_type).extra["text_only"]:
+    if model_type not in hf_varlen_patch.lookup(model_type).multimodal.text_only:
         assert any("pixel_values" in s for s in samples) and any("pixel_values" not in s for s in samples)
     # the check sees a leak: upstream with its default cache, or with the collator's cu_seq_lens
     upstream = []
@@ -206,7 +206,7 @@ def test_paligemma_needs_token_type_ids_and_mllama_text_only_rows():
 @pytest.mark.parametrize("model_type", REFUSED)
 def test_refused_vlms_say_why(model_type):
     config = hf_varlen_patch.testing.tiny_config(model_type)
-    reason = hf_varlen_patch.lookup(model_type).refuse(config)
+    reason = hf_varlen_patch.lookup(model_type).refusal(config)
     assert reason
     try:
         model = transformers.AutoModelForImageTextToText.from_config(config)
@@ -235,7 +235,7 @@ def test_samples_are_counted_where_the_model_is_and_stay_on_the_host(model_type,
 
             monkeypatch.setattr(type(model.base_model), name, recording)
     samples = _samples(model, model_type)
-    assert seen or model_type in hf_varlen_patch.lookup(model_type).extra["text_only"]
+    assert seen or model_type in hf_varlen_patch.lookup(model_type).multimodal.text_only
     assert set(seen) <= {torch.bfloat16}, seen
     tensors = [v for s in samples for v in s.values() if isinstance(v, torch.Tensor)]
     assert all(t.device.type == "cpu" for t in tensors)
