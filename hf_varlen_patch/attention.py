@@ -22,6 +22,7 @@ from .backends import AttentionSpec, select_backend
 from .boundaries import Boundaries
 from .context import BOUNDARIES_KWARG, boundaries_for
 from .errors import BackendUnavailableError, BoundariesLostError, VarlenPatchError
+from .guards import refuse_unpackable
 
 __all__ = [
     "BOUNDARIES_KWARG",
@@ -95,8 +96,7 @@ def _original_function(original: str, module: torch.nn.Module) -> Callable:
 
 def spec_from_kwargs(module: torch.nn.Module, kwargs: dict[str, Any]) -> AttentionSpec:
     """Read what the layer asks for from the kwargs transformers passes to attention functions."""
-    if kwargs.get("head_mask") is not None:
-        raise VarlenPatchError("head_mask is not supported with packed inputs; drop it or unpack.")
+    refuse_unpackable(kwargs, cross_attention=())
     # module.is_causal is what the layer is; the is_causal kwarg is often only an SDPA dispatch
     # hint (GPT-2 on 4.57 passes False whenever a mask exists), so it is the fallback.
     is_causal = getattr(module, "is_causal", None)

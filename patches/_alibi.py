@@ -26,14 +26,6 @@ from hf_varlen_patch.errors import VarlenPatchError
 from hf_varlen_patch.patching import call_as_kwargs
 
 
-def check_packed_call(call: dict, name: str) -> None:
-    """Refuse what a packed forward cannot honour (as the generic attention function does)."""
-    if call.get("head_mask") is not None:
-        raise VarlenPatchError(f"head_mask is not supported with packed inputs ({name}); drop it or unpack.")
-    if call.get("output_attentions"):
-        raise VarlenPatchError(f"output_attentions=True is not available with packed inputs ({name}).")
-
-
 def recall(tensor: Any, hidden_states: torch.Tensor) -> Boundaries | None:
     """The boundaries tied to ``tensor`` (the ALiBi tensor the base model hands every block, by
     :func:`~hf_varlen_patch.context.remember`), for a layer that gets no position_ids.

@@ -28,25 +28,19 @@ import torch
 from hf_varlen_patch.attention import is_packed_mask_placeholder, varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.context import boundaries_for
-from hf_varlen_patch.errors import PackedOutputAttentionsError
+from hf_varlen_patch.guards import refuse_unpackable
 from hf_varlen_patch.patching import Patcher, attach_boundaries, cache_of, call_as_kwargs
 
 __all__ = [
     "Attend",
-    "PackedOutputAttentionsError",
     "modeling_module",
     "pass_boundaries",
     "packed_attention",
     "llama_style_forward",
     "llama_style_qkv",
     "keep_packed_mask",
-    "rope_types",
-    "refuse_length_dependent_rope",
 ]
 
-#: Rotary scalings that pick their frequencies from the input's length (``max(position_ids) + 1``,
-#: or the row length): a packed row would give every sequence the longest one's frequencies.
-LENGTH_DEPENDENT_ROPE = ("dynamic", "longrope")
 
 #: ``attend(q, k, v, spec, cache_kwargs, after_cache=None)``: q (B, Hq, T, D), k/v (B, Hk, T, D)
 #: after rotary and before the cache; updates the cache if the call has one, then applies
@@ -90,11 +84,7 @@ def packed_attention(
         boundaries = boundaries_for(call)
         if boundaries is None:
             return wrapped(*args, **kwargs)
-        if call.get("output_attentions"):
-            raise PackedOutputAttentionsError(
-                "output_attentions=True is not available with packed inputs (the varlen kernels build no "
-                "attention matrix); unpack the batch to inspect attention weights."
-            )
+        refuse_unpackable(call)
         past = cache_of(call)
 
         def attend(q, k, v, spec: AttentionSpec, cache_kwargs: dict | None = None, *, after_cache=None):
@@ -151,31 +141,3 @@ def keep_packed_mask(patcher: Patcher, base: torch.nn.Module) -> None:
         return wrapped(*args, **kwargs)
 
     patcher.wrap_method(base, "_update_causal_mask", wrapper)
-
-
-def rope_types(config: Any) -> set[str]:
-    """The rotary types ``config`` uses (``rope_scaling`` on 4.57, ``rope_parameters`` on 5.x,
-    also per layer type)."""
-    found = set()
-    for name in ("rope_scaling", "rope_parameters"):
-        params = getattr(config, name, None)
-        if not isinstance(params, dict):
-            continue
-        nested = [p for p in params.values() if isinstance(p, dict)]
-        for p in nested or [params]:
-            rope_type = p.get("rope_type", p.get("type"))
-            if rope_type:
-                found.add(rope_type)
-    return found
-
-
-def refuse_length_dependent_rope(config: Any, allowed: tuple[str, ...] = ()) -> str | None:
-    """A refusal reason when ``config`` uses a length-dependent rotary scaling not in ``allowed``."""
-    bad = sorted((rope_types(config) & set(LENGTH_DEPENDENT_ROPE)) - set(allowed))
-    if bad:
-        return (
-            f"rope type {bad[0]!r} derives its frequencies from the length of the whole input, so a "
-            "packed row would give each sequence other frequencies than it gets alone; use a static "
-            "rotary scaling (default, linear, yarn, llama3) for packed training."
-        )
-    return None

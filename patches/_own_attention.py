@@ -26,9 +26,8 @@ from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.boundaries import Boundaries
 from hf_varlen_patch.context import boundaries_for
 from hf_varlen_patch.errors import VarlenPatchError
+from hf_varlen_patch.guards import refuse_unpackable
 from hf_varlen_patch.patching import Patcher, cache_of, call_as_kwargs
-
-from ._legacy_attention import PackedOutputAttentionsError
 
 __all__ = [
     "wrap_bart_style_self_attention",
@@ -99,14 +98,9 @@ def wrap_bart_style_self_attention(patcher: Patcher, module: torch.nn.Module, ba
         boundaries = boundaries_for(key=hidden, layer=instance)
         if boundaries is None:
             return wrapped(*args, **kwargs)
-        if call.get("key_value_states") is not None:
-            raise VarlenPatchError("cross-attention (encoder_hidden_states) cannot be packed.")
+        refuse_unpackable(call)
         if call.get("attn_prompt") is not None:
             raise VarlenPatchError("MVP prompts (use_prompt=True) cannot be packed.")
-        if call.get("output_attentions"):
-            raise PackedOutputAttentionsError("output_attentions=True is not available with packed inputs.")
-        if call.get("layer_head_mask") is not None:
-            raise VarlenPatchError("head_mask is not supported with packed inputs; drop it or unpack.")
         batch, length, width = hidden.shape
         shape = (batch, length, instance.num_heads, instance.head_dim)
         q = (instance.q_proj(hidden) * instance.scaling).view(shape).transpose(1, 2)

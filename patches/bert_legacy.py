@@ -22,12 +22,10 @@ import transformers
 from hf_varlen_patch.attention import is_packed_mask_placeholder, varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.context import boundaries_for
-from hf_varlen_patch.errors import VarlenPatchError
+from hf_varlen_patch.guards import refuse_unpackable
 from hf_varlen_patch.patching import cache_of, call_as_kwargs, track_layer
 from hf_varlen_patch.registry import PatchEntry, register
 from hf_varlen_patch.versions import TRANSFORMERS_4
-
-from ._legacy_attention import PackedOutputAttentionsError
 
 
 def _self_attention(backend: str):
@@ -36,12 +34,7 @@ def _self_attention(backend: str):
         boundaries = boundaries_for(call)
         if boundaries is None:
             return wrapped(*args, **kwargs)
-        if call.get("encoder_hidden_states") is not None:
-            raise VarlenPatchError("cross-attention (encoder_hidden_states) cannot be packed.")
-        if call.get("output_attentions"):
-            raise PackedOutputAttentionsError("output_attentions=True is not available with packed inputs.")
-        if call.get("head_mask") is not None:
-            raise VarlenPatchError("head_mask is not supported with packed inputs; drop it or unpack.")
+        refuse_unpackable(call)
         hidden = call["hidden_states"]
         shape = (*hidden.shape[:-1], -1, instance.attention_head_size)
         q, k, v = (proj(hidden).view(shape).transpose(1, 2) for proj in (instance.query, instance.key, instance.value))

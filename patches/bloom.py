@@ -28,12 +28,12 @@ import torch.nn.functional as F
 from hf_varlen_patch.attention import is_packed_mask_placeholder, varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.context import boundaries_for, remember
+from hf_varlen_patch.guards import refuse_unpackable
 from hf_varlen_patch.patching import call_as_kwargs
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._alibi import (
     SlopeCache,
-    check_packed_call,
     drop_packed_kwargs_wrapper,
     packed_mask_wrapper,
     recall,
@@ -91,7 +91,7 @@ def _packed_attention_forward(wrapped, instance, args, kwargs, *, backend: str, 
     boundaries = recall(call.get("alibi"), hidden)
     if boundaries is None:
         return wrapped(*args, **kwargs)
-    check_packed_call(call, type(instance).__name__)
+    refuse_unpackable(call)
     modeling = sys.modules[type(instance).__module__]
     batch, length, _ = hidden.shape
     query, key, value = instance._reshape(instance.query_key_value(hidden))

@@ -17,7 +17,7 @@ from functools import partial
 from hf_varlen_patch.attention import varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.context import BOUNDARIES_KWARG, boundaries_for
-from hf_varlen_patch.errors import VarlenPatchError
+from hf_varlen_patch.guards import refuse_unpackable
 from hf_varlen_patch.patching import call_as_kwargs, track_layer
 from hf_varlen_patch.registry import PatchEntry, register
 
@@ -47,8 +47,7 @@ def _packed_attention_forward(wrapped, instance, args, kwargs, *, backend: str):
     if boundaries is None:
         return wrapped(*args, **kwargs)
     call = call_as_kwargs(wrapped, args, kwargs)
-    if call.get("output_attentions") or call.get("head_mask") is not None:
-        raise VarlenPatchError("output_attentions=True and head_mask are not supported with packed inputs.")
+    refuse_unpackable(call)
     hidden_q = call["q"]
     batch = hidden_q.shape[0]
     q = instance.split_into_heads(instance.Wq(hidden_q), batch)

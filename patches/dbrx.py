@@ -13,7 +13,8 @@ from __future__ import annotations
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._legacy_attention import keep_packed_mask, modeling_module, packed_attention, refuse_length_dependent_rope
+from ._legacy_attention import keep_packed_mask, modeling_module, packed_attention
+from ._rope import refuse_length_dependent_rope
 
 
 def _configs(model_type: str) -> dict:

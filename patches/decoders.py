@@ -15,7 +15,7 @@ from __future__ import annotations
 from hf_varlen_patch.patching import attach_boundaries
 from hf_varlen_patch.registry import PatchEntry, ReleaseRefusal, register
 
-from ._legacy_attention import refuse_length_dependent_rope
+from ._rope import refuse_length_dependent_rope
 
 #: Decoders whose AttentionInterface route is complete on every supported line.
 DECODERS = (

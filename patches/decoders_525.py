@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._legacy_attention import refuse_length_dependent_rope
+from ._rope import refuse_length_dependent_rope
 
 DECODERS = ("ergo", "minicpm5_moe", "param2moe")
 

@@ -16,7 +16,8 @@ import torch
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._legacy_attention import llama_style_qkv, modeling_module, packed_attention, refuse_length_dependent_rope
+from ._legacy_attention import llama_style_qkv, modeling_module, packed_attention
+from ._rope import refuse_length_dependent_rope
 
 
 def _legacy(model) -> bool:

@@ -44,10 +44,11 @@ import torch
 from hf_varlen_patch.attention import varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.context import BOUNDARIES_KWARG, boundaries_for
+from hf_varlen_patch.guards import refuse_unpackable
 from hf_varlen_patch.patching import call_as_kwargs
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._alibi import SlopeCache, check_packed_call, update_cache
+from ._alibi import SlopeCache, update_cache
 
 logger = logging.getLogger("hf_varlen_patch")
 
@@ -108,7 +109,7 @@ def _packed_attention_forward(wrapped, instance, args, kwargs, *, backend: str, 
     boundaries = boundaries_for(call)
     if boundaries is None:
         return wrapped(*args, **kwargs)
-    check_packed_call(call, type(instance).__name__)
+    refuse_unpackable(call)
     modeling = sys.modules[type(instance).__module__]
     hidden = call["hidden_states"]
     batch, length, _ = hidden.shape
@@ -194,7 +195,7 @@ def _packed_interface_forward(wrapped, instance, args, kwargs, *, backend: str, 
     boundaries = boundaries_for(call)
     if boundaries is None:
         return wrapped(*args, **kwargs)
-    check_packed_call(call, type(instance).__name__)
+    refuse_unpackable(call)
     alibi = slopes(call["hidden_states"].device) if instance.config.alibi else None
     config = instance.config
     instance.config = _RoutedConfig(config)

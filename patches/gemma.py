@@ -12,7 +12,7 @@ from hf_varlen_patch.attention import parse_implementation
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._common import tiny_config
-from ._legacy_attention import refuse_length_dependent_rope
+from ._rope import refuse_length_dependent_rope
 
 logger = logging.getLogger("hf_varlen_patch")
 

@@ -29,11 +29,11 @@ from hf_varlen_patch.attention import varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.boundaries import Boundaries
 from hf_varlen_patch.context import boundaries_for
-from hf_varlen_patch.errors import VarlenPatchError
+from hf_varlen_patch.guards import refuse_unpackable
 from hf_varlen_patch.patching import Patcher, call_as_kwargs
 from hf_varlen_patch.registry import PatchEntry, PatchOptions, register
 
-from ._legacy_attention import PackedOutputAttentionsError, refuse_length_dependent_rope
+from ._rope import refuse_length_dependent_rope
 
 #: (attention module, boundaries) of the packed attention forward running now.
 _PACKED: contextvars.ContextVar[tuple[torch.nn.Module, Boundaries] | None] = contextvars.ContextVar(
@@ -46,10 +46,7 @@ def _packed_forward(wrapped, instance, args, kwargs):
     boundaries = boundaries_for(call)
     if boundaries is None:
         return wrapped(*args, **kwargs)
-    if call.get("output_attentions"):
-        raise PackedOutputAttentionsError("output_attentions=True is not available with packed inputs.")
-    if call.get("head_mask") is not None:
-        raise VarlenPatchError("head_mask is not supported with packed inputs; drop it or unpack.")
+    refuse_unpackable(call)
     token = _PACKED.set((instance, boundaries))
     try:
         return wrapped(*args, **kwargs)

@@ -30,7 +30,7 @@ from hf_varlen_patch.attention import varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.boundaries import Boundaries
 from hf_varlen_patch.context import boundaries_for
-from hf_varlen_patch.errors import VarlenPatchError
+from hf_varlen_patch.guards import refuse_unpackable
 from hf_varlen_patch.patching import call_as_kwargs
 from hf_varlen_patch.registry import PatchEntry, register
 
@@ -52,10 +52,7 @@ def _packed_forward(wrapped, instance, args, kwargs, *, find: Callable[[dict], B
     boundaries = find(call)
     if boundaries is None:
         return wrapped(*args, **kwargs)
-    if call.get("output_attentions"):
-        raise VarlenPatchError("output_attentions=True is not available with packed inputs.")
-    if call.get("head_mask") is not None:
-        raise VarlenPatchError("head_mask is not supported with packed inputs; drop it or unpack.")
+    refuse_unpackable(call)
     eager = _eager_class(instance)
     token = _PACKED.set((instance, boundaries))
     try:
@@ -71,8 +68,7 @@ def _packed_attn(wrapped, instance, args, kwargs, *, backend: str, scale: float,
     if state is None or state[0] is not instance:
         return wrapped(*args, **kwargs)
     call = call_as_kwargs(wrapped, args, kwargs)
-    if call.get("head_mask") is not None:
-        raise VarlenPatchError("head_mask is not supported with packed inputs; drop it or unpack.")
+    refuse_unpackable(call)
     value = call["value"]
     # upstream upcasts q, k to fp32 for the scores only; the kernels take one dtype (value's)
     query, key = call["query"].to(value.dtype), call["key"].to(value.dtype)

@@ -13,7 +13,8 @@ from hf_varlen_patch.registry import PatchEntry, register
 from hf_varlen_patch.versions import TRANSFORMERS_4
 
 from ._common import tiny_config
-from ._legacy_attention import keep_packed_mask, pass_boundaries, refuse_length_dependent_rope
+from ._legacy_attention import keep_packed_mask, pass_boundaries
+from ._rope import refuse_length_dependent_rope
 
 
 def _configs(model_type: str) -> dict:

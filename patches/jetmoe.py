@@ -19,7 +19,8 @@ from hf_varlen_patch.patching import call_as_kwargs
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._common import tiny_config
-from ._legacy_attention import modeling_module, packed_attention, refuse_length_dependent_rope
+from ._legacy_attention import modeling_module, packed_attention
+from ._rope import refuse_length_dependent_rope
 
 
 def _configs(model_type: str) -> dict:

@@ -9,7 +9,7 @@ from __future__ import annotations
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._common import tiny_config
-from ._legacy_attention import refuse_length_dependent_rope
+from ._rope import refuse_length_dependent_rope
 
 WINDOW = 8  # shorter than the test sequences, so the window is exercised
 

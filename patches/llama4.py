@@ -19,7 +19,8 @@ from hf_varlen_patch.attention import CHUNK_KWARG
 from hf_varlen_patch.context import BOUNDARIES_KWARG
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._legacy_attention import pass_boundaries, refuse_length_dependent_rope
+from ._legacy_attention import pass_boundaries
+from ._rope import refuse_length_dependent_rope
 
 
 def _temperature(positions: torch.Tensor, attn: torch.nn.Module) -> torch.Tensor:

@@ -28,10 +28,11 @@ from hf_varlen_patch.attention import varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.context import boundaries_for, remember
 from hf_varlen_patch.errors import VarlenPatchError
+from hf_varlen_patch.guards import refuse_unpackable
 from hf_varlen_patch.patching import cache_of, call_as_kwargs
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._alibi import SlopeCache, check_packed_call, packed_mask_wrapper, recall, update_cache
+from ._alibi import SlopeCache, packed_mask_wrapper, recall, update_cache
 
 
 def _config(**attn_config):
@@ -79,7 +80,7 @@ def _packed_attention_forward(wrapped, instance, args, kwargs, *, backend: str, 
     boundaries = recall(call.get("position_bias"), hidden)
     if boundaries is None:
         return wrapped(*args, **kwargs)
-    check_packed_call(call, type(instance).__name__)
+    refuse_unpackable(call)
     if boundaries.max_seqlen > instance.max_seq_length:
         raise VarlenPatchError(
             f"a packed sequence (or padding run) has {boundaries.max_seqlen} tokens, more than MPT's "

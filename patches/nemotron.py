@@ -18,8 +18,8 @@ from ._legacy_attention import (
     modeling_module,
     packed_attention,
     pass_boundaries,
-    refuse_length_dependent_rope,
 )
+from ._rope import refuse_length_dependent_rope
 
 
 def _legacy(model) -> bool:

@@ -12,7 +12,8 @@ from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.errors import VarlenPatchError
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._legacy_attention import modeling_module, packed_attention, refuse_length_dependent_rope
+from ._legacy_attention import modeling_module, packed_attention
+from ._rope import refuse_length_dependent_rope
 
 
 def _packed_forward(self, call: dict, attend):

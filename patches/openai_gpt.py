@@ -18,11 +18,9 @@ from typing import Any
 from hf_varlen_patch.attention import is_packed_mask_placeholder, varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.context import BOUNDARIES_KWARG, boundaries_for
-from hf_varlen_patch.errors import VarlenPatchError
+from hf_varlen_patch.guards import refuse_unpackable
 from hf_varlen_patch.patching import Patcher, call_as_kwargs, track_layer
 from hf_varlen_patch.registry import PatchEntry, PatchOptions, register
-
-from ._legacy_attention import PackedOutputAttentionsError
 
 
 def _configs(model_type: str) -> dict:
@@ -47,10 +45,7 @@ def _packed_attn(wrapped, instance, args, kwargs, *, backend: str):
     if boundaries is None:
         return wrapped(*args, **kwargs)
     call = call_as_kwargs(wrapped, args, kwargs)
-    if call.get("output_attentions"):
-        raise PackedOutputAttentionsError("output_attentions=True is not available with packed inputs.")
-    if call.get("head_mask") is not None:
-        raise VarlenPatchError("head_mask is not supported with packed inputs; drop it or unpack.")
+    refuse_unpackable(call)
     query, key, value = call["q"], call["k"].transpose(-1, -2), call["v"]  # upstream passes k as (B, H, D, T)
     spec = AttentionSpec(
         causal=True,

@@ -11,7 +11,8 @@ from __future__ import annotations
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._common import tiny_config
-from ._legacy_attention import keep_packed_mask, refuse_length_dependent_rope
+from ._legacy_attention import keep_packed_mask
+from ._rope import refuse_length_dependent_rope
 
 
 def _configs(model_type: str) -> dict:

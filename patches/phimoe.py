@@ -32,7 +32,8 @@ from hf_varlen_patch.registry import PatchEntry, register
 from hf_varlen_patch.versions import TRANSFORMERS_4
 
 from ._common import tiny_config
-from ._legacy_attention import modeling_module, packed_attention, pass_boundaries, refuse_length_dependent_rope
+from ._legacy_attention import modeling_module, packed_attention, pass_boundaries
+from ._rope import refuse_length_dependent_rope
 
 WINDOW = 8
 

@@ -25,11 +25,10 @@ import torch
 from hf_varlen_patch.attention import varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.context import boundaries_for
-from hf_varlen_patch.errors import VarlenPatchError
+from hf_varlen_patch.guards import refuse_unpackable
 from hf_varlen_patch.patching import Patcher, cache_of, call_as_kwargs
 from hf_varlen_patch.registry import PatchEntry, PatchOptions, register
 
-from ._legacy_attention import PackedOutputAttentionsError
 from ._own_attention import refuse_when_packed, remember_padding, sequence_positions
 from .bert_legacy import refuse_bidirectional_decoder
 
@@ -69,12 +68,7 @@ def _self_attention(wrapped, instance, args, kwargs, *, backend: str, table: tor
     boundaries = boundaries_for(key=hidden, layer=instance)
     if boundaries is None:
         return wrapped(*args, **kwargs)
-    if call.get("encoder_hidden_states") is not None:
-        raise VarlenPatchError("cross-attention (encoder_hidden_states) cannot be packed.")
-    if call.get("output_attentions"):
-        raise PackedOutputAttentionsError("output_attentions=True is not available with packed inputs.")
-    if call.get("head_mask") is not None:
-        raise VarlenPatchError("head_mask is not supported with packed inputs; drop it or unpack.")
+    refuse_unpackable(call)
     batch, length, _ = hidden.shape
     shape = (batch, length, -1, instance.attention_head_size)
     q, k, v = (proj(hidden).view(shape).transpose(1, 2) for proj in (instance.query, instance.key, instance.value))

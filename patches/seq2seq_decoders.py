@@ -21,7 +21,7 @@ from __future__ import annotations
 from hf_varlen_patch.patching import accepts_argument, attach_boundaries, index_positions_per_sequence, track_layer
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._legacy_attention import refuse_length_dependent_rope
+from ._rope import refuse_length_dependent_rope
 
 
 def takes_no_positions(model) -> bool:

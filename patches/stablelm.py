@@ -16,7 +16,8 @@ from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._common import tiny_config
-from ._legacy_attention import modeling_module, packed_attention, pass_boundaries, refuse_length_dependent_rope
+from ._legacy_attention import modeling_module, packed_attention, pass_boundaries
+from ._rope import refuse_length_dependent_rope
 
 
 def _configs(model_type: str) -> dict:

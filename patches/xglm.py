@@ -20,7 +20,7 @@ import torch
 from hf_varlen_patch.attention import varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.context import boundaries_for
-from hf_varlen_patch.errors import VarlenPatchError
+from hf_varlen_patch.guards import refuse_unpackable
 from hf_varlen_patch.patching import cache_of, call_as_kwargs, track_layer
 from hf_varlen_patch.registry import PatchEntry, register
 
@@ -54,10 +54,7 @@ def _packed_attention_forward(wrapped, instance, args, kwargs, *, backend: str):
     boundaries = boundaries_for(call)
     if boundaries is None:
         return wrapped(*args, **kwargs)
-    if call.get("key_value_states") is not None:
-        raise VarlenPatchError("cross-attention is not supported with packed inputs.")
-    if call.get("output_attentions") or call.get("layer_head_mask") is not None:
-        raise VarlenPatchError("output_attentions=True and head_mask are not supported with packed inputs.")
+    refuse_unpackable(call)
     hidden = call["hidden_states"]
     batch, length, _ = hidden.shape
     shape = (batch, length, -1, instance.head_dim)

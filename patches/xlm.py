@@ -29,10 +29,10 @@ from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.boundaries import Boundaries
 from hf_varlen_patch.context import BOUNDARIES_KWARG, boundaries_for
 from hf_varlen_patch.errors import VarlenPatchError
+from hf_varlen_patch.guards import refuse_unpackable
 from hf_varlen_patch.patching import Patcher, cache_of, call_as_kwargs
 from hf_varlen_patch.registry import PatchEntry, PatchOptions, register
 
-from ._legacy_attention import PackedOutputAttentionsError
 from ._own_attention import current_padding, remember_padding
 
 _MASK = "xlm_token_mask"
@@ -109,12 +109,7 @@ def _attention(wrapped, instance, args, kwargs, *, backend: str, causal: bool):
     boundaries = boundaries_for(key=hidden, layer=instance)
     if boundaries is None:
         return wrapped(*args, **kwargs)
-    if call.get("kv") is not None:
-        raise VarlenPatchError("cross-attention cannot be packed.")
-    if call.get("output_attentions"):
-        raise PackedOutputAttentionsError("output_attentions=True is not available with packed inputs.")
-    if call.get("head_mask") is not None:
-        raise VarlenPatchError("head_mask is not supported with packed inputs; drop it or unpack.")
+    refuse_unpackable(call, cross_attention=("kv",))
     if not causal:
         boundaries = _split_at_masked_tails(boundaries)
     batch, length, _ = hidden.shape
