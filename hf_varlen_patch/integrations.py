@@ -71,7 +71,7 @@ def guard_prompt_learning() -> None:
 
 
 def _patched_below(wrapper: Any) -> bool:
-    from .api import find_hf_model, is_patched
+    from .install import find_hf_model, is_patched
 
     try:
         return is_patched(find_hf_model(wrapper))

@@ -430,7 +430,7 @@ def fake_fast_backend(monkeypatch):
     )
     register_backend(backend)
     monkeypatch.setitem(BACKENDS, "fake_fast", backend)
-    monkeypatch.setattr("hf_varlen_patch.backends.AUTO_ORDER", ["fake_fast", *AUTO_ORDER])
+    monkeypatch.setattr("hf_varlen_patch.backends.base.AUTO_ORDER", ["fake_fast", *AUTO_ORDER])
     yield backend
     BACKENDS.pop("fake_fast", None)
 

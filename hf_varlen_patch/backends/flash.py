@@ -21,7 +21,7 @@ import torch
 
 from ..boundaries import Boundaries
 from ..errors import BackendUnavailableError
-from . import AttentionSpec, Backend, register_backend
+from .base import AttentionSpec, Backend, register_backend
 
 #: (module, attribute) candidates, fastest first.
 CANDIDATES = (

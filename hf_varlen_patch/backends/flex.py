@@ -20,7 +20,7 @@ import torch
 from ..boundaries import Boundaries
 from ..errors import BackendUnavailableError
 from ..memo import computed_once
-from . import AttentionSpec, Backend, register_backend
+from .base import AttentionSpec, Backend, register_backend
 
 logger = logging.getLogger("hf_varlen_patch")
 

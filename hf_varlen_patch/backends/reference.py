@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from ..boundaries import Boundaries
-from . import FEATURES, AttentionSpec, Backend, register_backend
+from .base import FEATURES, AttentionSpec, Backend, register_backend
 
 
 def _allowed(boundaries: Boundaries, spec: AttentionSpec) -> torch.Tensor:

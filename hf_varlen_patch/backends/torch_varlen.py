@@ -13,7 +13,7 @@ import inspect
 import torch
 
 from ..boundaries import Boundaries
-from . import AttentionSpec, Backend, register_backend
+from .base import AttentionSpec, Backend, register_backend
 
 
 def _find_varlen() -> tuple[object, frozenset[str]] | None:
