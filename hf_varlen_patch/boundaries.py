@@ -223,7 +223,7 @@ class Boundaries:
             cu = cu_seqlens.to(torch.int32)
         flat = torch.arange(total, device=cu.device, dtype=torch.int32)
         # over the whole offsets, not ``cu[1:]``: inductor's Triton searchsorted ignores a slice's
-        # storage offset (pytorch#182343) and numbered every token one sequence on, silently
+        # storage offset (pytorch#182343), which would put every token in the next sequence
         seq_idx = (torch.searchsorted(cu, flat, right=True) - 1).to(torch.int32)
         return cls(cu_seqlens=cu, max_seqlen=max_seqlen, seq_idx=seq_idx, shape=(batch, length), is_packed=True)
 

@@ -248,7 +248,7 @@ def _patch(model, patcher, options) -> None:
         logger.warning(
             "hf_varlen_patch: with %d heads (> 8) upstream Falcon rounds every slope * position ALiBi "
             "product to bf16, which per-sequence slopes cannot reproduce: packed logits differ from "
-            "unpacked ones by ~5e-3 (fp32, 16-32 heads; measured on tiny models). Not a leak across "
+            "unpacked ones by about 5e-3 in fp32. Not a leak across "
             "sequences; the packed bias is the exact one.",
             heads,
         )

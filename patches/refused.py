@@ -29,8 +29,8 @@ REASONS = {
     "dedicated patch",
     "mega": "its damped exponential moving average runs along the whole row (a recurrent state, as in the hybrid "
     "issue), and its attention is chunked over the row",
-    "bigbird_pegasus": "its decoder still mixes packed sequences after per-sequence positions (1.5e-1 on the "
-    "tiny twin); it needs a dedicated patch",
+    "bigbird_pegasus": "its decoder still mixes packed sequences after per-sequence positions; it needs a "
+    "dedicated patch",
     "hrm_text": "HrmTextForCausalLM fails upstream on the tiny twin (IndexError in its reasoning loop), so no "
     "equivalence can be shown",
     "doge": "dynamic mask attention adds a learned, input-dependent bias through the attention mask, which packed "

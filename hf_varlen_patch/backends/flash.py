@@ -31,7 +31,7 @@ CANDIDATES = (
 )
 #: The module whose entry is not traceable and goes through this module's custom ops.
 CUTE = "flash_attn.cute"
-#: FA4 4.0.0b36's gradients are wrong below this head dim (scripts/fa4_grad_probe.py, H200):
+#: FA4's gradients are wrong below this head dim (scripts/fa4_grad_probe.py; benchmarks/fa4_head_dim.md):
 #: training there is refused, so ``auto`` takes another backend for those layers.
 CUTE_MIN_TRAIN_HEAD_DIM = 32
 
@@ -110,9 +110,9 @@ def flash_varlen_attention(
     if module_name == CUTE:
         if q.shape[-1] < CUTE_MIN_TRAIN_HEAD_DIM and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad):
             raise BackendUnavailableError(
-                f"FlashAttention-4's backward is wrong for {q.shape[-1]}-dim heads (measured on an H200 with "
-                f"4.0.0b36: relative gradient error 1.0 at 16, 3e-3 from 32 up, its own autograd function and "
-                f"this adapter alike); heads of at least {CUTE_MIN_TRAIN_HEAD_DIM} train on it, inference runs"
+                f"FlashAttention-4's backward is wrong for {q.shape[-1]}-dim heads (scripts/fa4_grad_probe.py); "
+                f"heads of at least {CUTE_MIN_TRAIN_HEAD_DIM} train on it and inference runs; pick another backend "
+                "for narrower heads"
             )
         left, right = _window(params, spec).get("window_size", (None, None))
         out, _ = torch.ops.hf_varlen.flash_cute_varlen_fwd(

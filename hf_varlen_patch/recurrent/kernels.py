@@ -40,10 +40,9 @@ KERNELS = {
 }
 
 
-#: Kernels checked on a real GPU (scripts/gpu_hybrid.sh): packed == separate within bf16 noise.
-#: None yet: on the H200 (torch 2.11, Triton 3.6) flash-linear-attention 0.6 ran the packed forward
-#: but refuses its gated backward on Triton < 3.7.1 (its own check), and its autotuning outlasted
-#: the forward-only check; causal-conv1d's build did not finish within the device time.
+#: Kernels checked on a real GPU (scripts/gpu_hybrid.sh): packed == separate within bf16 noise,
+#: forward and gradients. ``auto`` takes only these; the others stay opt-in until they pass
+#: (benchmarks/recurrent_kernels.md records the checks run so far).
 VERIFIED: frozenset[str] = frozenset()
 
 
