@@ -30,25 +30,6 @@ REASONS = {
     "varlen attention does not take; it needs a dedicated patch",
 }
 
-# The generic shrink keeps the first layers' types and the 50-layer K/V-sharing map, which the
-# shrunk config rejects: a sliding layer, an indexer and an indexed layer reading its K/V, with a
-# selection budget the twin's sequences exceed.
-TWINS = {
-    "kolibri1_1": {
-        "num_hidden_layers": 3,
-        "layer_types": ["sliding_attention", "indexed_attention", "indexed_attention"],
-        "index_layers": [1],
-        "kv_source_layers": [0, 1, 1],
-        "mlp_only_layers": [0],
-        "index_num_heads": 1,
-        "index_pool_size": 32,
-        "index_compression": 4,
-        "index_num_local_tokens": 2,
-        "index_num_sink_tokens": 1,
-    },
-}
-
-
 register(
     PatchEntry(
         family="decoders_525",
