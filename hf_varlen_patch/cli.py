@@ -30,15 +30,10 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import api
-from .attention import BACKEND_USAGE
+from .equivalence import build_twin
 from .errors import VarlenPatchError
 from .registry import supported_model_types
-from .selfcheck import LAYOUTS
-from .testing import compare_packed, make_packed_batch, test_variants, worst_error
-
-#: The upstream measurement (``coverage._upstream``) is ARCHITECTURE.md's: sequences of 5, 9, 3 in one row.
-#: The patched check adds a second row and trailing padding (attention_mask) to the above.
-PATCHED_LAYOUTS = LAYOUTS
+from .testing import test_variants
 
 
 @dataclass
@@ -57,27 +52,19 @@ def _fmt(x: float) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.1e}"
 
 
-def _build(config, dtype: torch.dtype, device: str):
-    from transformers import AutoModelForCausalLM
-
-    from .testing import long_memory
-
-    torch.manual_seed(0)
-    return long_memory(AutoModelForCausalLM.from_config(config)).to(device=device, dtype=dtype)
-
-
 def check_config(
     model_type: str, variant: str, config, *, backend: str, tol: float, dtype: torch.dtype | None, device: str
 ) -> Row:
     """Upstream and patched packed-vs-separate errors for one tiny config (a refusal first: its
-    reason stands even where upstream's own twin does not run)."""
-    from .coverage import _upstream
+    reason stands even where upstream's own twin does not run). Unlike ``scan --all``'s rows
+    (:func:`~hf_varlen_patch.coverage.scan_type`), the model is patched with ``apply`` as a user
+    would (an unregistered type after its self-check), in ``dtype`` on ``device``, and a twin that
+    does not run is an ERROR."""
+    from .coverage import _scan_multimodal, measure_patched, upstream_errors
     from .registry import REGISTRY
 
     entry = REGISTRY.get(model_type)
     if entry is not None and entry.multimodal is not None:  # a vision-language model: samples with images
-        from .coverage import _scan_multimodal
-
         row = _scan_multimodal(model_type, entry, config, backend, tol, device=device, dtype=dtype)
         return Row(model_type, variant, row.upstream_no_cache, row.upstream_default, row.patched, row.backend,
                    row.verdict, row.reason[:120])  # fmt: skip
@@ -86,34 +73,24 @@ def check_config(
         dtype = entry.test_dtype if entry is not None else torch.float32
     nan = float("nan")
     try:
-        model = _build(config, dtype, device)
+        model = build_twin(config, dtype=dtype, device=device)
     except Exception:
         if reason:
             return Row(model_type, variant, nan, nan, nan, "-", "REFUSED", reason[:120])
         raise
     if reason:
         try:
-            up_nc, up_def = _upstream(model, model.config.vocab_size)
+            up_nc, up_def = upstream_errors(model, model.config.vocab_size)
         except Exception:
             up_nc = up_def = nan
         return Row(model_type, variant, up_nc, up_def, nan, "-", "REFUSED", reason[:120])
-    up_nc, up_def = _upstream(model, model.config.vocab_size)
+    up_nc, up_def = upstream_errors(model, model.config.vocab_size)
     try:
         api.apply(model, backend=backend)
     except VarlenPatchError as err:
         return Row(model_type, variant, up_nc, up_def, nan, "-", "REFUSED", str(err)[:120])
-    BACKEND_USAGE.clear()
-    errors = [
-        compare_packed(
-            model, make_packed_batch(vocab_size=model.config.vocab_size, **layout), use_cache=use_cache
-        ).max_error
-        for layout in PATCHED_LAYOUTS
-        for use_cache in (None, False)
-    ]
-    used = ",".join(sorted(BACKEND_USAGE)) or "upstream"
-    patched = worst_error(errors)
-    ok = math.isfinite(patched) and patched <= tol
-    return Row(model_type, variant, up_nc, up_def, patched, used, "PASS" if ok else "FAIL")
+    patched, used, verdict = measure_patched(model, tol, vocab_size=model.config.vocab_size)
+    return Row(model_type, variant, up_nc, up_def, patched, used, verdict)
 
 
 def _print_table(rows: list[Row], tol: float, *, command: str = "scan", file=None) -> None:

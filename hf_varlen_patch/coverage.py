@@ -26,7 +26,18 @@ from typing import Any
 
 import torch
 
+from .equivalence import (
+    LAYOUTS,
+    MULTIMODAL_BOUNDARIES,
+    build_twin,
+    compare_multimodal,
+    compare_packed,
+    float32_twin,
+    make_packed_batch,
+    worst_over_layouts,
+)
 from .errors import VarlenPatchError
+from .testing import run_rules
 
 __all__ = ["CoverageRow", "causal_lm_types", "multimodal_types", "scan_type", "scan_all", "kind_of", "VERDICTS"]
 
@@ -84,8 +95,7 @@ def _scan_unregistered_multimodal(model_type: str, entry: Any, twin: Any) -> Cov
     nan = math.nan
     refusal = entry.refusal(twin) if entry is not None else None
     try:
-        torch.manual_seed(0)
-        model = AutoModelForImageTextToText.from_config(twin).float()
+        model = build_twin(twin, model_class=AutoModelForImageTextToText, long_lived=False).float()
     except Exception as err:
         if refusal:
             return CoverageRow(model_type, "multimodal", nan, nan, nan, "-", "REFUSED", refusal[:200])
@@ -93,7 +103,7 @@ def _scan_unregistered_multimodal(model_type: str, entry: Any, twin: Any) -> Cov
         return CoverageRow(model_type, "multimodal", nan, nan, nan, "-", "UNBUILDABLE", reason)
     vocab = getattr(model.config.get_text_config(), "vocab_size", None)
     try:
-        up_nc, up_def = _upstream(model, vocab) if vocab else (nan, nan)
+        up_nc, up_def = upstream_errors(model, vocab) if vocab else (nan, nan)
     except Exception:  # a forward that needs vision inputs; the twin builds, the verdict stands
         up_nc, up_def = nan, nan
     if refusal:
@@ -118,16 +128,15 @@ def _scan_multimodal(
     from transformers import AutoModelForImageTextToText
 
     from . import api
-    from .attention import BACKEND_USAGE
-    from .testing import compare_multimodal, multimodal_layouts, multimodal_samples, worst_error
+    from .testing import multimodal_layouts, multimodal_samples
 
     nan = math.nan
     refusal = entry.refusal(twin)
     if refusal:
         return CoverageRow(model_type, "multimodal", nan, nan, nan, "-", "REFUSED", refusal[:200])
     try:
-        torch.manual_seed(0)
-        model = AutoModelForImageTextToText.from_config(twin).to(device=device, dtype=dtype or entry.test_dtype)
+        dtype = dtype or entry.test_dtype
+        model = build_twin(twin, model_class=AutoModelForImageTextToText, long_lived=False, device=device, dtype=dtype)
     except Exception as err:
         reason = f"twin does not build: {_err(err)}"
         return CoverageRow(model_type, "multimodal", nan, nan, nan, "-", "UNBUILDABLE", reason)
@@ -136,18 +145,18 @@ def _scan_multimodal(
     up_def = compare_multimodal(model, samples, grads=False, use_cache=None).logits
     try:
         api.apply_entry(model, entry, backend=backend)
-        BACKEND_USAGE.clear()
-        patched = worst_error(
-            compare_multimodal(model, samples, layout=layout, use_cache=use_cache).max_error
-            for layout in ("positions", "cu")
-            for use_cache in (None, False)
+        patched, used, verdict = measure_patched(
+            model,
+            tol,
+            layouts=MULTIMODAL_BOUNDARIES,
+            compare=lambda model, layout, use_cache: compare_multimodal(
+                model, samples, layout=layout, use_cache=use_cache
+            ),
         )
     except VarlenPatchError as err:
         return CoverageRow(model_type, "multimodal", up_nc, up_def, nan, "-", "REFUSED", str(err)[:200])
     except Exception as err:
         return CoverageRow(model_type, "multimodal", up_nc, up_def, nan, "-", "FAIL", _err(err))
-    used = ",".join(sorted(BACKEND_USAGE)) or "upstream"
-    verdict = "PASS" if math.isfinite(patched) and patched <= tol else "FAIL"
     return CoverageRow(model_type, "multimodal", up_nc, up_def, patched, used, verdict)
 
 
@@ -166,27 +175,31 @@ def _err(err: BaseException) -> str:
     return f"{type(err).__name__}: {err}".replace("\n", " ")[:200]
 
 
-def _upstream(model: torch.nn.Module, vocab: int) -> tuple[float, float]:
-    from .testing import compare_packed, make_packed_batch
-
-    batch = make_packed_batch([[5, 9, 3]], vocab)
-    no_cache = compare_packed(model, batch, grads=False, use_cache=False).logits
+def upstream_errors(model: torch.nn.Module, vocab: int) -> tuple[float, float]:
+    """The unpatched model's packed-vs-separate logits error on the first of :data:`LAYOUTS` (one
+    row, no padding), with ``use_cache=False`` and with the default cache (NaN where that crashes)."""
+    rules = run_rules(model)
+    batch = make_packed_batch(vocab_size=vocab, **LAYOUTS[0])
+    no_cache = compare_packed(model, batch, grads=False, use_cache=False, **rules).logits
     try:
-        default = compare_packed(model, batch, grads=False, use_cache=None).logits
+        default = compare_packed(model, batch, grads=False, use_cache=None, **rules).logits
     except Exception:  # upstream's own cache path may crash on packed inputs; the no-cache one ran
         default = math.nan
     return no_cache, default
 
 
-def _patched(model: torch.nn.Module, vocab: int) -> float:
-    from .selfcheck import LAYOUTS as PATCHED_LAYOUTS
-    from .testing import compare_packed, make_packed_batch, worst_error
+def measure_patched(model: torch.nn.Module, tol: float, **over: Any) -> tuple[float, str, str]:
+    """A patched model's worst packed-vs-separate error (:func:`worst_over_layouts` with ``over``;
+    default: token batches of :data:`LAYOUTS` under the model's own rules), the backends its packed
+    runs used ("upstream": none of ours) and the verdict, PASS or FAIL."""
+    from .attention import BACKEND_USAGE
 
-    return worst_error(
-        compare_packed(model, make_packed_batch(vocab_size=vocab, **layout), use_cache=use_cache).max_error
-        for layout in PATCHED_LAYOUTS
-        for use_cache in (None, False)
-    )
+    if "compare" not in over:
+        over = {**run_rules(model), **over}
+    BACKEND_USAGE.clear()
+    patched = worst_over_layouts(model, **over).max_error
+    used = ",".join(sorted(BACKEND_USAGE)) or "upstream"
+    return patched, used, "PASS" if math.isfinite(patched) and patched <= tol else "FAIL"
 
 
 def _refusal_of_default(entry: Any, model_type: str) -> str | None:
@@ -203,13 +216,9 @@ def _refusal_of_default(entry: Any, model_type: str) -> str | None:
 
 def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, config: Any = None) -> CoverageRow:
     """The coverage row of one model_type (its twin, or a twin of ``config``)."""
-    from transformers import AutoModelForCausalLM
-
     from . import api
-    from .attention import BACKEND_USAGE
     from .registry import REGISTRY, _load_entries
     from .selfcheck import self_check
-    from .testing import long_memory
     from .twins import TwinError, tiny_config
 
     _load_entries()
@@ -233,8 +242,7 @@ def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, conf
         return _scan_unregistered_multimodal(model_type, entry, twin)
     kind = kind_of(twin)
     try:
-        torch.manual_seed(0)
-        model = long_memory(AutoModelForCausalLM.from_config(twin).float())
+        model = float32_twin(twin)
     except Exception as err:
         refusal = _refusal_of_default(entry, model_type)
         if refusal:
@@ -246,7 +254,7 @@ def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, conf
         return CoverageRow(model_type, kind, nan, nan, nan, "-", "UNBUILDABLE", "the config has no vocab_size")
     refusal = entry.refusal(model.config) if entry is not None else None
     try:
-        up_nc, up_def = _upstream(model, vocab)
+        up_nc, up_def = upstream_errors(model, vocab)
     except Exception as err:
         if refusal:
             return CoverageRow(model_type, kind, nan, nan, nan, "-", "REFUSED", refusal[:200])
@@ -272,14 +280,11 @@ def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, conf
     try:
         model = model.to(entry.test_dtype)
         api.apply_entry(model, entry, backend=backend)
-        BACKEND_USAGE.clear()
-        patched = _patched(model, vocab)
+        patched, used, verdict = measure_patched(model, tol, vocab_size=vocab)
     except VarlenPatchError as err:
         return CoverageRow(model_type, kind, up_nc, up_def, nan, "-", "REFUSED", str(err)[:200])
     except Exception as err:
         return CoverageRow(model_type, kind, up_nc, up_def, nan, "-", "FAIL", _err(err))
-    used = ",".join(sorted(BACKEND_USAGE)) or "upstream"
-    verdict = "PASS" if math.isfinite(patched) and patched <= tol else "FAIL"
     return CoverageRow(model_type, kind, up_nc, up_def, patched, used, verdict)
 
 

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from .equivalence import LAYOUTS, build_twin, float32_twin, worst_over_layouts
 from .errors import VarlenPatchError
 from .twins import (
     MAX_POSITIONS,
@@ -56,11 +57,6 @@ __all__ = ["SelfCheck", "self_check", "cache_path", "check_layouts", "code_diges
 
 logger = logging.getLogger("hf_varlen_patch")
 GENERIC_FAMILY = "self-check"
-#: Layouts of the check: one row of three sequences; two rows with trailing padding.
-LAYOUTS = (
-    dict(rows=[[5, 9, 3]]),
-    dict(rows=[[5, 9, 3, 11], [12, 7]], extra_padding=3, seed=1),
-)
 #: The longest sequence the check runs to cross a length-like config value (a tiny twin runs
 #: packed and separate at this length in about a second).
 MAX_CHECK_LENGTH = min(1024, MAX_POSITIONS)
@@ -231,14 +227,6 @@ def check_layouts(config: Any, twin: Any | None = None) -> tuple[tuple[dict, ...
     return LAYOUTS + long, crossed
 
 
-def _build(twin: Any, model_class: type | None) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-
-    if model_class is not None and hasattr(model_class, "_from_config"):
-        return model_class._from_config(twin)
-    return AutoModelForCausalLM.from_config(twin)
-
-
 def _classes_of(twin: Any, model_class: type | None) -> set[type]:
     """The classes a check of ``twin`` runs: the model's and its modules' (built on the meta
     device, no memory), the config's, and the model class asked for."""
@@ -247,7 +235,7 @@ def _classes_of(twin: Any, model_class: type | None) -> set[type]:
         classes.add(model_class)
     try:
         with torch.device("meta"):
-            model = _build(twin, model_class)
+            model = build_twin(twin, model_class=model_class, seed=None, long_lived=False)
     except Exception as err:  # the check will fail on the same error; its verdict names it
         logger.debug("hf_varlen_patch: the twin does not build on the meta device: %s", err)
         return classes
@@ -341,20 +329,12 @@ def code_digest(classes: Iterable[type], entry: Any = None) -> str:
 def _run(twin: Any, entry: Any, model_class: type | None, layouts: Iterable[dict]) -> tuple[float, str]:
     from .api import apply_entry
     from .attention import BACKEND_USAGE
-    from .testing import compare_packed, long_memory, make_packed_batch, worst_error
 
-    torch.manual_seed(0)
     with torch.device("cpu"):
-        model = _build(twin, model_class)
-    model = long_memory(model.float())  # recurrent state that outlives a sequence, so a leak shows
+        model = float32_twin(twin, model_class=model_class)  # long-lived recurrent state, so a leak shows
     apply_entry(model, entry, backend="sdpa")
-    vocab = model.config.get_text_config().vocab_size
     BACKEND_USAGE.clear()
-    errors = [
-        compare_packed(model, make_packed_batch(vocab_size=vocab, **layout), use_cache=use_cache).max_error
-        for layout in layouts
-        for use_cache in (None, False)
-    ]
+    worst = worst_over_layouts(model, layouts, shifts_labels=entry.shifts_labels)  # patched: takes position_ids
     if not BACKEND_USAGE:
         return math.nan, "the packed forward never reached the registered attention function"
-    return worst_error(errors), ""
+    return worst.max_error, ""

@@ -25,9 +25,9 @@ import math
 import torch
 
 import hf_varlen_patch
+from hf_varlen_patch.equivalence import _run_samples
 from hf_varlen_patch.packing import pack_multimodal
 from hf_varlen_patch.testing import (
-    _run_samples,
     inputs_on_model,
     multimodal_layouts,
     multimodal_samples,

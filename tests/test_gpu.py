@@ -104,7 +104,8 @@ def test_bf16_multimodal(model_type):
     """Vision-language twins in bf16 on the GPU: samples with images (and a video for the mRoPE
     models) packed in one row against the same samples alone, judged by bf16's own noise (the bf16
     samples alone against float32)."""
-    from hf_varlen_patch.testing import _run_multimodal_packed, _run_samples, multimodal_layouts, multimodal_samples
+    from hf_varlen_patch.equivalence import _run_multimodal_packed, _run_samples
+    from hf_varlen_patch.testing import multimodal_layouts, multimodal_samples
 
     fp32 = tiny_model(model_type, attn_implementation="sdpa").to("cuda").train()
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
@@ -225,7 +226,7 @@ COMPILE_LAYOUTS = [[1, 33, 7, 64, 64, 2], [5, 9, 3, 11, 40, 64, 2, 17]]
 
 def _compiled_run(compiled, model, lengths, vocab, seed):
     """One packed training step through ``compiled`` with the collator's kwargs, as a Run."""
-    from hf_varlen_patch.testing import Run, _grads, _token_loss_sum
+    from hf_varlen_patch.equivalence import Run, _grads, _token_loss_sum
 
     batch = make_packed_batch([lengths], vocab, seed=seed).to("cuda")
     cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
