@@ -327,8 +327,8 @@ def code_digest(classes: Iterable[type], entry: Any = None) -> str:
 
 
 def _run(twin: Any, entry: Any, model_class: type | None, layouts: Iterable[dict]) -> tuple[float, str]:
-    from .api import apply_entry
     from .attention import BACKEND_USAGE
+    from .install import apply_entry
 
     with torch.device("cpu"):
         model = float32_twin(twin, model_class=model_class)  # long-lived recurrent state, so a leak shows
