@@ -40,15 +40,20 @@ class PatchOptions:
 
 @dataclass(frozen=True)
 class MultimodalSpec:
-    """How tests, ``check`` and ``scan`` build samples for a vision-language entry's tiny twins."""
+    """How tests, ``check`` and ``scan`` lay out samples for a vision-language entry's tiny twins
+    (the builder is :func:`hf_varlen_patch.samples.multimodal_sample`, which reads these)."""
 
-    #: ``(model, parts, generator) -> processor-like inputs`` of one sample; ``parts`` lists text
-    #: lengths and ``"image"`` / ``"video"`` in order (see :mod:`hf_varlen_patch.samples`).
-    sample: Callable[[torch.nn.Module, list, torch.Generator], dict]
-    #: types whose samples may mix videos with images in one batch
-    videos_with_images: tuple[str, ...] = ()
+    #: types whose processors lay images out for (temporal, height, width) rotary positions
+    mrope: tuple[str, ...] = ()
+    #: mRoPE types that place video frames on image tokens (they cannot mix videos with images)
+    videos_in_image_tokens: tuple[str, ...] = ()
     #: types that pack text-only rows (a packed batch with images is refused)
     text_only: tuple[str, ...] = ()
+
+    @property
+    def videos_with_images(self) -> tuple[str, ...]:
+        """Types whose samples may mix videos with images in one batch."""
+        return tuple(t for t in self.mrope if t not in self.videos_in_image_tokens)
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from collections.abc import Collection
 
 import torch
 
-__all__ = ["multimodal_sample", "inputs_on_model", "VIDEO_IN_IMAGE_TOKENS"]
+__all__ = ["multimodal_sample", "inputs_on_model"]
 
 
 def inputs_on_model(model: torch.nn.Module, inputs: dict) -> dict:
@@ -79,8 +79,6 @@ def _placeholders(model, kind: str, inputs: dict) -> int:
     return sum(f.shape[0] for f in _features(out))
 
 
-#: GLM-4V places video frames on image tokens (between its video start/end tokens).
-VIDEO_IN_IMAGE_TOKENS = ("glm4v",)
 
 
 def _token(config, *names: str) -> int:
@@ -91,10 +89,19 @@ def _token(config, *names: str) -> int:
     raise AttributeError(f"{config.model_type} config has none of {names}")
 
 
-def multimodal_sample(model, parts: list, generator: torch.Generator, *, mrope: Collection[str] = ()) -> dict:
+def multimodal_sample(
+    model,
+    parts: list,
+    generator: torch.Generator,
+    *,
+    mrope: Collection[str] = (),
+    videos_in_image_tokens: Collection[str] = (),
+) -> dict:
     """Processor-like inputs of one sample for a tiny twin: ``parts`` is a list of text lengths
     (ints) and ``"image"`` / ``"video"``, in order. ``mrope``: the types whose processors lay
-    images out for (temporal, height, width) rotary positions (grids, start/end tokens)."""
+    images out for (temporal, height, width) rotary positions (grids, start/end tokens);
+    ``videos_in_image_tokens``: those that place video frames on image tokens (between their video
+    start/end tokens). A registry entry's :class:`~hf_varlen_patch.registry.MultimodalSpec` says both."""
     config = model.config
     image_token = _token(config, "image_token_id", "image_token_index")
     special = {v for k, v in config.to_dict().items() if k.endswith(("token_id", "token_index")) and isinstance(v, int)}
@@ -109,7 +116,7 @@ def multimodal_sample(model, parts: list, generator: torch.Generator, *, mrope: 
             continue
         inputs = _vision_inputs(model, part, generator, mrope)
         count = _placeholders(model, part, inputs)
-        video = part == "video" and config.model_type not in VIDEO_IN_IMAGE_TOKENS
+        video = part == "video" and config.model_type not in videos_in_image_tokens
         token = _token(config, "video_token_id") if video else image_token
         # Qwen3-VL/3.5 and GLM-4V lay a video out frame by frame, each between its own start/end tokens
         per_frame = part == "video" and config.model_type.startswith(("qwen3", "glm4v"))

@@ -35,7 +35,7 @@ from .equivalence import max_grad_error as max_grad_error  # importable from her
 from .equivalence import max_logits_error as max_logits_error
 from .equivalence import worst_error as worst_error
 from .registry import lookup
-from .samples import inputs_on_model
+from .samples import inputs_on_model, multimodal_sample
 from .twins import TwinError, tiny_config
 
 __all__ = [
@@ -331,9 +331,9 @@ def multimodal_layouts(model_type: str) -> list[list[Any]]:
 
 
 def multimodal_samples(model: torch.nn.Module, layouts: Sequence[Sequence[Any]], seed: int = 0) -> list[dict]:
-    """Processor-like inputs of one sample per layout for a tiny vision-language twin (its entry's
-    sample builder). A layout lists text lengths and ``"image"`` / ``"video"`` in order:
-    ``[[5, "image", 3], [7], [2, "image", 1, "image", 4]]``."""
+    """Processor-like inputs of one sample per layout for a tiny vision-language twin, laid out as
+    its entry's :class:`~hf_varlen_patch.registry.MultimodalSpec` says. A layout lists text lengths
+    and ``"image"`` / ``"video"`` in order: ``[[5, "image", 3], [7], [2, "image", 1, "image", 4]]``."""
     from .api import find_hf_model
     from .registry import lookup
 
@@ -342,4 +342,9 @@ def multimodal_samples(model: torch.nn.Module, layouts: Sequence[Sequence[Any]],
     if spec is None:
         raise ValueError(f"{hf_model.config.model_type} has no multimodal sample builder")
     generator = torch.Generator().manual_seed(seed)
-    return [spec.sample(hf_model, list(layout), generator) for layout in layouts]
+    return [
+        multimodal_sample(
+            hf_model, list(layout), generator, mrope=spec.mrope, videos_in_image_tokens=spec.videos_in_image_tokens
+        )
+        for layout in layouts
+    ]

@@ -15,7 +15,6 @@ Refused with the reason: what upstream 4.57 gets wrong unpacked already, and Lla
 
 from __future__ import annotations
 
-import functools
 import sys
 from typing import Any
 
@@ -25,7 +24,6 @@ from hf_varlen_patch.context import BOUNDARIES_KWARG, boundaries_for, enter_pack
 from hf_varlen_patch.errors import VarlenPatchError
 from hf_varlen_patch.patching import call_as_kwargs, nested_configs
 from hf_varlen_patch.registry import MultimodalSpec, PatchEntry, ReleaseRefusal, register
-from hf_varlen_patch.samples import VIDEO_IN_IMAGE_TOKENS, multimodal_sample
 
 from ._mrope import mrope_forward
 
@@ -244,11 +242,7 @@ TWINS = {
 }
 
 #: GLM-4V places video frames on image tokens, so it cannot mix videos with images in one batch.
-SPEC = MultimodalSpec(
-    sample=functools.partial(multimodal_sample, mrope=MROPE),
-    videos_with_images=tuple(t for t in MROPE if t not in VIDEO_IN_IMAGE_TOKENS),
-    text_only=tuple(TEXT_ONLY),
-)
+SPEC = MultimodalSpec(mrope=MROPE, videos_in_image_tokens=("glm4v",), text_only=tuple(TEXT_ONLY))
 
 
 def _register(model_types: tuple[str, ...], **fields: Any) -> None:
