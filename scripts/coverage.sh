@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out="$(mktemp -d)"
 for tf in "4.57.6" "5.25.0"; do
-  VENV=".venv-tf${tf}" TRANSFORMERS_VERSION="${tf}" bash scripts/setup_env.sh >/dev/null
+  VENV=".venv-tf${tf}" TRANSFORMERS_VERSION="${tf}" bash scripts/setup_env.sh >&2
   ".venv-tf${tf}/bin/hf-varlen-patch" scan --all --json "${out}/${tf}.json" >"${out}/${tf}.txt" || true
   tail -n 1 "${out}/${tf}.txt"
 done

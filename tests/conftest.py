@@ -1,8 +1,18 @@
 import logging
 import os
+from collections import Counter
 
 import pytest
 import torch
+
+# Importing transformers.processing_utils runs transformers/__init__.py a second time
+# (transformers' direct_transformers_import), which puts a new module object in
+# sys.modules["transformers"]; every module that imported transformers earlier keeps the old one.
+# Done by whichever test first builds a model, that would make `transformers` in a test module and
+# in the engine two objects depending on test order (a monkeypatched transformers.__version__ then
+# misses the engine). Importing it here, before any test module or the engine, gives the whole
+# session one transformers module.
+import transformers.processing_utils  # noqa: F401,I001
 from hypothesis import HealthCheck, settings
 
 settings.register_profile(
@@ -53,3 +63,21 @@ def _fresh_accelerate_state():
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """Skips in the short summary, with the GPU tests (hundreds, all for one reason where there is
+    no CUDA device) counted on one line per reason instead of one line per test function."""
+    if "s" in terminalreporter.reportchars:
+        return
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if isinstance(r.longrepr, tuple)]
+    if not skipped:
+        return
+    gpu = Counter(r.longrepr[2].removeprefix("Skipped: ") for r in skipped if "gpu" in r.keywords)
+    other = Counter(r.longrepr for r in skipped if "gpu" not in r.keywords)
+    terminalreporter.section("skipped", sep="-")
+    for reason, n in gpu.items():
+        terminalreporter.line(f"{n} gpu tests skipped: {reason}")
+    for (path, lineno, reason), n in sorted(other.items(), key=lambda kv: (kv[0][0], kv[0][1] or 0)):
+        where = os.path.relpath(path, terminalreporter.startpath) + ("" if lineno is None else f":{lineno}")
+        terminalreporter.line(f"SKIPPED [{n}] {where}: {reason.removeprefix('Skipped: ')}")
