@@ -532,19 +532,18 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def architecture_table() -> str:
-    """The registry as the README's table: one row per family (entry module)."""
+    """The registry as the README's table: one row per family (entry module) and notes, so that
+    every entry's notes show where a family declares several entries."""
     from .registry import REGISTRY
 
-    families: dict[str, list[str]] = {}
-    notes: dict[str, str] = {}
+    rows: dict[tuple[str, str], list[str]] = {}
     for model_type in supported_model_types():
         entry = REGISTRY[model_type]
-        families.setdefault(entry.family, []).append(model_type)
-        notes[entry.family] = entry.notes
+        rows.setdefault((entry.family, entry.notes), []).append(model_type)
     lines = ["| entry | model_types | what carries the boundaries |", "| --- | --- | --- |"]
-    for family in sorted(families):
-        types = ", ".join(f"`{mt}`" for mt in families[family])
-        lines.append(f"| `patches/{family}.py` | {types} | {notes[family]} |")
+    for (family, notes), types in sorted(rows.items(), key=lambda row: (row[0][0], row[1])):
+        names = ", ".join(f"`{mt}`" for mt in types)
+        lines.append(f"| `patches/{family}.py` | {names} | {notes} |")
     return "\n".join(lines)
 
 
