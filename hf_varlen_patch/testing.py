@@ -58,7 +58,11 @@ __all__ = [
     "multimodal_samples",
     "compare_multimodal",
     "inputs_on_model",
+    "assert_packing_equivalent",
+    "worst_error",
+    "LAYOUTS",
 ]
+
 
 def test_variants(model_type: str) -> dict[str, Any]:
     """{variant name: tiny config} that the registry entry declares for ``model_type``."""

@@ -13,8 +13,7 @@ gradient-checkpoint recomputation (:func:`~hf_varlen_patch.context.boundaries_fo
   through the varlen backend; otherwise it runs the original forward untouched.
 
 And :func:`keep_packed_mask` for 4.57 base models that take ``**kwargs`` but still build their
-mask with the legacy ``_update_causal_mask``; :func:`refuse_length_dependent_rope` for rotary
-scalings whose frequencies depend on the whole batch's length.
+mask with the legacy ``_update_causal_mask``. (The rotary refusal is in ``_rope.py``.)
 """
 
 from __future__ import annotations
