@@ -11,7 +11,7 @@ import functools
 import inspect
 import types
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +21,7 @@ from .attention import packed_mask_placeholder
 from .boundaries import Boundaries, check_seq_idx
 from .context import BOUNDARIES_KWARG, boundaries_for, carried, enter_packed, leave_packed, remember
 from .errors import MalformedBoundariesError, PackedCallError, PackedOutputAttentionsError, VarlenPatchError
+from .guards import CROSS_ATTENTION, refuse_unpackable
 
 
 class _Missing:
@@ -445,6 +446,36 @@ def carry_boundaries_through_checkpoints(patcher: Patcher, model: torch.nn.Modul
     for target in (model,) if base is model else (model, base):
         if hasattr(target, "_set_gradient_checkpointing"):
             patcher.wrap_method(target, "_set_gradient_checkpointing", after_setting)
+
+
+#: ``handler(wrapped, instance, call, boundaries)`` for :func:`wrap_packed_calls`.
+PackedHandler = Callable[[Callable, Any, dict, Boundaries], Any]
+
+
+def wrap_packed_calls(
+    patcher: Patcher,
+    module: Any,
+    name: str,
+    handler: PackedHandler,
+    *,
+    find: Callable[[Any, dict], Boundaries | None] | None = None,
+    cross_attention: Iterable[str] = CROSS_ATTENTION,
+) -> None:
+    """Wrap ``module.name`` (an attention module's ``forward`` or ``_attn``) so that its packed
+    calls run ``handler(wrapped, instance, call, boundaries)``, ``call`` holding the arguments by
+    name, once :func:`~hf_varlen_patch.guards.refuse_unpackable` has refused what they cannot
+    honour; unpacked calls run the original untouched. ``find(instance, call)`` looks the
+    boundaries up (default: :func:`~hf_varlen_patch.context.boundaries_for` of the call)."""
+
+    def wrapper(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+        call = call_as_kwargs(wrapped, args, kwargs)
+        boundaries = boundaries_for(call) if find is None else find(instance, call)
+        if boundaries is None:
+            return wrapped(*args, **kwargs)
+        refuse_unpackable(call, cross_attention=cross_attention)
+        return handler(wrapped, instance, call, boundaries)
+
+    patcher.wrap_method(module, name, wrapper)
 
 
 def attach_boundaries(

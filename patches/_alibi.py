@@ -15,6 +15,7 @@ ALiBi equivalence: upstream's bias is ``slope * key_position`` (BLOOM, Falcon) o
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -42,6 +43,12 @@ def recall(tensor: Any, hidden_states: torch.Tensor) -> Boundaries | None:
             f"{tuple(hidden_states.shape[:2])} tokens; packed inputs need an empty cache."
         )
     return boundaries
+
+
+def recall_by(name: str) -> Callable[[Any, dict], Boundaries | None]:
+    """``find`` for :func:`~hf_varlen_patch.patching.wrap_packed_calls`: the boundaries tied to the
+    call's ALiBi tensor (its argument ``name``), checked against the call's hidden states."""
+    return lambda _instance, call: recall(call.get(name), call["hidden_states"])
 
 
 def update_cache(past: Any, key: torch.Tensor, value: torch.Tensor, layer_idx: int, call: dict, **extra):

@@ -26,9 +26,7 @@ import torch
 
 from hf_varlen_patch.attention import is_packed_mask_placeholder, varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
-from hf_varlen_patch.context import boundaries_for
-from hf_varlen_patch.guards import refuse_unpackable
-from hf_varlen_patch.patching import Patcher, attach_boundaries, cache_of, call_as_kwargs
+from hf_varlen_patch.patching import Patcher, attach_boundaries, cache_of, call_as_kwargs, wrap_packed_calls
 
 __all__ = [
     "Attend",
@@ -78,12 +76,7 @@ def packed_attention(
     ``layer_idx`` names the instance attribute that indexes the cache.
     """
 
-    def wrapper(wrapped, instance, args, kwargs):
-        call = call_as_kwargs(wrapped, args, kwargs)
-        boundaries = boundaries_for(call)
-        if boundaries is None:
-            return wrapped(*args, **kwargs)
-        refuse_unpackable(call)
+    def packed(wrapped, instance, call, boundaries):
         past = cache_of(call)
 
         def attend(q, k, v, spec: AttentionSpec, cache_kwargs: dict | None = None, *, after_cache=None):
@@ -95,7 +88,7 @@ def packed_attention(
 
         return forward(instance, call, attend)
 
-    patcher.wrap_method(module, "forward", wrapper)
+    wrap_packed_calls(patcher, module, "forward", packed)
 
 
 def llama_style_qkv(self: torch.nn.Module, call: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:

@@ -26,8 +26,7 @@ from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.boundaries import Boundaries
 from hf_varlen_patch.context import boundaries_for
 from hf_varlen_patch.errors import VarlenPatchError
-from hf_varlen_patch.guards import refuse_unpackable
-from hf_varlen_patch.patching import Patcher, cache_of, call_as_kwargs
+from hf_varlen_patch.patching import Patcher, cache_of, call_as_kwargs, wrap_packed_calls
 
 __all__ = [
     "wrap_bart_style_self_attention",
@@ -36,6 +35,12 @@ __all__ = [
     "remember_padding",
     "sequence_positions",
 ]
+
+
+def layer_call_boundaries(instance: torch.nn.Module, call: dict) -> Boundaries | None:
+    """The boundaries of a self-attention call keyed on its hidden states (found again when
+    transformers 5.x's checkpointing replays the layer's class ``forward`` outside the forward)."""
+    return boundaries_for(key=call["hidden_states"], layer=instance)
 
 
 def refuse_when_packed(patcher: Patcher, module: torch.nn.Module, what: str) -> None:
@@ -92,13 +97,8 @@ def wrap_bart_style_self_attention(patcher: Patcher, module: torch.nn.Module, ba
     :func:`~hf_varlen_patch.context.boundaries_for` keyed on its hidden states, so 5.x checkpoint
     recomputation finds them."""
 
-    def wrapper(wrapped, instance, args, kwargs):
-        call = call_as_kwargs(wrapped, args, kwargs)
+    def packed(wrapped, instance, call, boundaries):
         hidden = call["hidden_states"]
-        boundaries = boundaries_for(key=hidden, layer=instance)
-        if boundaries is None:
-            return wrapped(*args, **kwargs)
-        refuse_unpackable(call)
         if call.get("attn_prompt") is not None:
             raise VarlenPatchError("MVP prompts (use_prompt=True) cannot be packed.")
         batch, length, width = hidden.shape
@@ -114,4 +114,4 @@ def wrap_bart_style_self_attention(patcher: Patcher, module: torch.nn.Module, ba
         out = varlen_attention(backend, q, k, v, boundaries, AttentionSpec(causal=True, scale=1.0, dropout=dropout))
         return instance.out_proj(out.reshape(batch, length, width)), None
 
-    patcher.wrap_method(module, "forward", wrapper)
+    wrap_packed_calls(patcher, module, "forward", packed, find=layer_call_boundaries)

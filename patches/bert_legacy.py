@@ -21,20 +21,13 @@ import transformers
 
 from hf_varlen_patch.attention import is_packed_mask_placeholder, varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
-from hf_varlen_patch.context import boundaries_for
-from hf_varlen_patch.guards import refuse_unpackable
-from hf_varlen_patch.patching import cache_of, call_as_kwargs, track_layer
+from hf_varlen_patch.patching import cache_of, call_as_kwargs, track_layer, wrap_packed_calls
 from hf_varlen_patch.registry import PatchEntry, register
 from hf_varlen_patch.versions import TRANSFORMERS_4
 
 
 def _self_attention(backend: str):
-    def wrapper(wrapped, instance, args, kwargs):
-        call = call_as_kwargs(wrapped, args, kwargs)
-        boundaries = boundaries_for(call)
-        if boundaries is None:
-            return wrapped(*args, **kwargs)
-        refuse_unpackable(call)
+    def packed(wrapped, instance, call, boundaries):
         hidden = call["hidden_states"]
         shape = (*hidden.shape[:-1], -1, instance.attention_head_size)
         q, k, v = (proj(hidden).view(shape).transpose(1, 2) for proj in (instance.query, instance.key, instance.value))
@@ -50,7 +43,7 @@ def _self_attention(backend: str):
         out = varlen_attention(backend, q, k, v, boundaries, spec)
         return out.reshape(*hidden.shape[:-1], -1), None
 
-    return wrapper
+    return packed
 
 
 def decoder_variants(model_type: str) -> dict:
@@ -77,7 +70,7 @@ def wrap_self_attention(model, patcher, options) -> None:
     if not found:
         raise NotImplementedError(f"{type(model).__name__} has no BERT-style self-attention to wrap")
     for module in found:
-        patcher.wrap_method(module, "forward", _self_attention(options.backend))
+        wrap_packed_calls(patcher, module, "forward", _self_attention(options.backend))
         track_layer(patcher, module)
 
 

@@ -28,15 +28,14 @@ import torch.nn.functional as F
 from hf_varlen_patch.attention import is_packed_mask_placeholder, varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.context import boundaries_for, remember
-from hf_varlen_patch.guards import refuse_unpackable
-from hf_varlen_patch.patching import call_as_kwargs
+from hf_varlen_patch.patching import call_as_kwargs, wrap_packed_calls
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._alibi import (
     SlopeCache,
     drop_packed_kwargs_wrapper,
     packed_mask_wrapper,
-    recall,
+    recall_by,
     update_cache,
 )
 
@@ -85,13 +84,8 @@ def _build_alibi_tensor(wrapped, instance, args, kwargs):
     return remember(dummy, boundaries)
 
 
-def _packed_attention_forward(wrapped, instance, args, kwargs, *, backend: str, slopes: SlopeCache):
-    call = call_as_kwargs(wrapped, args, kwargs)
+def _packed_attention_forward(wrapped, instance, call, boundaries, *, backend: str, slopes: SlopeCache):
     hidden = call["hidden_states"]
-    boundaries = recall(call.get("alibi"), hidden)
-    if boundaries is None:
-        return wrapped(*args, **kwargs)
-    refuse_unpackable(call)
     modeling = sys.modules[type(instance).__module__]
     batch, length, _ = hidden.shape
     query, key, value = instance._reshape(instance.query_key_value(hidden))
@@ -121,11 +115,8 @@ def _patch(model, patcher, options) -> None:
     base = model.base_model
     slopes = _alibi_slopes(base)
     for block in base.h:
-        patcher.wrap_method(
-            block.self_attention,
-            "forward",
-            partial(_packed_attention_forward, backend=options.backend, slopes=slopes),
-        )
+        handler = partial(_packed_attention_forward, backend=options.backend, slopes=slopes)
+        wrap_packed_calls(patcher, block.self_attention, "forward", handler, find=recall_by("alibi"))
     patcher.wrap_method(base, "build_alibi_tensor", _build_alibi_tensor)
     patcher.wrap_method(base, "forward", packed_mask_wrapper(placeholder=True))  # 4-D masks pass through
     if model is not base:

@@ -17,8 +17,7 @@ from functools import partial
 from hf_varlen_patch.attention import varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.context import BOUNDARIES_KWARG, boundaries_for
-from hf_varlen_patch.guards import refuse_unpackable
-from hf_varlen_patch.patching import call_as_kwargs, track_layer
+from hf_varlen_patch.patching import call_as_kwargs, track_layer, wrap_packed_calls
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._common import tiny_config
@@ -42,12 +41,7 @@ def _without_placeholder(wrapped, instance, args, kwargs):
     return wrapped(**call)
 
 
-def _packed_attention_forward(wrapped, instance, args, kwargs, *, backend: str):
-    boundaries = boundaries_for()
-    if boundaries is None:
-        return wrapped(*args, **kwargs)
-    call = call_as_kwargs(wrapped, args, kwargs)
-    refuse_unpackable(call)
+def _packed_attention_forward(wrapped, instance, call, boundaries, *, backend: str):
     hidden_q = call["q"]
     batch = hidden_q.shape[0]
     q = instance.split_into_heads(instance.Wq(hidden_q), batch)
@@ -68,7 +62,7 @@ def _patch(model, patcher, options) -> None:
     patcher.wrap_method(base, "forward", _without_placeholder)
     for layer in base.h:
         attention = layer.multi_head_attention
-        patcher.wrap_method(attention, "forward", partial(_packed_attention_forward, backend=options.backend))
+        wrap_packed_calls(patcher, attention, "forward", partial(_packed_attention_forward, backend=options.backend))
         track_layer(patcher, layer)
 
 

@@ -44,8 +44,7 @@ import torch
 from hf_varlen_patch.attention import varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.context import BOUNDARIES_KWARG, boundaries_for
-from hf_varlen_patch.guards import refuse_unpackable
-from hf_varlen_patch.patching import call_as_kwargs
+from hf_varlen_patch.patching import call_as_kwargs, wrap_packed_calls
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._alibi import SlopeCache, update_cache
@@ -104,12 +103,7 @@ def _alibi_slopes(model) -> SlopeCache:
     return SlopeCache(compute)
 
 
-def _packed_attention_forward(wrapped, instance, args, kwargs, *, backend: str, slopes: SlopeCache):
-    call = call_as_kwargs(wrapped, args, kwargs)
-    boundaries = boundaries_for(call)
-    if boundaries is None:
-        return wrapped(*args, **kwargs)
-    refuse_unpackable(call)
+def _packed_attention_forward(wrapped, instance, call, boundaries, *, backend: str, slopes: SlopeCache):
     modeling = sys.modules[type(instance).__module__]
     hidden = call["hidden_states"]
     batch, length, _ = hidden.shape
@@ -189,18 +183,13 @@ def _register_attention_function() -> None:
         ALL_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, _attention_function)
 
 
-def _packed_interface_forward(wrapped, instance, args, kwargs, *, backend: str, slopes: SlopeCache):
+def _packed_interface_forward(wrapped, instance, call, boundaries, *, backend: str, slopes: SlopeCache):
     """transformers 5.25+: upstream's forward, its attention function swapped for the varlen one."""
-    call = call_as_kwargs(wrapped, args, kwargs)
-    boundaries = boundaries_for(call)
-    if boundaries is None:
-        return wrapped(*args, **kwargs)
-    refuse_unpackable(call)
     alibi = slopes(call["hidden_states"].device) if instance.config.alibi else None
     config = instance.config
     instance.config = _RoutedConfig(config)
     try:
-        return wrapped(*args, **kwargs, **{BOUNDARIES_KWARG: boundaries, _SPEC_KWARG: (backend, alibi)})
+        return wrapped(**{**call, BOUNDARIES_KWARG: boundaries, _SPEC_KWARG: (backend, alibi)})
     finally:
         instance.config = config
 
@@ -256,8 +245,9 @@ def _patch(model, patcher, options) -> None:
     if inline:
         _register_attention_function()
     forward = _packed_interface_forward if inline else _packed_attention_forward
+    handler = partial(forward, backend=options.backend, slopes=slopes)
     for layer in base.h:
-        patcher.wrap_method(layer.self_attention, "forward", partial(forward, backend=options.backend, slopes=slopes))
+        wrap_packed_calls(patcher, layer.self_attention, "forward", handler)
     if getattr(base, "use_alibi", False):
         patcher.wrap_method(base, "forward", _base_forward)
 

@@ -29,8 +29,7 @@ from hf_varlen_patch.attention import varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.boundaries import Boundaries
 from hf_varlen_patch.context import boundaries_for
-from hf_varlen_patch.guards import refuse_unpackable
-from hf_varlen_patch.patching import Patcher, call_as_kwargs
+from hf_varlen_patch.patching import Patcher, call_as_kwargs, wrap_packed_calls
 from hf_varlen_patch.registry import PatchEntry, PatchOptions, register
 
 from ._rope import refuse_length_dependent_rope
@@ -41,15 +40,10 @@ _PACKED: contextvars.ContextVar[tuple[torch.nn.Module, Boundaries] | None] = con
 )
 
 
-def _packed_forward(wrapped, instance, args, kwargs):
-    call = call_as_kwargs(wrapped, args, kwargs)
-    boundaries = boundaries_for(call)
-    if boundaries is None:
-        return wrapped(*args, **kwargs)
-    refuse_unpackable(call)
+def _packed_forward(wrapped, instance, call, boundaries):
     token = _PACKED.set((instance, boundaries))
     try:
-        return wrapped(*args, **kwargs)
+        return wrapped(**call)
     finally:
         _PACKED.reset(token)
 
@@ -81,7 +75,7 @@ def _patch(model: Any, patcher: Patcher, options: PatchOptions) -> None:
         patcher.wrap_method(base, "_update_causal_mask", _no_mask_when_packed)
     for layer in base.layers:
         patcher.wrap_method(layer.attention, "_attn", partial(_packed_attn, backend=options.backend))
-        patcher.wrap_method(layer.attention, "forward", _packed_forward)
+        wrap_packed_calls(patcher, layer.attention, "forward", _packed_forward)
 
 
 register(

@@ -31,7 +31,7 @@ from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.boundaries import Boundaries
 from hf_varlen_patch.context import boundaries_for
 from hf_varlen_patch.guards import refuse_unpackable
-from hf_varlen_patch.patching import call_as_kwargs
+from hf_varlen_patch.patching import call_as_kwargs, wrap_packed_calls
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._common import tiny_config
@@ -47,18 +47,13 @@ def _eager_class(module: torch.nn.Module) -> type:
     return next(cls for cls in type(module).__mro__ if "_attn" in vars(cls))
 
 
-def _packed_forward(wrapped, instance, args, kwargs, *, find: Callable[[dict], Boundaries | None]):
-    call = call_as_kwargs(wrapped, args, kwargs)
-    boundaries = find(call)
-    if boundaries is None:
-        return wrapped(*args, **kwargs)
-    refuse_unpackable(call)
+def _packed_forward(wrapped, instance, call, boundaries):
     eager = _eager_class(instance)
     token = _PACKED.set((instance, boundaries))
     try:
         if eager is type(instance):
-            return wrapped(*args, **kwargs)
-        return eager.forward(instance, *args, **kwargs)  # e.g. GPTJFlashAttention2: its eager parent
+            return wrapped(**call)
+        return eager.forward(instance, **call)  # e.g. GPTJFlashAttention2: its eager parent
     finally:
         _PACKED.reset(token)
 
@@ -93,7 +88,7 @@ def patch_attn_method(
     name), or None for an unpacked call, which then runs upstream's code unchanged.
     """
     patcher.wrap_method(module, "_attn", partial(_packed_attn, backend=backend, scale=scale, window=window))
-    patcher.wrap_method(module, "forward", partial(_packed_forward, find=find))
+    wrap_packed_calls(patcher, module, "forward", _packed_forward, find=lambda _instance, call: find(call))
 
 
 def _by_positions(call: dict) -> Boundaries | None:

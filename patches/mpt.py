@@ -28,11 +28,10 @@ from hf_varlen_patch.attention import varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.context import boundaries_for, remember
 from hf_varlen_patch.errors import VarlenPatchError
-from hf_varlen_patch.guards import refuse_unpackable
-from hf_varlen_patch.patching import cache_of, call_as_kwargs
+from hf_varlen_patch.patching import cache_of, wrap_packed_calls
 from hf_varlen_patch.registry import PatchEntry, register
 
-from ._alibi import SlopeCache, packed_mask_wrapper, recall, update_cache
+from ._alibi import SlopeCache, packed_mask_wrapper, recall_by, update_cache
 
 
 def _config(**attn_config):
@@ -74,13 +73,8 @@ def _build_alibi_tensor(wrapped, instance, args, kwargs):
     return alibi if boundaries is None else remember(alibi, boundaries)
 
 
-def _packed_attention_forward(wrapped, instance, args, kwargs, *, backend: str, slopes: SlopeCache):
-    call = call_as_kwargs(wrapped, args, kwargs)
+def _packed_attention_forward(wrapped, instance, call, boundaries, *, backend: str, slopes: SlopeCache):
     hidden = call["hidden_states"]
-    boundaries = recall(call.get("position_bias"), hidden)
-    if boundaries is None:
-        return wrapped(*args, **kwargs)
-    refuse_unpackable(call)
     if boundaries.max_seqlen > instance.max_seq_length:
         raise VarlenPatchError(
             f"a packed sequence (or padding run) has {boundaries.max_seqlen} tokens, more than MPT's "
@@ -108,9 +102,8 @@ def _patch(model, patcher, options) -> None:
     base = model.base_model
     slopes = _alibi_slopes(base)
     for block in base.blocks:
-        patcher.wrap_method(
-            block.attn, "forward", partial(_packed_attention_forward, backend=options.backend, slopes=slopes)
-        )
+        handler = partial(_packed_attention_forward, backend=options.backend, slopes=slopes)
+        wrap_packed_calls(patcher, block.attn, "forward", handler, find=recall_by("position_bias"))
     # 5.x builds its mask with create_causal_mask, which passes a 4-D mask through; 4.57's
     # _prepare_4d_causal_attention_mask inverts any mask it gets (1.0 - mask), so there the base
     # model gets no mask and builds its (B, 1, T, T) causal mask, which the attention ignores.

@@ -17,9 +17,8 @@ from typing import Any
 
 from hf_varlen_patch.attention import is_packed_mask_placeholder, varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
-from hf_varlen_patch.context import BOUNDARIES_KWARG, boundaries_for
-from hf_varlen_patch.guards import refuse_unpackable
-from hf_varlen_patch.patching import Patcher, call_as_kwargs, track_layer
+from hf_varlen_patch.context import BOUNDARIES_KWARG
+from hf_varlen_patch.patching import Patcher, call_as_kwargs, track_layer, wrap_packed_calls
 from hf_varlen_patch.registry import PatchEntry, PatchOptions, register
 
 
@@ -40,12 +39,7 @@ def _without_placeholder(wrapped, instance, args, kwargs):
     return wrapped(**call)
 
 
-def _packed_attn(wrapped, instance, args, kwargs, *, backend: str):
-    boundaries = boundaries_for()
-    if boundaries is None:
-        return wrapped(*args, **kwargs)
-    call = call_as_kwargs(wrapped, args, kwargs)
-    refuse_unpackable(call)
+def _packed_attn(wrapped, instance, call, boundaries, *, backend: str):
     query, key, value = call["q"], call["k"].transpose(-1, -2), call["v"]  # upstream passes k as (B, H, D, T)
     spec = AttentionSpec(
         causal=True,
@@ -60,7 +54,7 @@ def _patch(model: Any, patcher: Patcher, options: PatchOptions) -> None:
     base = model.base_model
     patcher.wrap_method(base, "forward", _without_placeholder)
     for block in base.h:
-        patcher.wrap_method(block.attn, "_attn", partial(_packed_attn, backend=options.backend))
+        wrap_packed_calls(patcher, block.attn, "_attn", partial(_packed_attn, backend=options.backend))
         track_layer(patcher, block)
 
 

@@ -25,11 +25,10 @@ import torch
 from hf_varlen_patch.attention import varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.context import boundaries_for
-from hf_varlen_patch.guards import refuse_unpackable
-from hf_varlen_patch.patching import Patcher, cache_of, call_as_kwargs
+from hf_varlen_patch.patching import Patcher, cache_of, call_as_kwargs, wrap_packed_calls
 from hf_varlen_patch.registry import PatchEntry, PatchOptions, register
 
-from ._own_attention import refuse_when_packed, remember_padding, sequence_positions
+from ._own_attention import layer_call_boundaries, refuse_when_packed, remember_padding, sequence_positions
 from .bert_legacy import refuse_bidirectional_decoder
 
 
@@ -62,13 +61,8 @@ def _row_lookup_at_zero(wrapped, instance, args, kwargs):
     return wrapped(**call)
 
 
-def _self_attention(wrapped, instance, args, kwargs, *, backend: str, table: torch.nn.Embedding):
-    call = call_as_kwargs(wrapped, args, kwargs)
+def _self_attention(wrapped, instance, call, boundaries, *, backend: str, table: torch.nn.Embedding):
     hidden = call["hidden_states"]
-    boundaries = boundaries_for(key=hidden, layer=instance)
-    if boundaries is None:
-        return wrapped(*args, **kwargs)
-    refuse_unpackable(call)
     batch, length, _ = hidden.shape
     shape = (batch, length, -1, instance.attention_head_size)
     q, k, v = (proj(hidden).view(shape).transpose(1, 2) for proj in (instance.query, instance.key, instance.value))
@@ -98,7 +92,8 @@ def _patch(model: Any, patcher: Patcher, options: PatchOptions) -> None:
     patcher.wrap_method(table, "forward", _row_lookup_at_zero)
     for layer in encoder.layer:
         attention = layer.attention.self
-        patcher.wrap_method(attention, "forward", partial(_self_attention, backend=options.backend, table=table))
+        handler = partial(_self_attention, backend=options.backend, table=table)
+        wrap_packed_calls(patcher, attention, "forward", handler, find=layer_call_boundaries)
         if hasattr(layer, "crossattention"):
             refuse_when_packed(patcher, layer.crossattention, "cross-attention (encoder_hidden_states)")
 

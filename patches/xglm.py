@@ -19,9 +19,7 @@ import torch
 
 from hf_varlen_patch.attention import varlen_attention
 from hf_varlen_patch.backends import AttentionSpec
-from hf_varlen_patch.context import boundaries_for
-from hf_varlen_patch.guards import refuse_unpackable
-from hf_varlen_patch.patching import cache_of, call_as_kwargs, track_layer
+from hf_varlen_patch.patching import cache_of, call_as_kwargs, track_layer, wrap_packed_calls
 from hf_varlen_patch.registry import PatchEntry, register
 
 from ._common import tiny_config
@@ -49,12 +47,7 @@ def _copied_positions(wrapped, instance, args, kwargs):
     return wrapped(**call)
 
 
-def _packed_attention_forward(wrapped, instance, args, kwargs, *, backend: str):
-    call = call_as_kwargs(wrapped, args, kwargs)
-    boundaries = boundaries_for(call)
-    if boundaries is None:
-        return wrapped(*args, **kwargs)
-    refuse_unpackable(call)
+def _packed_attention_forward(wrapped, instance, call, boundaries, *, backend: str):
     hidden = call["hidden_states"]
     batch, length, _ = hidden.shape
     shape = (batch, length, -1, instance.head_dim)
@@ -73,8 +66,9 @@ def _packed_attention_forward(wrapped, instance, args, kwargs, *, backend: str):
 def _patch(model, patcher, options) -> None:
     base = model.base_model
     patcher.wrap_method(base.embed_positions, "forward", _copied_positions)
+    handler = partial(_packed_attention_forward, backend=options.backend)
     for layer in base.layers:
-        patcher.wrap_method(layer.self_attn, "forward", partial(_packed_attention_forward, backend=options.backend))
+        wrap_packed_calls(patcher, layer.self_attn, "forward", handler)
         track_layer(patcher, layer)
 
 

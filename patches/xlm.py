@@ -29,8 +29,7 @@ from hf_varlen_patch.backends import AttentionSpec
 from hf_varlen_patch.boundaries import Boundaries
 from hf_varlen_patch.context import BOUNDARIES_KWARG, boundaries_for
 from hf_varlen_patch.errors import VarlenPatchError
-from hf_varlen_patch.guards import refuse_unpackable
-from hf_varlen_patch.patching import Patcher, cache_of, call_as_kwargs
+from hf_varlen_patch.patching import Patcher, cache_of, call_as_kwargs, wrap_packed_calls
 from hf_varlen_patch.registry import PatchEntry, PatchOptions, register
 
 from ._own_attention import current_padding, remember_padding
@@ -103,13 +102,12 @@ def _packed_base(wrapped, instance, args, kwargs):
     return wrapped(**call)
 
 
-def _attention(wrapped, instance, args, kwargs, *, backend: str, causal: bool):
-    call = call_as_kwargs(wrapped, args, kwargs)
+def _input_boundaries(instance: torch.nn.Module, call: dict) -> Boundaries | None:
+    return boundaries_for(key=call["input"], layer=instance)
+
+
+def _attention(wrapped, instance, call, boundaries, *, backend: str, causal: bool):
     hidden = call["input"]
-    boundaries = boundaries_for(key=hidden, layer=instance)
-    if boundaries is None:
-        return wrapped(*args, **kwargs)
-    refuse_unpackable(call, cross_attention=("kv",))
     if not causal:
         boundaries = _split_at_masked_tails(boundaries)
     batch, length, _ = hidden.shape
@@ -131,9 +129,8 @@ def _patch(model: Any, patcher: Patcher, options: PatchOptions) -> None:
     remember_padding(patcher, model)  # the caller's mask: the base model gets the placeholder
     patcher.wrap_method(base, "forward", _packed_base)
     for attention in base.attentions:
-        patcher.wrap_method(
-            attention, "forward", partial(_attention, backend=options.backend, causal=bool(base.causal))
-        )
+        handler = partial(_attention, backend=options.backend, causal=bool(base.causal))
+        wrap_packed_calls(patcher, attention, "forward", handler, find=_input_boundaries, cross_attention=("kv",))
 
 
 register(
