@@ -502,10 +502,15 @@ def cmd_scan(args: argparse.Namespace) -> int:
 
     # by default the registered types this release has (an entry may cover types of other releases)
     model_types = args.model_types or [mt for mt in supported_model_types() if mt in CONFIG_MAPPING]
+    from .coverage import terminal_progress
+
     rows = []
     start = time.perf_counter()
-    for model_type in model_types:
+    progress = terminal_progress()
+    for done, model_type in enumerate(model_types):
+        progress(done, len(model_types), model_type)
         rows.extend(_rows(model_type, args, dtype))
+    progress(len(model_types), len(model_types), "")
     out = _human_stream(args)
     _print_table(rows, args.tol, file=out)
     counts = Counter(r.verdict for r in rows)

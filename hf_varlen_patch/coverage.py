@@ -329,11 +329,17 @@ def scan_all(
     return rows
 
 
-def terminal_progress(stream=sys.stderr) -> Callable[[int, int, str], None] | None:
-    """A one-line progress bar when ``stream`` is a terminal, else None."""
-    if not stream.isatty():
-        return None
+def terminal_progress(stream=sys.stderr) -> Callable[[int, int, str], None]:
+    """Progress on ``stream``: a one-line bar on a terminal; redirected (a log, CI), one flushed
+    line per step, so a long scan shows where it is while it runs."""
     start = time.perf_counter()
+    if not stream.isatty():
+
+        def log(done: int, total: int, current: str) -> None:
+            stream.write(f"[{done}/{total}] {time.perf_counter() - start:.0f}s {current}\n")
+            stream.flush()
+
+        return log
 
     def show(done: int, total: int, current: str) -> None:
         width = 30
