@@ -263,7 +263,7 @@ def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, conf
 
     if entry is None:
         if kind == "hybrid":
-            need = "boundaries for conv/SSM/recurrent layers (hybrid issue)"
+            need = "boundaries for its conv/SSM/recurrent layers: a hybrid entry (patches/hybrid.py)"
         elif kind == "multimodal":
             need = "packed image/text samples: a vision-language entry (patches/multimodal.py)"
         else:

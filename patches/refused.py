@@ -27,8 +27,8 @@ REASONS = {
     "gemma3n_text": "the trailing padding of a packed row becomes a sequence of pad tokens whose hidden states stay "
     "exactly zero, and its AltUp magnitude (mean(h**2) ** 0.5) back-propagates NaN into every gradient; it needs a "
     "dedicated patch",
-    "mega": "its damped exponential moving average runs along the whole row (a recurrent state, as in the hybrid "
-    "issue), and its attention is chunked over the row",
+    "mega": "its damped exponential moving average runs along the whole row (a recurrent state with no "
+    "boundary-aware op here), and its attention is chunked over the row",
     "bigbird_pegasus": "its decoder still mixes packed sequences after per-sequence positions; it needs a "
     "dedicated patch",
     "hrm_text": "HrmTextForCausalLM fails upstream on the tiny twin (IndexError in its reasoning loop), so no "

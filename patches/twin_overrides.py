@@ -8,7 +8,7 @@ from hf_varlen_patch.registry import register_twin_overrides
 from hf_varlen_patch.twins import WINDOW, TwinError
 
 # The default LFM2 config is attention-only; released LFM2 models interleave short-convolution
-# layers, which the twin must keep (they leak across packed sequences: the hybrid issue).
+# layers, which the twin must keep (their state would leak across packed sequences).
 register_twin_overrides(
     ("lfm2",), {"layer_types": ["conv", "full_attention"], "full_attn_idxs": [1], "num_hidden_layers": 2}
 )
