@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from . import api
+from .coverage import clip
 from .equivalence import build_twin
 from .errors import VarlenPatchError
 from .registry import supported_model_types
@@ -67,7 +68,7 @@ def check_config(
     if entry is not None and entry.multimodal is not None:  # a vision-language model: samples with images
         row = _scan_multimodal(model_type, entry, config, backend, tol, device=device, dtype=dtype)
         return Row(model_type, variant, row.upstream_no_cache, row.upstream_default, row.patched, row.backend,
-                   row.verdict, row.reason[:120])  # fmt: skip
+                   row.verdict, clip(row.reason, 120))  # fmt: skip
     reason = entry.refusal(config) if entry is not None else None
     if dtype is None:  # the entry's own test dtype (float64 where fp32 rounding alone exceeds the tolerance)
         dtype = entry.test_dtype if entry is not None else torch.float32
@@ -76,19 +77,19 @@ def check_config(
         model = build_twin(config, dtype=dtype, device=device)
     except Exception:
         if reason:
-            return Row(model_type, variant, nan, nan, nan, "-", "REFUSED", reason[:120])
+            return Row(model_type, variant, nan, nan, nan, "-", "REFUSED", clip(reason, 120))
         raise
     if reason:
         try:
             up_nc, up_def = upstream_errors(model, model.config.vocab_size)
         except Exception:
             up_nc = up_def = nan
-        return Row(model_type, variant, up_nc, up_def, nan, "-", "REFUSED", reason[:120])
+        return Row(model_type, variant, up_nc, up_def, nan, "-", "REFUSED", clip(reason, 120))
     up_nc, up_def = upstream_errors(model, model.config.vocab_size)
     try:
         api.apply(model, backend=backend)
     except VarlenPatchError as err:
-        return Row(model_type, variant, up_nc, up_def, nan, "-", "REFUSED", str(err)[:120])
+        return Row(model_type, variant, up_nc, up_def, nan, "-", "REFUSED", clip(str(err), 120))
     patched, used, verdict = measure_patched(model, tol, vocab_size=model.config.vocab_size)
     return Row(model_type, variant, up_nc, up_def, patched, used, verdict)
 
@@ -342,7 +343,7 @@ def _load_checkpoint_config(directory: str):
     except (OSError, ValueError, KeyError, TypeError) as err:  # the file's content, not this program
         raise _UsageError(
             f"transformers {_transformers_version()} cannot load {file!r} ({type(err).__name__}: "
-            f"{' '.join(str(err).split())[:200]}); fix the config, or upgrade transformers "
+            f"{clip(str(err))}); fix the config, or upgrade transformers "
             "(pip install -U transformers)"
         ) from None
 
@@ -366,7 +367,7 @@ def _variants(model_type: str, checkpoint_config=None) -> dict:
 
 def _error_row(model_type: str, variant: str, err: Exception) -> Row:
     nan = float("nan")
-    return Row(model_type, variant, nan, nan, nan, "-", "ERROR", f"{type(err).__name__}: {err}"[:160])
+    return Row(model_type, variant, nan, nan, nan, "-", "ERROR", clip(f"{type(err).__name__}: {err}", 160))
 
 
 def _rows(model_type: str, args: argparse.Namespace, dtype: torch.dtype | None, checkpoint_config=None) -> list[Row]:

@@ -71,6 +71,12 @@ class CoverageRow:
     reason: str = ""
 
 
+def clip(text: str, width: int = 200) -> str:
+    """``text`` on one line, cut at a word boundary (with "...") when longer than ``width``."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= width else text[: width - 4].rsplit(" ", 1)[0] + " ..."
+
+
 def causal_lm_types() -> list[str]:
     """Every model_type of the installed ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
@@ -98,7 +104,7 @@ def _scan_unregistered_multimodal(model_type: str, entry: Any, twin: Any) -> Cov
         model = build_twin(twin, model_class=AutoModelForImageTextToText, long_lived=False).float()
     except Exception as err:
         if refusal:
-            return CoverageRow(model_type, "multimodal", nan, nan, nan, "-", "REFUSED", refusal[:200])
+            return CoverageRow(model_type, "multimodal", nan, nan, nan, "-", "REFUSED", clip(refusal))
         reason = f"twin does not build: {_err(err)}"
         return CoverageRow(model_type, "multimodal", nan, nan, nan, "-", "UNBUILDABLE", reason)
     vocab = getattr(model.config.get_text_config(), "vocab_size", None)
@@ -107,7 +113,7 @@ def _scan_unregistered_multimodal(model_type: str, entry: Any, twin: Any) -> Cov
     except Exception:  # a forward that needs vision inputs; the twin builds, the verdict stands
         up_nc, up_def = nan, nan
     if refusal:
-        return CoverageRow(model_type, "multimodal", up_nc, up_def, nan, "-", "REFUSED", refusal[:200])
+        return CoverageRow(model_type, "multimodal", up_nc, up_def, nan, "-", "REFUSED", clip(refusal))
     if entry is not None:
         reason = f"the {entry.family} entry has no multimodal sample builder to check it with"
         return CoverageRow(model_type, "multimodal", up_nc, up_def, nan, "-", "FAIL", reason)
@@ -133,7 +139,7 @@ def _scan_multimodal(
     nan = math.nan
     refusal = entry.refusal(twin)
     if refusal:
-        return CoverageRow(model_type, "multimodal", nan, nan, nan, "-", "REFUSED", refusal[:200])
+        return CoverageRow(model_type, "multimodal", nan, nan, nan, "-", "REFUSED", clip(refusal))
     try:
         dtype = dtype or entry.test_dtype
         model = build_twin(twin, model_class=AutoModelForImageTextToText, long_lived=False, device=device, dtype=dtype)
@@ -154,7 +160,7 @@ def _scan_multimodal(
             ),
         )
     except VarlenPatchError as err:
-        return CoverageRow(model_type, "multimodal", up_nc, up_def, nan, "-", "REFUSED", str(err)[:200])
+        return CoverageRow(model_type, "multimodal", up_nc, up_def, nan, "-", "REFUSED", clip(str(err)))
     except Exception as err:
         return CoverageRow(model_type, "multimodal", up_nc, up_def, nan, "-", "FAIL", _err(err))
     return CoverageRow(model_type, "multimodal", up_nc, up_def, patched, used, verdict)
@@ -172,7 +178,7 @@ def kind_of(config: Any, model: torch.nn.Module | None = None) -> str:
 
 
 def _err(err: BaseException) -> str:
-    return f"{type(err).__name__}: {err}".replace("\n", " ")[:200]
+    return clip(f"{type(err).__name__}: {err}")
 
 
 def upstream_errors(model: torch.nn.Module, vocab: int) -> tuple[float, float]:
@@ -234,8 +240,8 @@ def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, conf
         kind = "multimodal" if vision_only else "?"
         refusal = _refusal_of_default(entry, model_type)
         if refusal:
-            return CoverageRow(model_type, kind, nan, nan, nan, "-", "REFUSED", refusal[:200])
-        return CoverageRow(model_type, kind, nan, nan, nan, "-", "UNBUILDABLE", " ".join(str(err).split())[:200])
+            return CoverageRow(model_type, kind, nan, nan, nan, "-", "REFUSED", clip(refusal))
+        return CoverageRow(model_type, kind, nan, nan, nan, "-", "UNBUILDABLE", clip(str(err)))
     if entry is not None and entry.multimodal is not None:
         return _scan_multimodal(model_type, entry, twin, backend, tol)
     if vision_only:
@@ -246,7 +252,7 @@ def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, conf
     except Exception as err:
         refusal = _refusal_of_default(entry, model_type)
         if refusal:
-            return CoverageRow(model_type, kind, nan, nan, nan, "-", "REFUSED", refusal[:200])
+            return CoverageRow(model_type, kind, nan, nan, nan, "-", "REFUSED", clip(refusal))
         return CoverageRow(model_type, kind, nan, nan, nan, "-", "UNBUILDABLE", f"twin does not build: {_err(err)}")
     kind = kind_of(twin, model)
     vocab = getattr(model.config.get_text_config(), "vocab_size", None)
@@ -257,7 +263,7 @@ def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, conf
         up_nc, up_def = upstream_errors(model, vocab)
     except Exception as err:
         if refusal:
-            return CoverageRow(model_type, kind, nan, nan, nan, "-", "REFUSED", refusal[:200])
+            return CoverageRow(model_type, kind, nan, nan, nan, "-", "REFUSED", clip(refusal))
         reason = f"the twin does not run upstream: {_err(err)}"
         return CoverageRow(model_type, kind, nan, nan, nan, "-", "UNBUILDABLE", reason)
 
@@ -274,15 +280,15 @@ def scan_type(model_type: str, *, backend: str = "sdpa", tol: float = 1e-5, conf
                 need = "attention outside the AttentionInterface: a dedicated patch"
             else:
                 need = f"a dedicated patch: {result.reason}"
-        return CoverageRow(model_type, kind, up_nc, up_def, nan, "-", "NO-ENTRY", need[:200])
+        return CoverageRow(model_type, kind, up_nc, up_def, nan, "-", "NO-ENTRY", clip(need))
     if refusal:
-        return CoverageRow(model_type, kind, up_nc, up_def, nan, "-", "REFUSED", refusal[:200])
+        return CoverageRow(model_type, kind, up_nc, up_def, nan, "-", "REFUSED", clip(refusal))
     try:
         model = model.to(entry.test_dtype)
         api.apply_entry(model, entry, backend=backend)
         patched, used, verdict = measure_patched(model, tol, vocab_size=vocab)
     except VarlenPatchError as err:
-        return CoverageRow(model_type, kind, up_nc, up_def, nan, "-", "REFUSED", str(err)[:200])
+        return CoverageRow(model_type, kind, up_nc, up_def, nan, "-", "REFUSED", clip(str(err)))
     except Exception as err:
         return CoverageRow(model_type, kind, up_nc, up_def, nan, "-", "FAIL", _err(err))
     return CoverageRow(model_type, kind, up_nc, up_def, patched, used, verdict)
