@@ -129,7 +129,7 @@ ATTRIBUTES_ON_4 = {"chunk_gated_delta_rule": "torch_chunk_gated_delta_rule", "ca
 REFUSED_ON_4 = (
     ReleaseRefusal(
         tuple(t for t in HYBRIDS if t not in ROUTED_ON_4),
-        "their recurrent layers compute inline in their forward, which hf_varlen_patch does not copy",
+        "its recurrent layers compute inline in their forward, which hf_varlen_patch does not copy",
         fix="upgrade to transformers 5.x, where their convolution and scans are routed through boundary-aware ops",
     ),
 )
