@@ -29,7 +29,13 @@ SELF_CHECK_MODES = ("auto", "always", "never")
 
 
 def apply(
-    model: M, backend: str = "auto", *, check_inputs: bool = True, self_check: str = "auto", loss: str = "token_mean"
+    model: M,
+    backend: str = "auto",
+    *,
+    check_inputs: bool = True,
+    self_check: str = "auto",
+    loss: str = "token_mean",
+    unpad: bool = False,
 ) -> M:
     """Make ``model`` treat packed batches exactly like separate sequences; returns ``model``.
 
@@ -49,9 +55,14 @@ def apply(
             padded batch) or ``"sequence_mean"`` (the mean over sequences of each sequence's mean
             token loss, equal to averaging each unpacked sequence's loss; padded rows count as
             one sequence each). See :mod:`hf_varlen_patch.loss`.
+        unpad: also run padded batches packed inside: a call whose ``attention_mask`` has padding
+            and no cache to fill (no ``past_key_values``, ``use_cache`` not True) runs only its real
+            tokens, each sequence numbered from 0 as if alone, and gets its outputs back in the
+            padded layout (zeros at padding). See :mod:`hf_varlen_patch.unpad`.
 
     Packed means: some row of ``position_ids`` restarts (``pos[t] != pos[t-1] + 1``), or the
-    forward gets ``cu_seq_lens_q/k``. Anything else runs the upstream code unchanged.
+    forward gets ``cu_seq_lens_q/k`` (or, with ``unpad``, a padded ``attention_mask``). Anything
+    else runs the upstream code unchanged.
     """
     check_versions()
     if backend != "auto" and backend not in BACKENDS:
@@ -63,7 +74,7 @@ def apply(
     hf_model = find_hf_model(model)
     refuse_prompt_learning(_wrapper_chain(model)[:-1])
     guard_prompt_learning()
-    options = PatchOptions(backend=backend, check_inputs=check_inputs, loss=loss)
+    options = PatchOptions(backend=backend, check_inputs=check_inputs, loss=loss, unpad=unpad)
     state: PatchState | None = vars(hf_model).get(STATE_ATTR)
     if state is not None:
         if state.options == options and route_is_current(hf_model):
@@ -84,7 +95,7 @@ def apply(
     if head_refusal:
         raise UnsupportedArchitectureError(f"hf_varlen_patch cannot pack {type(hf_model).__name__}: {head_refusal}")
     _warn_untested(model_type)
-    apply_entry(hf_model, entry, backend=backend, check_inputs=check_inputs, loss=loss, reapply=apply)
+    apply_entry(hf_model, entry, backend=backend, check_inputs=check_inputs, loss=loss, unpad=unpad, reapply=apply)
     return model
 
 

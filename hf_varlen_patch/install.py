@@ -94,6 +94,7 @@ def apply_entry(
     backend: str = "auto",
     check_inputs: bool = True,
     loss: str = "token_mean",
+    unpad: bool = False,
     reapply: Callable[..., Any] | None = None,
 ) -> None:
     """Patch ``hf_model`` with ``entry`` (no lookup, no refusal check, no self-check).
@@ -101,7 +102,7 @@ def apply_entry(
     ``reapply(model, **options)`` patches a pickled copy again when it is loaded (``apply``
     passes itself, so a loaded model is patched exactly like a new one); without it a loaded
     copy gets its registry entry again."""
-    options = PatchOptions(backend=backend, check_inputs=check_inputs, loss=loss)
+    options = PatchOptions(backend=backend, check_inputs=check_inputs, loss=loss, unpad=unpad)
     patcher = Patcher()
     try:
         _patch(hf_model, entry, options, patcher)
@@ -115,7 +116,8 @@ def apply_entry(
 
 
 def _options_of(state: PatchState) -> dict:
-    return dict(backend=state.options.backend, check_inputs=state.options.check_inputs, loss=state.options.loss)
+    options = state.options
+    return dict(backend=options.backend, check_inputs=options.check_inputs, loss=options.loss, unpad=options.unpad)
 
 
 def _deepcopy_patched(hf_model: torch.nn.Module, memo: dict) -> torch.nn.Module:
@@ -218,6 +220,7 @@ def _patch(hf_model: torch.nn.Module, entry: PatchEntry, options: PatchOptions, 
             takes_seq_idx=accepts_argument(module.forward, "seq_idx"),
             head=head if is_top else "base",
             check_route=check_route if is_top else None,
+            unpad=options.unpad and is_top,
         )
         patcher.wrap_method(module, "forward", wrapper)
     _resolve_backends(options.backend)

@@ -22,6 +22,7 @@ from .boundaries import Boundaries, check_seq_idx
 from .context import BOUNDARIES_KWARG, boundaries_for, carried, enter_packed, leave_packed, remember
 from .errors import MalformedBoundariesError, PackedCallError, PackedOutputAttentionsError, VarlenPatchError
 from .guards import CROSS_ATTENTION, refuse_unpackable
+from .unpad import plan_unpadding, scatter_outputs, unpadded_call
 
 
 class _Missing:
@@ -554,6 +555,7 @@ def make_entry_wrapper(
     takes_seq_idx: bool = True,
     head: str = "causal_lm",
     check_route: Callable[[Any], None] | None = None,
+    unpad: bool = False,
 ) -> Callable:
     """The wrapper (:meth:`Patcher.wrap_method`) around a patched model's ``forward``.
 
@@ -570,7 +572,9 @@ def make_entry_wrapper(
 
     ``head`` (:data:`~hf_varlen_patch.heads.HEAD_KINDS`, for the top model) says what a packed row
     means for its outputs and labels; ``check_route(model)`` raises when the model no longer takes
-    the patched route (checked at every packed call of the top model).
+    the patched route (checked at every packed call of the top model). ``unpad`` (the top model):
+    a padded call without a cache runs its real tokens packed (:mod:`hf_varlen_patch.unpad`), so
+    the head and the loss also run on real tokens only.
     """
 
     def prepare(call: dict) -> Boundaries | None:
@@ -604,6 +608,9 @@ def make_entry_wrapper(
         call = call_as_kwargs(wrapped, args, kwargs)
         refuse_packed_cache_reuse(call)
         outer = boundaries_for() is not None or call.get(BOUNDARIES_KWARG) is not None
+        plan = plan_unpadding(call) if unpad and is_top and not outer else None
+        if plan is not None:
+            call = unpadded_call(call, plan)
         boundaries = prepare(call)
         if not takes_position_ids:
             # the model numbers its tokens itself; in packed forwards the boundaries travel in the context
@@ -618,12 +625,14 @@ def make_entry_wrapper(
             refuse_packed_outputs(instance, call, head if is_top else "base")
             remember_packed_cache(call)
         if is_top and head == "sequence_classification" and boundaries.is_packed:
-            return classify_sequences(wrapped, instance, call, boundaries)
+            out = classify_sequences(wrapped, instance, call, boundaries)
+            return out if plan is None else scatter_outputs(out, plan, pooled=True)
         token = enter_packed(boundaries)
         try:
-            return wrapped(**call)
+            out = wrapped(**call)
         finally:
             leave_packed(token)
+        return out if plan is None else scatter_outputs(out, plan, pooled=head == "sequence_classification")
 
     return entry
 

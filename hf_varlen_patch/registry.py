@@ -36,6 +36,7 @@ class PatchOptions:
     backend: str = "auto"
     check_inputs: bool = True
     loss: str = "token_mean"
+    unpad: bool = False
 
 
 @dataclass(frozen=True)
