@@ -21,7 +21,7 @@ import torch
 from .backends import AttentionSpec, select_backend
 from .boundaries import Boundaries
 from .context import BOUNDARIES_KWARG, boundaries_for
-from .errors import BackendUnavailableError, BoundariesLostError, VarlenPatchError
+from .errors import BackendUnavailableError, BoundariesLostError, PackedCallError, VarlenPatchError
 from .guards import refuse_unpackable
 
 __all__ = [
@@ -182,6 +182,7 @@ def _log_fallback(name: str, err: Exception) -> None:
 def _make_attention_function(backend: str, original: str) -> Callable:
     def hf_varlen_attention_forward(module, query, key, value, attention_mask, **kwargs):
         boundaries = kwargs.get(BOUNDARIES_KWARG)
+        selected = _selected_keys(query, kwargs)
         if boundaries is None:
             if is_packed_mask_placeholder(attention_mask):
                 raise BoundariesLostError(
@@ -189,7 +190,14 @@ def _make_attention_function(backend: str, original: str) -> Callable:
                     "this architecture does not pass keyword arguments down to attention. It "
                     "needs an entry in hf_varlen_patch/patches; please report it."
                 )
+            if selected is not None and original in ("eager", "sdpa"):
+                # upstream merges the indexer's key selection into the mask for eager/sdpa only (it
+                # asks the implementation's name, which is this function's now): do as it does
+                attention_mask = _with_selected_keys(attention_mask, selected, query.dtype)
+                kwargs = {k: v for k, v in kwargs.items() if k != SELECTED_KEYS_KWARG}
             return _original_function(original, module)(module, query, key, value, attention_mask, **kwargs)
+        if selected is not None:
+            _refuse_key_selection(module, selected, boundaries)
         spec = spec_from_kwargs(module, kwargs)
         chunk = kwargs.get(CHUNK_KWARG)
         if chunk:
@@ -198,6 +206,46 @@ def _make_attention_function(backend: str, original: str) -> Callable:
 
     hf_varlen_attention_forward.__qualname__ = f"hf_varlen_attention_forward[{backend}:{original}]"
     return hf_varlen_attention_forward
+
+
+#: What sparse-attention layers (DeepSeek-V3.2's DSA indexer and kin) hand attention: the key
+#: indices each query attends to, (B, S, k), consumed by sparse kernels, ignored by eager and SDPA.
+SELECTED_KEYS_KWARG = "indices"
+
+
+def _selected_keys(query: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor | None:
+    selected = kwargs.get(SELECTED_KEYS_KWARG)
+    batch, _, length, _ = query.shape
+    if isinstance(selected, torch.Tensor) and selected.ndim == 3 and tuple(selected.shape[:2]) == (batch, length):
+        if not selected.is_floating_point():
+            return selected
+    return None
+
+
+def _with_selected_keys(mask: torch.Tensor, selected: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``mask`` (B, 1, S, T) with every key the indexer did not select (``selected``: (B, S, k)
+    key indices per query) masked out, as upstream builds it for eager and sdpa attention."""
+    batch, length = selected.shape[:2]
+    unselected = (
+        selected.new_ones((batch, length, mask.shape[-1]), dtype=torch.bool).scatter(-1, selected.long(), False)
+    ).unsqueeze(1)
+    if mask.dtype == torch.bool:
+        return mask & ~unselected
+    return mask.masked_fill(unselected, torch.finfo(dtype).min)
+
+
+def _refuse_key_selection(module: torch.nn.Module, selected: torch.Tensor, boundaries: Boundaries) -> None:
+    """Sparse attention (an indexer picks the top ``k`` keys per query) packs exactly only while
+    every sequence has at most ``k`` tokens: its selection is then every causal key, which the
+    varlen kernels attend to; longer ones would need the selection, which they cannot take."""
+    top_k = int(selected.shape[-1])
+    if boundaries.max_seqlen > top_k:
+        raise PackedCallError(
+            f"{type(module).__name__} attends to the {top_k} keys its indexer picks per query, and this packed "
+            f"batch has a sequence of {boundaries.max_seqlen} tokens: the varlen kernels cannot take the selection. "
+            f"Pack sequences of at most {top_k} tokens (then every causal key is selected and the result is "
+            "exact), or run longer ones unpacked."
+        )
 
 
 def register_implementation(backend: str, original: str) -> str:

@@ -130,7 +130,13 @@ def _patch(model, patcher, options) -> None:
 # the generic shrink gives glm4_moe_lite's MLA rows of 26 floats (kv_lora 16 + rope 10) and
 # 40-wide query heads, views that fault on CUDA in upstream's own unpacked forward; the dims the
 # other MLA twins have keep it aligned.
-TWINS = {"glm4_moe_lite": {"qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32, "head_dim": 16}}
+TWINS = {
+    "glm4_moe_lite": {"qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32, "head_dim": 16},
+    # sparse attention (an indexer picks index_topk keys per query) packs while every sequence has at
+    # most index_topk tokens (hf_varlen_patch.attention refuses longer ones): the twin's selection
+    # covers the test sequences; tests/test_apply.py checks the refusal beyond it
+    **{t: {"index_topk": 1024} for t in ("axk2", "deepseek_v32", "dots3_note_text", "glm_moe_dsa", "hy_v4")},
+}
 
 
 register(
