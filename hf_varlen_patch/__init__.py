@@ -22,6 +22,7 @@ from .errors import (
     UnsupportedVersionError,
     VarlenPatchError,
 )
+from .logprobs import token_logprobs
 from .registry import PatchEntry, lookup, register, supported_model_types
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "apply",
     "unapply",
     "is_patched",
+    "token_logprobs",
     "Boundaries",
     "AttentionSpec",
     "BACKENDS",

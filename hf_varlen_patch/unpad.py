@@ -50,9 +50,10 @@ def _shape(call: Mapping[str, Any]) -> tuple[int, int] | None:
     return None
 
 
-def plan_unpadding(call: Mapping[str, Any]) -> Unpadding | None:
+def plan_unpadding(call: Mapping[str, Any], *, padded_only: bool = True) -> Unpadding | None:
     """The unpadding of this call, or None where it runs as it is: no 2-D ``attention_mask``, no
     padding, a cache given (or ``use_cache=True``: generation), or boundaries already given.
+    ``padded_only=False`` plans rows without padding too (and drops rows of padding only).
 
     Each row's real tokens must be one contiguous run (padding on the left, the right, or both);
     a row with holes raises :class:`PackedCallError`.
@@ -71,7 +72,9 @@ def plan_unpadding(call: Mapping[str, Any]) -> Unpadding | None:
     starts = real[:, :1].sum(dim=1) + (real[:, 1:] & ~real[:, :-1]).sum(dim=1)
     summary = torch.stack([lengths, starts]).cpu()  # the one host sync of the plan
     lengths_host, starts_host = summary[0].tolist(), summary[1].tolist()
-    if all(n == shape[1] for n in lengths_host) or not all(lengths_host):
+    if not any(lengths_host):
+        return None
+    if padded_only and (all(n == shape[1] for n in lengths_host) or not all(lengths_host)):
         return None  # no padding: nothing to remove; a row of padding only: upstream's result for it
     holes = [row for row, (n, s) in enumerate(zip(lengths_host, starts_host)) if s > 1 or (n and s != 1)]
     if holes:
