@@ -119,6 +119,22 @@ REFUSED_ON_4 = (
 LAYERS_DROP_KWARGS = ("moshi",)
 
 
+#: Sparse attention: an indexer picks the index_topk keys each query attends to (DeepSeek Sparse
+#: Attention). The varlen kernels cannot take that selection, so a packed sequence longer than
+#: index_topk would attend to keys upstream drops (shorter ones are exact: every causal key is selected).
+SPARSE_ATTENTION = ("axk2", "deepseek_v32", "dots3_note_text", "glm_moe_dsa", "hy_v4")
+
+
+def _refuse(config) -> str | None:
+    if config.model_type in SPARSE_ATTENTION:
+        return (
+            "its sparse attention attends to the index_topk keys its indexer picks per query, a selection the "
+            "varlen kernels cannot take: packed sequences longer than index_topk would attend to keys upstream "
+            "drops. Run it unpacked (padded batches)."
+        )
+    return refuse_length_dependent_rope(config)
+
+
 def _patch(model, patcher, options) -> None:
     if model.config.model_type not in LAYERS_DROP_KWARGS:
         return
@@ -132,10 +148,6 @@ def _patch(model, patcher, options) -> None:
 # other MLA twins have keep it aligned.
 TWINS = {
     "glm4_moe_lite": {"qk_rope_head_dim": 16, "qk_nope_head_dim": 32, "v_head_dim": 32, "head_dim": 16},
-    # sparse attention (an indexer picks index_topk keys per query) packs while every sequence has at
-    # most index_topk tokens (hf_varlen_patch.attention refuses longer ones): the twin's selection
-    # covers the test sequences; tests/test_apply.py checks the refusal beyond it
-    **{t: {"index_topk": 1024} for t in ("axk2", "deepseek_v32", "dots3_note_text", "glm_moe_dsa", "hy_v4")},
 }
 
 
@@ -144,7 +156,7 @@ register(
         family="decoders",
         model_types=DECODERS + NEEDS_5X,
         patch=_patch,
-        refuse=refuse_length_dependent_rope,
+        refuse=_refuse,
         refused_on=REFUSED_ON_4,
         twin_overrides=TWINS,
         notes="positions from position_ids; attention via AttentionInterface (tested on the tiny twin)",

@@ -348,15 +348,17 @@ def test_a_deep_copy_of_a_patched_model_is_patched_on_its_own_weights(model_type
 
 
 @pytest.mark.parametrize("model_type", ["deepseek_v32", "glm_moe_dsa"])
-def test_sparse_attention_is_upstream_unpacked_and_packs_only_within_its_selection(model_type):
+def test_sparse_attention_is_refused_and_its_route_keeps_the_selection(model_type):
     """DSA layers attend to the ``index_topk`` keys their indexer picks per query, and upstream asks
     the attention implementation's *name* whether to merge that selection into the mask (eager,
-    sdpa) or hand it to a sparse kernel: patched, unpacked calls still get the selection (attending
-    to every key instead differs, as the same weights with a wider selection show); packed
-    sequences longer than the selection are refused, shorter ones (every causal key) are exact."""
+    sdpa) or hand it to a sparse kernel. ``apply`` refuses these types (packed sequences longer than
+    the selection would need it); on the attention route itself, unpacked calls keep the selection
+    (attending to every key instead differs, as the same weights with a wider selection show),
+    packed sequences longer than the selection raise, shorter ones (every causal key) are exact."""
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     from hf_varlen_patch.errors import PackedCallError
+    from hf_varlen_patch.install import apply_entry
     from hf_varlen_patch.testing import compare_packed, make_packed_batch, tiny_config
 
     if model_type not in CONFIG_MAPPING:
@@ -364,13 +366,15 @@ def test_sparse_attention_is_upstream_unpacked_and_packs_only_within_its_selecti
     config = tiny_config(model_type, index_topk=4)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config).eval()
+    with pytest.raises(UnsupportedArchitectureError, match="index_topk"):
+        hf_varlen_patch.apply(model)
     every_key = AutoModelForCausalLM.from_config(tiny_config(model_type, index_topk=64)).eval()
     every_key.load_state_dict(model.state_dict())
     ids = torch.randint(1, config.vocab_size, (2, 12))
     with torch.no_grad():
         upstream = model(input_ids=ids, use_cache=False).logits
         dense = every_key(input_ids=ids, use_cache=False).logits
-        hf_varlen_patch.apply(model)
+        apply_entry(model, hf_varlen_patch.lookup(model_type))  # the route alone, past the refusal
         patched = model(input_ids=ids, use_cache=False).logits
     assert float((dense - upstream).abs().max()) > 1e-3  # the selection matters at these lengths
     assert torch.equal(patched, upstream)
