@@ -30,7 +30,7 @@ import torch
 from .boundaries import Boundaries
 from .errors import PackedCallError
 
-__all__ = ["HEAD_KINDS", "head_kind", "pool_sequences", "real_sequences", "capture_outputs", "captured_outputs"]
+__all__ = ["HEAD_KINDS", "head_kind", "pool_sequences", "real_sequences", "captured_outputs"]
 
 HEAD_KINDS = ("causal_lm", "token", "sequence_classification", "question_answering", "base", "other")
 
@@ -86,27 +86,22 @@ def head_kind(model: torch.nn.Module) -> str:
 
 # ---------------------------------------------------------------- sequence classification
 
-#: Per-token outputs of a head's modules during one packed call: a stack (not a context
-#: variable) so that torch.compile traces the pushes and pops.
-_CAPTURES: list[list[torch.Tensor]] = []
 
+def captured_outputs(run: Callable[[], Any], modules: list[torch.nn.Module]) -> tuple[Any, list[torch.Tensor]]:
+    """``run()``, and the tensors ``modules`` returned during it. The hooks live for this call only,
+    so a head module swapped in after ``apply`` (PEFT's ``modules_to_save`` copy) is seen too."""
+    outputs: list[torch.Tensor] = []
 
-def capture_outputs(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
-    """Wrapper (``Patcher.wrap_method``) for a head's modules: inside :func:`captured_outputs`,
-    records what the module returns."""
-    out = wrapped(*args, **kwargs)
-    if _CAPTURES and isinstance(out, torch.Tensor):
-        _CAPTURES[-1].append(out)
-    return out
+    def record(module: torch.nn.Module, args: Any, out: Any) -> None:
+        if isinstance(out, torch.Tensor):
+            outputs.append(out)
 
-
-def captured_outputs(run: Callable[[], Any]) -> tuple[Any, list[torch.Tensor]]:
-    """``run()``, and the outputs the wrapped head modules returned during it."""
-    _CAPTURES.append([])
+    handles = [module.register_forward_hook(record) for module in modules]
     try:
         result = run()
     finally:
-        outputs = _CAPTURES.pop()
+        for handle in handles:
+            handle.remove()
     return result, outputs
 
 

@@ -21,7 +21,7 @@ from .attention import parse_implementation, register_implementation
 from .backends import AUTO_ORDER, BACKENDS
 from .context import boundaries_for
 from .errors import StalePatchError, UnsupportedArchitectureError, VarlenPatchError
-from .heads import capture_outputs, head_kind
+from .heads import head_kind
 from .loss import check_sequence_mean_supported, refuse_bypassed_loss, sequence_mean_loss_function
 from .patching import (
     Patcher,
@@ -204,10 +204,6 @@ def _patch(hf_model: torch.nn.Module, entry: PatchEntry, options: PatchOptions, 
         entry.patch(hf_model, patcher, options)
     carry_boundaries_through_checkpoints(patcher, hf_model)
     head = head_kind(hf_model)
-    if head == "sequence_classification":
-        for child in hf_model.children():
-            if child is not base:
-                patcher.wrap_method(child, "forward", capture_outputs)
     for module, is_top, is_base in targets:
         wrapper = make_entry_wrapper(
             check_inputs=options.check_inputs,
@@ -220,7 +216,7 @@ def _patch(hf_model: torch.nn.Module, entry: PatchEntry, options: PatchOptions, 
             takes_seq_idx=accepts_argument(module.forward, "seq_idx"),
             head=head if is_top else "base",
             check_route=check_route if is_top else None,
-            unpad=options.unpad and is_top,
+            unpad=options.unpad,
         )
         patcher.wrap_method(module, "forward", wrapper)
     _resolve_backends(options.backend)

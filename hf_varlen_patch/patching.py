@@ -572,9 +572,10 @@ def make_entry_wrapper(
 
     ``head`` (:data:`~hf_varlen_patch.heads.HEAD_KINDS`, for the top model) says what a packed row
     means for its outputs and labels; ``check_route(model)`` raises when the model no longer takes
-    the patched route (checked at every packed call of the top model). ``unpad`` (the top model):
-    a padded call without a cache runs its real tokens packed (:mod:`hf_varlen_patch.unpad`), so
-    the head and the loss also run on real tokens only.
+    the patched route (checked at every packed call of the top model). ``unpad``: a padded call
+    without a cache, made to the outermost patched forward, runs its real tokens packed
+    (:mod:`hf_varlen_patch.unpad`): from the top model the head and the loss run on real tokens
+    only; a caller that runs the base model itself (TRL's fused log-prob head) gets the same.
     """
 
     def prepare(call: dict) -> Boundaries | None:
@@ -608,7 +609,7 @@ def make_entry_wrapper(
         call = call_as_kwargs(wrapped, args, kwargs)
         refuse_packed_cache_reuse(call)
         outer = boundaries_for() is not None or call.get(BOUNDARIES_KWARG) is not None
-        plan = plan_unpadding(call) if unpad and is_top and not outer else None
+        plan = plan_unpadding(call) if unpad and not outer else None
         if plan is not None:
             call = unpadded_call(call, plan)
         boundaries = prepare(call)
@@ -728,7 +729,8 @@ def classify_sequences(wrapped: Callable, instance: Any, call: dict, boundaries:
         finally:
             leave_packed(token)
 
-    out, outputs = captured_outputs(run)
+    heads = [child for child in instance.children() if child is not instance.base_model]
+    out, outputs = captured_outputs(run, heads)
     num_labels = getattr(instance, "num_labels", None) or getattr(config, "num_labels", None)
     scores = per_token_scores(outputs, flat.shape, num_labels, instance)
     pooled = pool_sequences(scores, boundaries, input_ids=input_ids, attention_mask=mask, pad_token_id=pad_token_id)
