@@ -257,9 +257,7 @@ def _own_labels(seq: torch.Tensor, shifts: bool) -> torch.Tensor:
     return torch.cat([seq[1:], seq.new_full((1,), -100)])[None]
 
 
-def run_separate(
-    model: torch.nn.Module, batch: PackedBatch, *, grads: bool = True, shifts_labels: bool = True
-) -> Run:
+def run_separate(model: torch.nn.Module, batch: PackedBatch, *, grads: bool = True, shifts_labels: bool = True) -> Run:
     """Each sequence of ``batch`` alone (no cache), as the ground truth. ``shifts_labels``: the
     model shifts ``labels`` inside its loss (False: ``labels[t]`` is the target of ``logits[t]``)."""
     batch = batch.to(_model_device(model))
@@ -451,8 +449,54 @@ def _run_multimodal_packed(
     return Run([p.detach().float() for p in pieces], float(loss.detach()), model_loss, _grads(model) if grads else {})
 
 
+def _pad_id(model: torch.nn.Module) -> int:
+    """A text token to pad with: the smallest id that is no special (image, video, ...) token."""
+    special = {v for k, v in model.config.to_dict().items() if k.endswith(("token_id", "token_index"))}
+    return next(i for i in range(1, 1 << 20) if i not in special)
+
+
+def _run_multimodal_padded(model: torch.nn.Module, samples: Sequence[dict], *, grads: bool, side: str) -> Run:
+    """One sample per row, padded on ``side`` (two extra pads on the longest), with an
+    ``attention_mask`` and no positions: what a padded collator gives ``unpad=True``."""
+    from .packing import pack_multimodal
+
+    batch = pack_multimodal(samples, flash_attn_kwargs=False)
+    del batch["position_ids"]
+    lengths = [s["input_ids"].shape[1] for s in samples]
+    width = max(lengths) + 2
+    mask = torch.zeros(len(samples), width, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        (mask[row, width - n :] if side == "left" else mask[row, :n]).fill_(1)
+    real = mask.bool()
+    pads = {"input_ids": _pad_id(model), "labels": -100}
+    for key, value in list(batch.items()):
+        if isinstance(value, torch.Tensor) and value.ndim == 2 and value.shape == (1, sum(lengths)):
+            padded = value.new_full((len(samples), width), pads.get(key, 0))
+            padded[real] = value[0]
+            batch[key] = padded
+    batch["attention_mask"] = mask
+    batch = inputs_on_model(model, batch)
+    labels = batch.pop("labels")
+    batch["use_cache"] = False
+    denom = max(sum(n - 1 for n in lengths), 1)
+    model.zero_grad(set_to_none=True)
+    with torch.set_grad_enabled(grads):
+        logits = model(**batch).logits
+        on = real.to(logits.device)
+        pieces = [logits[row][on[row]] for row in range(len(samples))]
+        ids = [batch["input_ids"][row][on[row]] for row in range(len(samples))]
+        loss = sum(_token_loss_sum(p, t) for p, t in zip(pieces, ids)) / denom
+        if grads:
+            loss.backward()
+    with torch.no_grad():
+        model_loss = float(model(**batch, labels=labels).loss)
+    return Run([p.detach().float() for p in pieces], float(loss.detach()), model_loss, _grads(model) if grads else {})
+
+
 #: How :func:`compare_multimodal` hands the boundaries over: restarting positions, or cu seq lens.
 MULTIMODAL_BOUNDARIES = ("positions", "cu")
+#: ... or one sample per row, padded on the right or the left (for ``apply(model, unpad=True)``).
+MULTIMODAL_PADDED = ("right", "left")
 
 
 def compare_multimodal(
@@ -467,17 +511,18 @@ def compare_multimodal(
     """Run each multimodal sample alone and all of them packed in one row
     (:func:`~hf_varlen_patch.packing.pack_multimodal`, boundaries from ``layout``: restarting
     ``"positions"`` or ``"cu"`` seq lens; ``use_cache=None`` keeps the model's default for the
-    packed run); return the largest differences (logits, losses and every gradient, the vision
-    tower's included)."""
-    if layout not in MULTIMODAL_BOUNDARIES:
-        raise ValueError(f"layout must be 'positions' or 'cu', not {layout!r}")
-    return _compare(
-        model,
-        train,
-        grads,
-        lambda: _run_samples(model, samples, grads=grads),
-        lambda: _run_multimodal_packed(model, samples, grads=grads, layout=layout, use_cache=use_cache),
-    )
+    packed run), or with ``layout="right"``/``"left"`` one per row of a padded batch (what
+    ``apply(model, unpad=True)`` runs packed); return the largest differences (logits, losses
+    and every gradient, the vision tower's included)."""
+    if layout in MULTIMODAL_PADDED:
+        together = lambda: _run_multimodal_padded(model, samples, grads=grads, side=layout)  # noqa: E731
+    elif layout in MULTIMODAL_BOUNDARIES:
+        together = lambda: _run_multimodal_packed(  # noqa: E731
+            model, samples, grads=grads, layout=layout, use_cache=use_cache
+        )
+    else:
+        raise ValueError(f"layout must be one of {MULTIMODAL_BOUNDARIES + MULTIMODAL_PADDED}, not {layout!r}")
+    return _compare(model, train, grads, lambda: _run_samples(model, samples, grads=grads), together)
 
 
 # ---------------------------------------------------------------- the worst over layouts

@@ -1,6 +1,7 @@
 """``apply(model, unpad=True)``: a padded batch runs its real tokens packed, and every head sees
 the padded layout it expects. Equal to each sequence alone (logits, loss, gradients), for right,
-left and mixed padding; for right padding also upstream's padded result. Calls with a cache, and
+left and mixed padding, text and vision-language batches; for right padding also upstream's
+padded result. Calls with a cache, and
 calls without padding, run upstream's code unchanged."""
 
 import copy
@@ -13,7 +14,14 @@ from transformers import CONFIG_MAPPING, AutoModelForSequenceClassification, Aut
 import hf_varlen_patch
 from hf_varlen_patch.attention import BACKEND_USAGE
 from hf_varlen_patch.errors import PackedCallError
-from hf_varlen_patch.testing import registered_variants, tiny_config, tiny_model
+from hf_varlen_patch.testing import (
+    compare_multimodal,
+    multimodal_layouts,
+    multimodal_samples,
+    registered_variants,
+    tiny_config,
+    tiny_model,
+)
 
 LENGTHS = (5, 11, 3, 9)
 TYPES = ["llama", "gpt2", "qwen2", "mistral", "gemma2", "bloom", "opt", "mixtral", "qwen3_next", "bamba"]
@@ -270,3 +278,22 @@ def test_every_registered_type_unpads_exactly(model_type, variant, monkeypatch):
         finally:
             hf_varlen_patch.unapply(model)
     assert len([p for p in plans if p is not None]) == len(SIDES)
+
+
+@pytest.mark.parametrize("model_type", sorted({mt for mt, _ in registered_variants(multimodal=True)}))
+def test_vision_language_batches_unpad_exactly(model_type, monkeypatch):
+    """Samples with 0, 1 and 2 images (a video for the Qwen-VL family), one per row of a padded
+    batch (right or left), images in row order: with ``unpad=True`` each row equals its sample
+    alone in logits, loss and every gradient (vision tower included), and ran unpadded."""
+    from hf_varlen_patch import patching
+
+    plans = []
+    plan = patching.plan_unpadding
+    monkeypatch.setattr(patching, "plan_unpadding", lambda call: plans.append(plan(call)) or plans[-1])
+    model = tiny_model(model_type, attn_implementation="sdpa")
+    samples = multimodal_samples(model, multimodal_layouts(model_type), seed=1)
+    hf_varlen_patch.apply(model, unpad=True)
+    for side in ("right", "left"):
+        result = compare_multimodal(model, samples, layout=side)
+        assert result.ok(1e-5), (side, result)
+    assert len([p for p in plans if p is not None]) == 4  # per side: the forward and the loss forward
