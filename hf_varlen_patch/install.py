@@ -172,11 +172,22 @@ def _unroute_configs(model: torch.nn.Module) -> None:
             config._attn_implementation_internal = parsed[1]
 
 
+def _runs_a_backbone(hf_model: torch.nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    inner = getattr(hf_model, "model", None)
+    return isinstance(inner, PreTrainedModel) and inner is not hf_model
+
+
 def _patch(hf_model: torch.nn.Module, entry: PatchEntry, options: PatchOptions, patcher: Patcher) -> None:
     base = hf_model.base_model
     targets = [(hf_model, True, base is hf_model)]
     if base is not hf_model:
         targets.append((base, False, True))
+    elif _runs_a_backbone(hf_model):
+        # transformers 4.x vision-language models are their own base model; callers (TRL's fused
+        # log-prob head) run the inner ``model`` themselves, so it takes packed calls too
+        targets.append((hf_model.model, False, True))
     from_context = entry.boundaries_from_context
     from_context = from_context(hf_model) if callable(from_context) else from_context
     passes_kwargs = {id(m): accepts_var_kwargs(m.forward) and not from_context for m, _, _ in targets}

@@ -1,5 +1,7 @@
 from pathlib import Path
 
+import pytest
+
 from hf_varlen_patch.cli import architecture_table
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -11,26 +13,29 @@ def test_readme_architecture_table_matches_the_registry():
     assert table == architecture_table(), "run `hf-varlen-patch list` and paste it into README.md"
 
 
-TRAINING = README.parent / "docs" / "training.md"
+DOCS = README.parent / "docs"
+#: pages whose Python blocks CI runs, with how many blocks each has at least
+EXECUTED_PAGES = {"training.md": 7, "preference_rl.md": 7}
 
 
 def python_blocks(path: Path) -> list[str]:
     return [block.split("```", 1)[0] for block in path.read_text().split("```python\n")[1:]]
 
 
-def test_training_page_snippets_run(tmp_path, monkeypatch):
-    """docs/training.md: every Python block runs, in order, in one namespace (as a reader would)."""
+@pytest.mark.parametrize("page", sorted(EXECUTED_PAGES))
+def test_page_snippets_run(page, tmp_path, monkeypatch):
+    """Every Python block of the page runs, in order, in one namespace (as a reader would)."""
     import warnings
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("WANDB_DISABLED", "true")
-    blocks = python_blocks(TRAINING)
-    assert len(blocks) >= 7
+    blocks = python_blocks(DOCS / page)
+    assert len(blocks) >= EXECUTED_PAGES[page]
     namespace: dict = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for i, block in enumerate(blocks):
-            exec(compile(block, f"{TRAINING.name} block {i + 1}", "exec"), namespace)
+            exec(compile(block, f"{page} block {i + 1}", "exec"), namespace)
 
 
 def test_every_subpackage_is_packaged():

@@ -219,3 +219,85 @@ def test_reward_unpad_matches_unpatched(model_type, peft, tmp_path):
         packed = reward(patched(reward_model(model_type)), tmp_path, peft=config)
     assert counted["plans"] >= 3, counted
     assert max_diff(plain, packed) <= TOL
+
+
+# --------------------------------------------------------------------------- vision-language DPO
+
+
+def llava_processor():
+    """A LLaVA processor over the word-level vocabulary, ``<image>`` at the tiny model's image
+    token (127), CLIP's image processing at the tiny vision tower's 56 pixels: 16 image tokens."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import CLIPImageProcessor, LlavaProcessor, PreTrainedTokenizerFast
+
+    vocab = {f"t{i}": i for i in range(VOCAB - 1)} | {"<image>": VOCAB - 1}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    text = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="t0", eos_token="t1", additional_special_tokens=["<image>"]
+    )
+    image = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
+    return LlavaProcessor(
+        image_processor=image,
+        tokenizer=text,
+        patch_size=14,
+        vision_feature_select_strategy="default",
+        image_token="<image>",
+        num_additional_image_tokens=1,
+    )
+
+
+def image_preference_data(n: int = 8, seed: int = 0):
+    """One image per prompt (random pixels, sizes differ), text as in :func:`preference_data`."""
+    import numpy as np
+    from datasets import Dataset
+    from PIL import Image
+
+    gen, pixels = torch.Generator().manual_seed(seed), np.random.RandomState(seed)
+    rows = []
+    for _ in range(n):
+        height, width = (int(x) for x in torch.randint(40, 90, (2,), generator=gen))
+        picture = Image.fromarray(pixels.randint(0, 255, (height, width, 3), dtype=np.uint8))
+        rows.append(
+            {
+                "images": [picture],
+                "prompt": "<image> " + words(gen, 1, 6),
+                "chosen": " " + words(gen, 1, 10),
+                "rejected": " " + words(gen, 1, 10),
+            }
+        )
+    return Dataset.from_list(rows)
+
+
+def dpo_vision(model, tmp_path, *, ref_model=None, peft=None) -> dict[str, torch.Tensor]:
+    from trl import DPOConfig, DPOTrainer
+
+    args = DPOConfig(output_dir=str(tmp_path), max_length=None, **SGD)
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=ref_model,
+        args=args,
+        train_dataset=image_preference_data(),
+        processing_class=llava_processor(),
+        peft_config=peft,
+    )
+    in_order(trainer).train()
+    return params(trainer.model)
+
+
+@pytest.mark.parametrize("reference", ["ref_model", "lora"])
+def test_dpo_with_images_unpad_matches_unpatched(reference, tmp_path):
+    """DPOTrainer on image + text pairs (LLaVA): TRL left-pads the prompts, right-pads the
+    completions and flushes every row left, so the unpatched run is each sequence alone again;
+    with ``unpad=True`` (vision tower unchanged, text packed) the parameters agree."""
+
+    def run(wrap):
+        if reference == "ref_model":
+            return dpo_vision(wrap(tiny_model("llava")), tmp_path, ref_model=wrap(tiny_model("llava")))
+        return dpo_vision(wrap(tiny_model("llava")), tmp_path, peft=lora_config())
+
+    plain = run(lambda m: m)
+    with unpadded_calls() as counted:
+        packed = run(patched)
+    assert counted["plans"] >= 6, counted
+    assert max_diff(plain, packed) <= TOL
