@@ -4,6 +4,7 @@ tool, logged in benchmarks/)."""
 
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,28 @@ def test_trace_gaps_blames_each_idle_gap_on_the_host_op_that_launched_the_next_k
     assert result["gaps"][0]["outer_op"] == "hf_varlen::attention"
     assert "step::forward 0.05 ms" in trace_gaps.report(result)
     assert trace_gaps.gaps(trace_gaps.load(path), min_us=40)["by_op"] == {"aten::copy_": 50}
+
+
+def test_bench_preference_rl_tiny_runs_every_row_and_passes_its_check(tmp_path, monkeypatch):
+    """scripts/bench_preference_rl.py --tiny (the CPU smoke mode of the DPO / GRPO benchmark, llama):
+    every row of the three workloads runs (none FAILED), the padded and unpad=True log-probs of the
+    first right-padded DPO batch agree in float32, and the table and JSON are written."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "bench_preference_rl.py"
+    spec = importlib.util.spec_from_file_location("bench_preference_rl", path)
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_preference_rl", bench)  # its dataclasses look their module up
+    spec.loader.exec_module(bench)
+
+    small = ["--steps", "1", "--pairs", "4", "--prompts", "2", "--group", "4", "--micro-batch", "4"]
+    results = bench.main(["--tiny", "--model", "llama", *small, "--out", str(tmp_path), "--name", "tiny"])
+    rows = [r.row for r in results]
+    assert len(rows) == 8 and sum(r.startswith("DPO step") for r in rows) == 2
+    assert sum(r.startswith("GRPO log-probs") for r in rows) == 4 and sum(r.startswith("GRPO train") for r in rows) == 2
+    assert all(not r.note.startswith("FAILED") and r.steps == 1 and r.tokens_per_s > 0 for r in results)
+    saved = json.loads((tmp_path / "tiny.json").read_text())
+    assert [r["row"] for r in saved["results"]] == rows
+    check = saved["meta"]["checks"]["dpo"]
+    assert check["passed"] and check["max_abs_diff"] < 1e-4
+    assert saved["meta"]["checks"]["grpo"]["unpad_vs_token_logprobs"]["max_abs_diff"] < 1e-4
+    table = (tmp_path / "tiny.md").read_text()
+    assert "tokens/s vs padded" in table and "DPO step: unpad=True" in table
