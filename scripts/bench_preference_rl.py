@@ -389,6 +389,12 @@ def check_dpo(policy, batches: Batches, args) -> dict:
             unpad = completion_logps(policy, backbone(policy, rows), rows, args)
         n = 2 * batch.pairs
         sums = _diff(row_sums(padded, rows, n), row_sums(unpad, rows, n))
+        reference = None
+        if next(policy.parameters()).dtype != torch.float32:
+            # the bf16 runs' own noise: each against the same padded run in float32
+            exact = copy.deepcopy(policy).float()
+            reference = completion_logps(exact, backbone(exact, rows), rows, args).float()
+            del exact
     own = _diff(padded, alone)
     out = dict(
         **_diff(padded, unpad),
@@ -401,6 +407,13 @@ def check_dpo(policy, batches: Batches, args) -> dict:
         tolerance_mean=args.check_mean_tol,
     )
     out["passed"] = out["max_abs_diff"] <= args.check_max_tol and out["mean_abs_diff"] <= args.check_mean_tol
+    if reference is not None:
+        out["padded_vs_fp32"] = _diff(padded.float(), reference)
+        out["unpad_vs_fp32"] = _diff(unpad.float(), reference)
+        # within twice the padded bf16 run's own error against float32, max and mean
+        out["passed"] = out["passed"] and all(
+            out["unpad_vs_fp32"][k] <= 2 * out["padded_vs_fp32"][k] for k in ("max_abs_diff", "mean_abs_diff")
+        )
     print(
         f"check DPO batch 0 (right padding, {rows.scored} completion tokens): padded vs unpad log-probs "
         f"max |diff| {out['max_abs_diff']:.3e}, mean |diff| {out['mean_abs_diff']:.3e}, "
@@ -410,6 +423,13 @@ def check_dpo(policy, batches: Batches, args) -> dict:
         f"{own['max_abs_diff']:.3e}, mean |diff| {own['mean_abs_diff']:.3e}",
         flush=True,
     )
+    if reference is not None:
+        print(
+            f"  against the padded run in float32: padded max {out['padded_vs_fp32']['max_abs_diff']:.3e} / mean "
+            f"{out['padded_vs_fp32']['mean_abs_diff']:.3e}, unpad max {out['unpad_vs_fp32']['max_abs_diff']:.3e} / "
+            f"mean {out['unpad_vs_fp32']['mean_abs_diff']:.3e} (must be within 2x padded's)",
+            flush=True,
+        )
     return out
 
 
@@ -764,6 +784,13 @@ def checks_markdown(checks: dict) -> str:
             f"run vs each row alone (upstream, no padding): max |diff| {c['padded_vs_rows_alone_max_abs_diff']:.3e}, "
             f"mean |diff| {c['padded_vs_rows_alone_mean_abs_diff']:.3e}."
         )
+        if "unpad_vs_fp32" in c:
+            lines[-1] += (
+                f" Against the padded run in float32 (the bf16 noise): padded max "
+                f"{c['padded_vs_fp32']['max_abs_diff']:.3e} / mean {c['padded_vs_fp32']['mean_abs_diff']:.3e}, "
+                f"unpad max {c['unpad_vs_fp32']['max_abs_diff']:.3e} / mean {c['unpad_vs_fp32']['mean_abs_diff']:.3e} "
+                "(pass: within 2x padded's)."
+            )
     if "grpo" in checks:
         c = checks["grpo"]
         lines.append(
