@@ -234,7 +234,11 @@ def llava_processor():
     core = Tokenizer(models.WordLevel(vocab, unk_token="t0"))
     core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     text = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="t0", eos_token="t1", additional_special_tokens=["<image>"]
+        tokenizer_object=core,
+        pad_token="t0",
+        eos_token="t1",
+        additional_special_tokens=["<image>"],
+        model_input_names=["input_ids", "attention_mask"],  # 4.57 would add token_type_ids, which llava refuses
     )
     image = CLIPImageProcessor(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
     return LlavaProcessor(

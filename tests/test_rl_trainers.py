@@ -332,3 +332,61 @@ def test_kto_unpad_matches_unpatched(model_type, reference, tmp_path):
         packed = kto_run(model_type, reference, tmp_path, wrap=patched)
     assert counted["plans"] >= 12, counted
     assert max_diff(plain, packed) <= TOL
+
+
+# ------------------------------------------------------------------------- GRPO with images
+
+
+#: TRL takes multimodal prompts as conversations: an image part, then the words
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'image' %}<image> {% else %}{{ part['text'] }} {% endif %}"
+    "{% endfor %}{% endfor %}"
+)
+
+
+def image_prompts(n: int = 8, seed: int = 0):
+    """One image per prompt (random pixels of different sizes) and 1-5 words, as a conversation."""
+    from test_preference_rl import image_preference_data
+
+    def conversation(row):
+        words_only = row["prompt"].removeprefix("<image> ")
+        return {"image": row["images"][0], "prompt": [{"role": "user", "content": words_only}]}
+
+    return image_preference_data(n, seed).map(conversation, remove_columns=["images", "chosen", "rejected"])
+
+
+@pytest.mark.parametrize("reference", ["none", "lora"])
+def test_grpo_with_images_unpad_matches_unpatched(reference, tmp_path):
+    """GRPOTrainer on image prompts (LLaVA, HF generate): TRL left-pads the prompts (image tokens
+    first) and right-pads the completions, the images go through the vision tower as upstream
+    sends them, the text runs packed. LLaVA's language model is a Llama (RoPE), on which the
+    unpatched run's left padding equals each sequence alone (``test_grpo_upstream_left_padding``;
+    each VLM's left-padded rows equal its samples alone: ``tests/test_unpad.py``), so the unpatched
+    run is the reference here: the same completions, the same parameters after 3 steps."""
+    from test_preference_rl import llava_processor
+    from trl import GRPOConfig, GRPOTrainer
+
+    processor = llava_processor()
+    processor.chat_template = CHAT_TEMPLATE
+
+    def run(model):
+        model.generation_config.eos_token_id = STOP_IDS
+        config = dict(beta=0.1) if reference == "lora" else {}
+        args = GRPOConfig(output_dir=str(tmp_path), num_generations=2, max_completion_length=6, **{**SGD, **config})
+        trainer = GRPOTrainer(
+            model=model,
+            reward_funcs=low_ids,
+            args=args,
+            train_dataset=image_prompts(),
+            processing_class=processor,
+            peft_config=lora_config() if reference == "lora" else None,
+        )
+        trainer.train()
+        return params(trainer.model)
+
+    plain = run(tiny_model("llava"))
+    with unpadded_calls() as counted:
+        packed = run(patched(tiny_model("llava")))
+    assert counted["plans"] >= (6 if reference == "lora" else 3), counted
+    assert max_diff(plain, packed) <= TOL
