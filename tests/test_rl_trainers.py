@@ -356,6 +356,29 @@ def image_prompts(n: int = 8, seed: int = 0):
     return image_preference_data(n, seed).map(conversation, remove_columns=["images", "chosen", "rejected"])
 
 
+def grpo_images(model, tmp_path, reference: str) -> dict[str, torch.Tensor]:
+    """Parameters after 3 GRPO steps on :func:`image_prompts` (``reference="lora"``: beta 0.1, the
+    reference being the LoRA policy with its adapter disabled)."""
+    from test_preference_rl import llava_processor
+    from trl import GRPOConfig, GRPOTrainer
+
+    processor = llava_processor()
+    processor.chat_template = CHAT_TEMPLATE
+    model.generation_config.eos_token_id = STOP_IDS
+    config = dict(beta=0.1) if reference == "lora" else {}
+    args = GRPOConfig(output_dir=str(tmp_path), num_generations=2, max_completion_length=6, **{**SGD, **config})
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=low_ids,
+        args=args,
+        train_dataset=image_prompts(),
+        processing_class=processor,
+        peft_config=lora_config() if reference == "lora" else None,
+    )
+    trainer.train()
+    return params(trainer.model)
+
+
 @pytest.mark.parametrize("reference", ["none", "lora"])
 def test_grpo_with_images_unpad_matches_unpatched(reference, tmp_path):
     """GRPOTrainer on image prompts (LLaVA, HF generate): TRL left-pads the prompts (image tokens
@@ -363,30 +386,9 @@ def test_grpo_with_images_unpad_matches_unpatched(reference, tmp_path):
     sends them, the text runs packed. LLaVA's language model is a Llama (RoPE), on which the
     unpatched run's left padding equals each sequence alone (``test_grpo_upstream_left_padding``;
     each VLM's left-padded rows equal its samples alone: ``tests/test_unpad.py``), so the unpatched
-    run is the reference here: the same completions, the same parameters after 3 steps."""
-    from test_preference_rl import llava_processor
-    from trl import GRPOConfig, GRPOTrainer
-
-    processor = llava_processor()
-    processor.chat_template = CHAT_TEMPLATE
-
-    def run(model):
-        model.generation_config.eos_token_id = STOP_IDS
-        config = dict(beta=0.1) if reference == "lora" else {}
-        args = GRPOConfig(output_dir=str(tmp_path), num_generations=2, max_completion_length=6, **{**SGD, **config})
-        trainer = GRPOTrainer(
-            model=model,
-            reward_funcs=low_ids,
-            args=args,
-            train_dataset=image_prompts(),
-            processing_class=processor,
-            peft_config=lora_config() if reference == "lora" else None,
-        )
-        trainer.train()
-        return params(trainer.model)
-
-    plain = run(tiny_model("llava"))
+    run is the reference here: the same parameters after 3 steps."""
+    plain = grpo_images(tiny_model("llava"), tmp_path, reference)
     with unpadded_calls() as counted:
-        packed = run(patched(tiny_model("llava")))
+        packed = grpo_images(patched(tiny_model("llava")), tmp_path, reference)
     assert counted["plans"] >= (6 if reference == "lora" else 3), counted
     assert max_diff(plain, packed) <= TOL
