@@ -19,6 +19,7 @@ import torch
 
 from .attention import packed_mask_placeholder
 from .boundaries import Boundaries, check_seq_idx
+from .calls import batch_shape, cache_of
 from .context import BOUNDARIES_KWARG, boundaries_for, carried, enter_packed, leave_packed, remember
 from .errors import MalformedBoundariesError, PackedCallError, PackedOutputAttentionsError, VarlenPatchError
 from .guards import CROSS_ATTENTION, refuse_unpackable
@@ -41,19 +42,10 @@ _WRAPPED = "_hf_varlen_wrapped"
 
 #: kwargs of DataCollatorWithFlattening(return_flash_attn_kwargs=True).
 COLLATOR_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
 #: What the KV cache argument is called: ``past_key_values`` up to 5.23, ``cache`` from 5.24;
 #: ``past_key_value`` in some 4.57 attention classes.
-CACHE_KWARGS = ("past_key_values", "cache", "past_key_value")
-
-
-def cache_of(call: dict) -> Any:
-    """The KV cache a call carries, whatever this transformers release names it."""
-    for name in CACHE_KWARGS:
-        if call.get(name) is not None:
-            return call[name]
-    return None
-
-
 @dataclass
 class RestoreAttr:
     """Undo record: put ``obj.name`` back to ``old`` (or remove it). A record, not a closure, so
@@ -261,14 +253,6 @@ def call_as_kwargs(fn: Callable, args: tuple, kwargs: dict) -> dict:
     return call
 
 
-def _batch_shape(call: dict) -> tuple[int, int] | None:
-    for name in ("input_ids", "inputs_embeds"):
-        value = call.get(name)
-        if isinstance(value, torch.Tensor) and value.ndim >= 2:
-            return int(value.shape[0]), int(value.shape[1])
-    return None
-
-
 def _cache_is_empty(past: Any) -> bool:
     if past is None:
         return True
@@ -284,7 +268,7 @@ def boundaries_for_call(call: dict, *, check_inputs: bool, rows_are_sequences: b
     ``rows_are_sequences``: also treat a batch of several rows, each one sequence (plus padding),
     as packed when its cache is empty, for models whose upstream lets rows influence each other.
     """
-    shape = _batch_shape(call)
+    shape = batch_shape(call)
     cu_q, cu_k = call.get("cu_seq_lens_q"), call.get("cu_seq_lens_k")
     if shape is None:
         if cu_q is not None or cu_k is not None:

@@ -79,8 +79,6 @@ def _placeholders(model, kind: str, inputs: dict) -> int:
     return sum(f.shape[0] for f in _features(out))
 
 
-
-
 def _token(config, *names: str) -> int:
     for name in names:
         value = getattr(config, name, None)

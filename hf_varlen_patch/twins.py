@@ -193,6 +193,7 @@ SIZE_KEYS = frozenset(
     )
 )
 
+
 class TwinError(ValueError):
     """A config that cannot be shrunk to a twin (the message says why)."""
 

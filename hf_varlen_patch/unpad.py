@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from .calls import CACHE_KWARGS, batch_shape, cache_of
 from .errors import PackedCallError
 
 __all__ = ["Unpadding", "plan_unpadding", "unpadded_call", "scatter_outputs"]
@@ -23,8 +24,6 @@ __all__ = ["Unpadding", "plan_unpadding", "unpadded_call", "scatter_outputs"]
 #: Per-token inputs a model may take besides the token ids (gathered like them); labels of one
 #: per token (a causal LM's, a token classifier's) too.
 PER_TOKEN = ("input_ids", "inputs_embeds", "labels", "token_type_ids", "mm_token_type_ids", "seq_idx")
-#: What a call to fill or extend a cache carries: such calls run upstream's padded code.
-CACHE_ARGUMENTS = ("past_key_values", "cache", "past_key_value")
 
 
 @dataclass(frozen=True)
@@ -42,14 +41,6 @@ class Unpadding:
         return int(self.index.numel())
 
 
-def _shape(call: Mapping[str, Any]) -> tuple[int, int] | None:
-    for name in ("input_ids", "inputs_embeds"):
-        value = call.get(name)
-        if isinstance(value, torch.Tensor) and value.ndim >= 2:
-            return int(value.shape[0]), int(value.shape[1])
-    return None
-
-
 def plan_unpadding(call: Mapping[str, Any], *, padded_only: bool = True) -> Unpadding | None:
     """The unpadding of this call, or None where it runs as it is: no 2-D ``attention_mask``, no
     padding, a cache given (or ``use_cache=True``: generation), or boundaries already given.
@@ -59,10 +50,10 @@ def plan_unpadding(call: Mapping[str, Any], *, padded_only: bool = True) -> Unpa
     a row with holes raises :class:`PackedCallError`.
     """
     mask = call.get("attention_mask")
-    shape = _shape(call)
+    shape = batch_shape(call)
     if not isinstance(mask, torch.Tensor) or mask.ndim != 2 or shape is None or tuple(mask.shape) != shape:
         return None
-    if any(call.get(name) is not None for name in CACHE_ARGUMENTS) or call.get("use_cache") is True:
+    if cache_of(call) is not None or call.get("use_cache") is True:
         return None
     if any(call.get(name) is not None for name in ("cu_seq_lens_q", "cu_seq_lens_k")):
         return None
@@ -158,8 +149,7 @@ def scatter_outputs(out: Any, plan: Unpadding, *, pooled: bool = False) -> Any:
     if isinstance(out, tuple):
         return tuple(v if pooled and i < 2 and _is_pooled(v, plan) else _scatter(v, plan) for i, v in enumerate(out))
     fields = {
-        k: (None if k in CACHE_ARGUMENTS else v if pooled and k == "logits" else _scatter(v, plan))
-        for k, v in out.items()
+        k: (None if k in CACHE_KWARGS else v if pooled and k == "logits" else _scatter(v, plan)) for k, v in out.items()
     }
     return type(out)(**fields)
 

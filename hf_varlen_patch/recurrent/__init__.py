@@ -54,9 +54,6 @@ __all__ = [
 RecurrentOp = Callable[[Boundaries, Callable, dict, types.ModuleType], Any]
 
 
-
-
-
 def upstream_signature(fn: Callable, name: str) -> inspect.Signature:
     """The parameters of upstream's ``fn``: through ``__wrapped__`` (functools, transformers' hub
     fallback) and through the ``kernels`` package's function modules, whose ``forward`` carries
@@ -414,6 +411,7 @@ def run_sequences_as_rows(
     inside this layer; a packed forward leaves no
     recurrent state of this layer in the cache.
     """
+
     def forward(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
         boundaries = boundaries_for(kwargs)
         if boundaries is None:
