@@ -24,6 +24,7 @@ from .errors import (
 )
 from .logprobs import token_logprobs
 from .registry import PatchEntry, lookup, register, supported_model_types
+from .sequence_parallel import shard_packed_batch
 
 __version__ = "0.1.0"
 
@@ -32,6 +33,7 @@ __all__ = [
     "unapply",
     "is_patched",
     "token_logprobs",
+    "shard_packed_batch",
     "Boundaries",
     "AttentionSpec",
     "BACKENDS",

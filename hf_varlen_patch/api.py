@@ -5,7 +5,7 @@ patching itself to :mod:`hf_varlen_patch.install`."""
 from __future__ import annotations
 
 import logging
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import torch
 
@@ -36,6 +36,7 @@ def apply(
     self_check: str = "auto",
     loss: str = "token_mean",
     unpad: bool = False,
+    sequence_parallel: Any = None,
 ) -> M:
     """Make ``model`` treat packed batches exactly like separate sequences; returns ``model``.
 
@@ -59,6 +60,11 @@ def apply(
             and no cache to fill (no ``past_key_values``, ``use_cache`` not True) runs only its real
             tokens, each sequence numbered from 0 as if alone, and gets its outputs back in the
             padded layout (zeros at padding). See :mod:`hf_varlen_patch.unpad`.
+        sequence_parallel: a ``torch.distributed`` process group (``True``: the default group) over
+            which each packed stream is split: every rank runs its slice, from
+            :func:`~hf_varlen_patch.shard_packed_batch`, and attention sees the whole stream
+            (Ulysses: an all-to-all of heads before and after it). See
+            :mod:`hf_varlen_patch.sequence_parallel`.
 
     Packed means: some row of ``position_ids`` restarts (``pos[t] != pos[t-1] + 1``), or the
     forward gets ``cu_seq_lens_q/k`` (or, with ``unpad``, a padded ``attention_mask``). Anything
@@ -71,10 +77,26 @@ def apply(
         raise ValueError(f"self_check must be one of {SELF_CHECK_MODES}, not {self_check!r}")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, not {loss!r}")
+    if sequence_parallel is True:
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError(
+                "sequence_parallel=True splits packed streams over the default process group, and "
+                "torch.distributed is not initialised: call torch.distributed.init_process_group first."
+            )
+        sequence_parallel = dist.group.WORLD
+    if sequence_parallel is not None and unpad:
+        raise ValueError(
+            "unpad=True and sequence_parallel do not combine yet: shard packed batches (shard_packed_batch) instead "
+            "of padded ones."
+        )
     hf_model = find_hf_model(model)
     refuse_prompt_learning(_wrapper_chain(model)[:-1])
     guard_prompt_learning()
-    options = PatchOptions(backend=backend, check_inputs=check_inputs, loss=loss, unpad=unpad)
+    options = PatchOptions(
+        backend=backend, check_inputs=check_inputs, loss=loss, unpad=unpad, sequence_parallel=sequence_parallel
+    )
     state: PatchState | None = vars(hf_model).get(STATE_ATTR)
     if state is not None:
         if state.options == options and route_is_current(hf_model):
@@ -95,7 +117,16 @@ def apply(
     if head_refusal:
         raise UnsupportedArchitectureError(f"hf_varlen_patch cannot pack {type(hf_model).__name__}: {head_refusal}")
     _warn_untested(model_type)
-    apply_entry(hf_model, entry, backend=backend, check_inputs=check_inputs, loss=loss, unpad=unpad, reapply=apply)
+    apply_entry(
+        hf_model,
+        entry,
+        backend=backend,
+        check_inputs=check_inputs,
+        loss=loss,
+        unpad=unpad,
+        sequence_parallel=sequence_parallel,
+        reapply=apply,
+    )
     return model
 
 

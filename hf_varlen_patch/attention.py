@@ -121,7 +121,18 @@ def varlen_attention(
     boundaries: Boundaries,
     spec: AttentionSpec,
 ) -> torch.Tensor:
-    """Packed attention on transformers' layout: q (B, Hq, T, D), k/v (B, Hk, T, D) -> (B, T, Hq, Dv)."""
+    """Packed attention on transformers' layout: q (B, Hq, T, D), k/v (B, Hk, T, D) -> (B, T, Hq, Dv).
+
+    Under sequence parallel (the boundaries of one rank's slice) the heads travel to the tokens and
+    back around this same call (:func:`hf_varlen_patch.sequence_parallel.ulysses_attention`)."""
+    shard = getattr(boundaries, "shard", None)
+    if shard is not None:
+        from .sequence_parallel import ulysses_attention
+
+        def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, whole: Boundaries, spec: AttentionSpec):
+            return varlen_attention(backend, q, k, v, whole, spec)
+
+        return ulysses_attention(attend, query, key, value, shard, spec)
     batch, num_heads, length, _ = query.shape
     if key.shape[2] != length:
         raise VarlenPatchError(

@@ -10,6 +10,7 @@ so it can never be attended to by real tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any, ClassVar
 
 import torch
 
@@ -42,6 +43,9 @@ class Boundaries:
     #: with the same id >= 0 attend to each other in both directions, on top of the layer's causal
     #: (and window) pattern: an image's tokens (Gemma 3), a prefix (PaliGemma). -1: no block.
     blocks: torch.Tensor | None = field(default=None, repr=False)
+    #: sequence parallel: where this rank's slice sits in the stream, and the stream's boundaries
+    #: (:class:`hf_varlen_patch.sequence_parallel.SequenceShard`); None for a whole batch
+    shard: ClassVar[Any] = None
 
     @property
     def num_sequences(self) -> int:

@@ -95,6 +95,7 @@ def apply_entry(
     check_inputs: bool = True,
     loss: str = "token_mean",
     unpad: bool = False,
+    sequence_parallel: Any = None,
     reapply: Callable[..., Any] | None = None,
 ) -> None:
     """Patch ``hf_model`` with ``entry`` (no lookup, no refusal check, no self-check).
@@ -102,7 +103,9 @@ def apply_entry(
     ``reapply(model, **options)`` patches a pickled copy again when it is loaded (``apply``
     passes itself, so a loaded model is patched exactly like a new one); without it a loaded
     copy gets its registry entry again."""
-    options = PatchOptions(backend=backend, check_inputs=check_inputs, loss=loss, unpad=unpad)
+    options = PatchOptions(
+        backend=backend, check_inputs=check_inputs, loss=loss, unpad=unpad, sequence_parallel=sequence_parallel
+    )
     patcher = Patcher()
     try:
         _patch(hf_model, entry, options, patcher)
@@ -117,7 +120,13 @@ def apply_entry(
 
 def _options_of(state: PatchState) -> dict:
     options = state.options
-    return dict(backend=options.backend, check_inputs=options.check_inputs, loss=options.loss, unpad=options.unpad)
+    return dict(
+        backend=options.backend,
+        check_inputs=options.check_inputs,
+        loss=options.loss,
+        unpad=options.unpad,
+        sequence_parallel=options.sequence_parallel,
+    )
 
 
 def _deepcopy_patched(hf_model: torch.nn.Module, memo: dict) -> torch.nn.Module:
@@ -139,7 +148,8 @@ def _reduce_patched(hf_model: torch.nn.Module, protocol: int) -> tuple:
     re-apply when it is loaded (:func:`_restore_patched`)."""
     state: PatchState = vars(hf_model)[STATE_ATTR]
     model_type = getattr(hf_model.config, "model_type", None)
-    patch = {"model_type": model_type, **_options_of(state)}
+    # a process group belongs to this run: a loaded copy is patched without sequence parallel
+    patch = {"model_type": model_type, **_options_of(state), "sequence_parallel": None}
     cls = type(hf_model)
     saved = {"state": hf_model.__getstate__(), "patch": patch, "reapply": state.reapply}
     return (copyreg.__newobj__, (cls,), saved, None, None, _restore_patched)
@@ -228,6 +238,7 @@ def _patch(hf_model: torch.nn.Module, entry: PatchEntry, options: PatchOptions, 
             head=head if is_top else "base",
             check_route=check_route if is_top else None,
             unpad=options.unpad,
+            sequence_parallel=options.sequence_parallel,
         )
         patcher.wrap_method(module, "forward", wrapper)
     _resolve_backends(options.backend)

@@ -21,8 +21,15 @@ from .attention import packed_mask_placeholder
 from .boundaries import Boundaries, check_seq_idx
 from .calls import batch_shape, cache_of
 from .context import BOUNDARIES_KWARG, boundaries_for, carried, enter_packed, leave_packed, remember
-from .errors import MalformedBoundariesError, PackedCallError, PackedOutputAttentionsError, VarlenPatchError
+from .errors import (
+    MalformedBatchError,
+    MalformedBoundariesError,
+    PackedCallError,
+    PackedOutputAttentionsError,
+    VarlenPatchError,
+)
 from .guards import CROSS_ATTENTION, refuse_unpackable
+from .sequence_parallel import sharded_boundaries
 from .unpad import plan_unpadding, scatter_outputs, unpadded_call
 
 
@@ -42,6 +49,10 @@ _WRAPPED = "_hf_varlen_wrapped"
 
 #: kwargs of DataCollatorWithFlattening(return_flash_attn_kwargs=True).
 COLLATOR_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+
+
+def _carries_offsets(call: dict) -> bool:
+    return call.get("cu_seq_lens_q") is not None or call.get("cu_seq_lens_k") is not None
 
 
 #: What the KV cache argument is called: ``past_key_values`` up to 5.23, ``cache`` from 5.24;
@@ -540,6 +551,7 @@ def make_entry_wrapper(
     head: str = "causal_lm",
     check_route: Callable[[Any], None] | None = None,
     unpad: bool = False,
+    sequence_parallel: Any = None,
 ) -> Callable:
     """The wrapper (:meth:`Patcher.wrap_method`) around a patched model's ``forward``.
 
@@ -560,6 +572,9 @@ def make_entry_wrapper(
     without a cache, made to the outermost patched forward, runs its real tokens packed
     (:mod:`hf_varlen_patch.unpad`): from the top model the head and the loss run on real tokens
     only; a caller that runs the base model itself (TRL's fused log-prob head) gets the same.
+    ``sequence_parallel`` (a process group): packed calls carry one rank's slice of a stream
+    (:func:`hf_varlen_patch.sequence_parallel.shard_packed_batch`); their boundaries are the
+    slice's, with the stream's global ones for attention.
     """
 
     def prepare(call: dict) -> Boundaries | None:
@@ -568,9 +583,18 @@ def make_entry_wrapper(
         # may reuse the same position_ids tensor with new contents.
         boundaries = call.pop(BOUNDARIES_KWARG, None) or boundaries_for()
         if boundaries is None:
-            boundaries = boundaries_for_call(call, check_inputs=check_inputs, rows_are_sequences=rows_are_sequences)
-            if boundaries is None:
-                return None
+            if sequence_parallel is not None and _carries_offsets(call):
+                boundaries = sharded_boundaries(call, sequence_parallel, check_inputs=check_inputs)
+            else:
+                boundaries = boundaries_for_call(call, check_inputs=check_inputs, rows_are_sequences=rows_are_sequences)
+                if boundaries is None:
+                    return None
+                if sequence_parallel is not None and boundaries.is_packed:
+                    raise MalformedBatchError(
+                        "this model is patched for sequence parallel, and a packed batch reached it without the "
+                        "stream's global offsets: each rank would attend within its own slice only. Shard the "
+                        "packed batch with hf_varlen_patch.shard_packed_batch."
+                    )
             for name in COLLATOR_KWARGS:
                 call.pop(name, None)
         if not takes_seq_idx:
@@ -580,8 +604,15 @@ def make_entry_wrapper(
         remember(call["position_ids"], boundaries)
         if passes_kwargs:
             call[BOUNDARIES_KWARG] = boundaries
+        sharded = getattr(boundaries, "shard", None) is not None
         if is_top and head == "causal_lm" and isinstance(call.get("labels"), torch.Tensor):
-            call["labels"] = mask_boundary_labels(call["labels"], boundaries, shifted_inside=shifts_labels)
+            if not sharded:
+                call["labels"] = mask_boundary_labels(call["labels"], boundaries, shifted_inside=shifts_labels)
+            elif call.get("shift_labels") is None:
+                raise MalformedBatchError(
+                    "under sequence parallel the labels must be shifted over the whole stream (the last token of "
+                    "a slice predicts the first of the next): pass the shift_labels that shard_packed_batch gives."
+                )
         if is_base:
             batch, length = boundaries.shape
             call["attention_mask"] = (

@@ -37,6 +37,8 @@ class PatchOptions:
     check_inputs: bool = True
     loss: str = "token_mean"
     unpad: bool = False
+    #: the process group a packed stream is split over (None: no sequence parallel)
+    sequence_parallel: Any = None
 
 
 @dataclass(frozen=True)

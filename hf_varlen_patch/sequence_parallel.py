@@ -1,0 +1,304 @@
+"""Sequence parallel over the packed token stream (Ulysses): each rank holds one contiguous slice.
+
+A packed batch is one stream of tokens. :func:`shard_packed_batch` pads the stream to a multiple
+of the degree (with a trailing padding sequence, which no real token sees) and hands every rank
+its slice of ``input_ids`` and ``position_ids``, the labels shifted over the *whole* stream
+(``shift_labels``, so the last token of a slice predicts the first of the next), the global
+number of targets (``num_items_in_batch``) and the global offsets (``cu_seq_lens_q/k``).
+
+A model patched with ``apply(model, sequence_parallel=group)`` builds the global boundaries once
+per forward from those offsets. Every token-wise layer runs on the local slice as it is. Before
+attention, an all-to-all trades heads for tokens (each rank: all tokens, ``heads / degree`` of the
+heads), the unchanged varlen backend runs with the global boundaries, and an all-to-all trades
+them back. Grouped-query keys and values whose head count the degree does not divide are
+repeated to the query heads; query heads the degree does not divide are padded with empty heads.
+Per-head sinks and ALiBi slopes follow their heads.
+
+Summing each rank's loss (each one divides by the global ``num_items_in_batch``) and summing each
+rank's gradients (``all_reduce``) gives the single-process loss and gradients. A layer that reads
+the per-sequence offsets of its own slice directly (recurrent scans, convolutions, attention
+computed outside the varlen backends) would treat a slice of a sequence as a whole one: reading
+them raises :class:`~hf_varlen_patch.errors.UnsupportedArchitectureError` instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .boundaries import Boundaries
+from .errors import MalformedBatchError, MalformedBoundariesError, UnsupportedArchitectureError
+
+__all__ = ["SequenceShard", "ShardedBoundaries", "shard_packed_batch", "sharded_boundaries", "ulysses_attention"]
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True, eq=False)
+class SequenceShard:
+    """Where this rank's slice sits in the packed stream, and the stream's global boundaries."""
+
+    group: Any
+    rank: int
+    world: int
+    offset: int
+    whole: Boundaries
+
+
+class ShardedBoundaries(Boundaries):
+    """One rank's slice of a packed stream under sequence parallel.
+
+    It has the slice's ``shape`` and ``is_packed``; attention reads the global offsets from
+    ``shard.whole``. Its own per-sequence offsets would describe the slice's pieces of sequences as
+    whole sequences, so reading them raises: a layer that needs them has no sequence-parallel
+    path yet, and is refused rather than run on a fragment.
+    """
+
+    _SLICED = frozenset({"cu_seqlens", "seq_idx", "max_seqlen", "blocks"})
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in ShardedBoundaries._SLICED:
+            raise UnsupportedArchitectureError(
+                f"under sequence parallel a layer read this rank's own per-sequence offsets ({name}): a "
+                "recurrent scan, a convolution, a bidirectional block or attention computed outside the varlen "
+                "backends, which would see a slice of a sequence as a whole one. That layer has no "
+                "sequence-parallel path yet: run this model without sequence_parallel."
+            )
+        return super().__getattribute__(name)
+
+    @property
+    def device(self) -> torch.device:
+        return self.shard.whole.device
+
+    def __repr__(self) -> str:
+        shard = self.shard
+        where = f"tokens {shard.offset}..{shard.offset + self.shape[1]} of {shard.whole.shape[1]}"
+        return f"ShardedBoundaries(rank {shard.rank} of {shard.world}, {where})"
+
+    def position_ids(self) -> torch.Tensor:
+        shard = self.shard
+        flat = shard.whole.position_ids().reshape(-1)
+        return flat[shard.offset : shard.offset + self.shape[1]].view(self.shape)
+
+
+def _group_info(group: Any) -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise MalformedBatchError(
+            "sequence parallel needs torch.distributed initialised (torch.distributed.init_process_group) before "
+            "the batch is sharded or the model runs."
+        )
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def sharded_boundaries(call: Mapping[str, Any], group: Any, *, check_inputs: bool) -> ShardedBoundaries:
+    """This rank's boundaries for one forward: the call's tokens are its slice of the stream that
+    ``cu_seq_lens_q`` (global offsets, from :func:`shard_packed_batch`) describes."""
+    from .calls import batch_shape
+
+    rank, world = _group_info(group)
+    shape = batch_shape(call)
+    cu = call.get("cu_seq_lens_q")
+    if cu is None:
+        cu = call.get("cu_seq_lens_k")
+    if shape is None or cu is None:
+        raise MalformedBatchError(
+            "a model patched with sequence_parallel takes its packed batches from "
+            "hf_varlen_patch.shard_packed_batch (this rank's slice plus the stream's global cu_seq_lens_q/k); "
+            "this call has no global offsets. Shard the packed batch with shard_packed_batch."
+        )
+    if shape[0] != 1:
+        raise MalformedBatchError(f"a sequence-parallel slice is one row of the stream, not {shape[0]} rows.")
+    length = shape[1]
+    cu_host = cu.detach().to("cpu", torch.int64)
+    total = int(cu_host[-1])
+    if total != length * world:
+        raise MalformedBoundariesError(
+            f"the global offsets describe {total} tokens, but {world} ranks hold {length} tokens each "
+            f"({length * world}); shard every rank's batch with shard_packed_batch, with the same degree."
+        )
+    max_len = call.get("max_length_q") or call.get("max_length_k")
+    whole = Boundaries.from_cu_seqlens(cu.to(torch.int32), max_len, shape=(1, total), check=check_inputs)
+    offset = rank * length
+    inner = cu_host[(cu_host > offset) & (cu_host < offset + length)] - offset
+    local_cu = torch.cat([torch.tensor([0]), inner, torch.tensor([length])])
+    starts = torch.zeros(length, dtype=torch.int64)
+    starts[local_cu[:-1]] = 1
+    local = ShardedBoundaries(
+        cu_seqlens=local_cu.to(torch.int32).to(whole.device),
+        max_seqlen=int((local_cu[1:] - local_cu[:-1]).max()),
+        seq_idx=(starts.cumsum(0) - 1).to(torch.int32).to(whole.device),
+        shape=(1, length),
+        is_packed=True,
+    )
+    object.__setattr__(local, "shard", SequenceShard(group=group, rank=rank, world=world, offset=offset, whole=whole))
+    positions = call.get("position_ids")
+    if check_inputs and isinstance(positions, torch.Tensor) and positions.ndim == 2:
+        expected = local.position_ids()
+        if not torch.equal(positions.to(expected.device, torch.int64), expected):
+            raise MalformedBoundariesError(
+                "this rank's position_ids do not match its slice of the global offsets (cu_seq_lens_q): shard "
+                "every rank's batch with shard_packed_batch from the same packed batch."
+            )
+    return local
+
+
+def shard_packed_batch(
+    batch: Mapping[str, Any],
+    *,
+    group: Any = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    pad_token_id: int = 0,
+) -> dict[str, Any]:
+    """This rank's share of one packed batch (one row: ``input_ids`` (1, T), ``position_ids``
+    restarting per sequence or ``cu_seq_lens_q``, optional ``labels``), for a model patched with
+    ``apply(model, sequence_parallel=group)``.
+
+    The stream is padded to a multiple of the degree with a trailing padding sequence
+    (``pad_token_id``, positions from 0, no targets). Returned: this rank's contiguous slice of
+    ``input_ids`` and ``position_ids``; ``shift_labels`` (the next token of the same sequence, -100
+    at every sequence end and on padding) over the whole stream, sliced, with ``labels`` (the same
+    slice: transformers computes a loss only when ``labels`` is given, and takes ``shift_labels`` as
+    already shifted); ``num_items_in_batch`` (the global number of targets, so that the sum of the
+    ranks' losses is the single-process loss); the global ``cu_seq_lens_q/k`` and
+    ``max_length_q/k``. ``rank`` / ``world_size`` default to ``group``'s.
+    """
+    if rank is None or world_size is None:
+        group_rank, group_world = _group_info(group)
+        rank = group_rank if rank is None else rank
+        world_size = group_world if world_size is None else world_size
+    ids = batch.get("input_ids")
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.shape[0] != 1:
+        raise MalformedBatchError(
+            "shard_packed_batch takes one packed row: input_ids of shape (1, T) (pack with "
+            "hf_varlen_patch.packing.PackingCollator or DataCollatorWithFlattening first)."
+        )
+    extra = set(batch) - {"input_ids", "position_ids", "labels", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
+                          "max_length_k", "attention_mask", "seq_idx"}  # fmt: skip
+    if extra:
+        raise MalformedBatchError(
+            f"shard_packed_batch does not know how to split {sorted(extra)}; give a text batch (input_ids, "
+            "position_ids or cu_seq_lens_q, labels)."
+        )
+    length = ids.shape[1]
+    if batch.get("cu_seq_lens_q") is not None:
+        whole = Boundaries.from_cu_seqlens(batch["cu_seq_lens_q"], batch.get("max_length_q"), shape=(1, length))
+    elif batch.get("position_ids") is not None:
+        whole = Boundaries.from_position_ids(batch["position_ids"])
+    else:
+        raise MalformedBatchError("shard_packed_batch needs position_ids restarting per sequence, or cu_seq_lens_q.")
+    cu = whole.cu_seqlens.to("cpu", torch.int64)
+    labels = batch.get("labels")
+    labels = ids if labels is None else labels
+    # the next token's label, within its sequence (-100 where the sequence ends)
+    shifted = torch.full_like(labels, IGNORE_INDEX)
+    shifted[:, :-1] = labels[:, 1:]
+    shifted[0, (cu[1:] - 1).to(labels.device)] = IGNORE_INDEX
+    padded = -(-length // world_size) * world_size
+    pad = padded - length
+    positions = whole.position_ids()
+    if pad:
+        ids = torch.cat([ids, ids.new_full((1, pad), pad_token_id)], dim=1)
+        positions = torch.cat([positions, torch.arange(pad, device=positions.device)[None]], dim=1)
+        shifted = torch.cat([shifted, shifted.new_full((1, pad), IGNORE_INDEX)], dim=1)
+        cu = torch.cat([cu, torch.tensor([padded])])
+    share = padded // world_size
+    piece = slice(rank * share, (rank + 1) * share)
+    device = ids.device
+    cu_dev = cu.to(device=device, dtype=torch.int32)
+    max_len = int((cu[1:] - cu[:-1]).max())
+    return {
+        "input_ids": ids[:, piece],
+        "position_ids": positions[:, piece],
+        "labels": shifted[:, piece],
+        "shift_labels": shifted[:, piece],
+        "num_items_in_batch": int((shifted != IGNORE_INDEX).sum()),
+        "cu_seq_lens_q": cu_dev,
+        "cu_seq_lens_k": cu_dev,
+        "max_length_q": max_len,
+        "max_length_k": max_len,
+    }
+
+
+# ---------------------------------------------------------------- attention
+
+
+def _all_to_all(x: torch.Tensor, group: Any) -> torch.Tensor:
+    """Autograd-aware all-to-all of equal chunks along dim 0."""
+    import torch.distributed.nn.functional as dist_fn
+
+    x = x.contiguous()
+    return dist_fn.all_to_all_single(torch.empty_like(x), x, group=group)
+
+
+def _heads_for_ranks(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """(B, H, ...) with H padded by empty heads to ``heads``."""
+    if x.shape[1] == heads:
+        return x
+    pad = x.new_zeros(x.shape[0], heads - x.shape[1], *x.shape[2:])
+    return torch.cat([x, pad], dim=1)
+
+
+def _per_head(values: torch.Tensor | None, heads: int, rank: int, local: int) -> torch.Tensor | None:
+    if values is None:
+        return None
+    if values.shape[0] < heads:
+        values = torch.cat([values, values.new_zeros(heads - values.shape[0])])
+    return values[rank * local : (rank + 1) * local]
+
+
+def ulysses_attention(
+    attend: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Boundaries, Any], torch.Tensor],
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    shard: SequenceShard,
+    spec: Any,
+) -> torch.Tensor:
+    """Attention of this rank's queries over the whole stream: q (1, Hq, L, D), k/v (1, Hk, L, D)
+    of the local slice -> (1, L, Hq, Dv). ``attend(q, k, v, boundaries, spec)`` is the varlen
+    attention on transformers' layout, run on (1, heads / degree, T, D) with the global boundaries."""
+    world, rank, group = shard.world, shard.rank, shard.group
+    q_heads, kv_heads = query.shape[1], key.shape[1]
+    if kv_heads != q_heads and kv_heads % world:
+        # too few key/value heads to split: repeat them to the query heads (grouped-query layout)
+        key = key.repeat_interleave(q_heads // kv_heads, dim=1)
+        value = value.repeat_interleave(q_heads // kv_heads, dim=1)
+        kv_heads = q_heads
+    q_total = -(-q_heads // world) * world
+    kv_total = q_total if kv_heads == q_heads else kv_heads
+    if q_total != q_heads and kv_heads != q_heads:
+        # query heads the degree does not divide, keys grouped: give every query head its own keys
+        key = key.repeat_interleave(q_heads // kv_heads, dim=1)
+        value = value.repeat_interleave(q_heads // kv_heads, dim=1)
+        kv_total = q_total
+    query = _heads_for_ranks(query, q_total)
+    key, value = _heads_for_ranks(key, kv_total), _heads_for_ranks(value, kv_total)
+    length = query.shape[2]
+
+    def scatter_heads(x: torch.Tensor) -> torch.Tensor:
+        # (1, H, L, D) -> chunks of H/P heads to each rank -> (1, H/P, P*L, D), tokens in rank order
+        heads, dim = x.shape[1], x.shape[3]
+        chunks = x.reshape(world, heads // world, length, dim)
+        received = _all_to_all(chunks, group)  # [j] = rank j's tokens of my heads
+        return received.permute(1, 0, 2, 3).reshape(1, heads // world, world * length, dim)
+
+    q, k, v = scatter_heads(query), scatter_heads(key), scatter_heads(value)
+    local_heads = q_total // world
+    spec = dataclasses.replace(
+        spec,
+        sinks=_per_head(spec.sinks, q_total, rank, local_heads),
+        alibi_slopes=_per_head(spec.alibi_slopes, q_total, rank, local_heads),
+    )
+    out = attend(q, k, v, shard.whole, spec)  # (1, P*L, H/P, Dv)
+    dim = out.shape[-1]
+    pieces = out.reshape(world, length, local_heads, dim)  # [j] = rank j's tokens
+    received = _all_to_all(pieces, group)  # [j] = my tokens of rank j's heads
+    out = received.permute(1, 0, 2, 3).reshape(1, length, q_total, dim)
+    return out[:, :, :q_heads]

@@ -1,0 +1,84 @@
+"""Sequence parallel (Ulysses) over the packed token stream, on the CPU with gloo.
+
+``scripts/sequence_parallel_equivalence.py`` runs under torchrun with 2, 3 and 4 processes: every
+rank holds one slice of a packed row of 55 tokens (five sequences; no degree here divides it, and
+3 divides neither the tiny models' query heads nor their key/value heads), and the logits
+gathered from the ranks, the loss summed over them and the gradients summed over them must equal
+one process running the whole row after ``apply`` (float32). The naive split (each rank its own
+slice, nothing exchanged) is measured in the same run: the check sees what sequence parallel
+fixes. Types: dense (llama, qwen2), sliding window (mistral), softcap + window (gemma2), sinks
+(gpt_oss), ALiBi (bloom), learned positions and own attention (gpt2). Hybrids (qwen3_next,
+bamba) have no sequence-parallel path for their recurrent layers yet and must be refused.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import hf_varlen_patch
+from hf_varlen_patch import MalformedBatchError
+from hf_varlen_patch.testing import tiny_model
+
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "sequence_parallel_equivalence.py"
+EXACT = ["llama", "qwen2", "mistral", "gemma2", "gpt_oss", "bloom", "gpt2"]
+REFUSED = ["qwen3_next", "bamba"]
+TOL = 1e-5
+
+
+def _launch(degree: int, types: list[str]) -> dict[str, dict]:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(degree),
+           str(SCRIPT), *types]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return {row["model_type"]: row for row in rows}
+
+
+@pytest.mark.parametrize("degree", [2, 3, 4])
+def test_sequence_parallel_equals_one_process(degree):
+    results = _launch(degree, EXACT + REFUSED)
+    for model_type in EXACT:
+        row = results[model_type]
+        assert "error" not in row, row
+        assert row["degree"] == degree
+        assert max(row["logits"], row["loss"], row["grads"]) <= TOL, row
+        assert row["naive"] > 1e-2, row  # the naive split attends within its own slice
+    for model_type in REFUSED:
+        row = results[model_type]
+        assert row.get("error") == "UnsupportedArchitectureError", row
+        assert "sequence-parallel" in row["message"], row
+
+
+def test_shard_packed_batch_splits_the_stream_and_shifts_labels_globally():
+    ids = torch.arange(1, 12)[None]  # sequences of 4, 5, 2 tokens; degree 3 pads to 12
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1]])
+    shards = [
+        hf_varlen_patch.shard_packed_batch({"input_ids": ids, "position_ids": positions}, rank=r, world_size=3)
+        for r in range(3)
+    ]
+    assert [s["input_ids"].tolist() for s in shards] == [[[1, 2, 3, 4]], [[5, 6, 7, 8]], [[9, 10, 11, 0]]]
+    assert [s["position_ids"].tolist() for s in shards] == [[[0, 1, 2, 3]], [[0, 1, 2, 3]], [[4, 0, 1, 0]]]
+    # the next token of the same sequence; -100 at every sequence end and on the padding
+    assert torch.cat([s["shift_labels"] for s in shards], 1).tolist() == [
+        [2, 3, 4, -100, 6, 7, 8, 9, -100, 11, -100, -100]
+    ]
+    assert all(s["num_items_in_batch"] == 8 for s in shards)
+    assert shards[0]["cu_seq_lens_q"].tolist() == [0, 4, 9, 11, 12]
+
+
+def test_sequence_parallel_refusals():
+    with pytest.raises(ValueError, match="init_process_group"):
+        hf_varlen_patch.apply(tiny_model("llama"), sequence_parallel=True)
+    with pytest.raises(ValueError, match="do not combine"):
+        hf_varlen_patch.apply(tiny_model("llama"), unpad=True, sequence_parallel=object())
+    with pytest.raises(MalformedBatchError, match="one packed row"):
+        hf_varlen_patch.shard_packed_batch({"input_ids": torch.ones(2, 5, dtype=torch.long)}, rank=0, world_size=2)
+    # a packed batch without the stream's offsets would attend within each rank's slice: refused
+    model = hf_varlen_patch.apply(tiny_model("llama"), sequence_parallel=object())
+    with pytest.raises(MalformedBatchError, match="shard_packed_batch"):
+        model(input_ids=torch.ones(1, 6, dtype=torch.long), position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]))
+    model(input_ids=torch.ones(1, 6, dtype=torch.long))  # unpacked calls run upstream's code
