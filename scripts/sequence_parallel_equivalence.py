@@ -9,6 +9,7 @@ split (each rank runs its slice with its own positions and no exchange) is measu
 the comparison sees what sequence parallel fixes.
 
     torchrun --nproc_per_node 2 scripts/sequence_parallel_equivalence.py llama mistral --backend sdpa
+    torchrun --nproc_per_node 1 scripts/sequence_parallel_equivalence.py llama --device cuda --dtype bfloat16
 Rank 0 prints one JSON line per type: {"model_type", "degree", "logits", "loss", "grads", "naive"}.
 """
 
@@ -42,14 +43,17 @@ def max_error(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def check(model_type: str, backend: str, lengths: list[int]) -> dict:
+def check(model_type: str, backend: str, lengths: list[int], device: str = "cpu", dtype: str = "float32") -> dict:
     import hf_varlen_patch
-    from hf_varlen_patch.testing import tiny_model
+    from hf_varlen_patch.testing import tiny_model as tiny
+
+    def tiny_model(name):
+        return tiny(name).to(device=device, dtype=getattr(torch, dtype))
 
     rank, world = dist.get_rank(), dist.get_world_size()
     reference = hf_varlen_patch.apply(tiny_model(model_type), backend=backend)
     vocab = reference.config.get_text_config().vocab_size
-    batch = packed_batch(vocab, lengths)
+    batch = {k: v.to(device) for k, v in packed_batch(vocab, lengths).items()}
     total = batch["input_ids"].shape[1]
     out = reference(**batch)
     out.loss.backward()
@@ -75,7 +79,7 @@ def check(model_type: str, backend: str, lengths: list[int]) -> dict:
     with torch.no_grad():
         naive_logits = naive(input_ids=batch["input_ids"][:, piece], position_ids=batch["position_ids"][:, piece])
     naive_logits = naive_logits.logits
-    naive_error = torch.tensor(float((naive_logits - expected_logits[:, piece]).abs().max()))
+    naive_error = torch.tensor(float((naive_logits - expected_logits[:, piece]).abs().max()), device=device)
     dist.all_reduce(naive_error, op=dist.ReduceOp.MAX)
     return {
         "model_type": model_type,
@@ -94,13 +98,17 @@ def main() -> None:
     parser.add_argument("model_types", nargs="+")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--lengths", default="7,13,4,22,9", help="sequence lengths of the packed row")
+    parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, one GPU per rank)")
+    parser.add_argument("--dtype", default="float32")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    dist.init_process_group("gloo")
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     lengths = [int(n) for n in args.lengths.split(",")]
     for model_type in args.model_types:
         try:
-            result = check(model_type, args.backend, lengths)
+            result = check(model_type, args.backend, lengths, args.device, args.dtype)
         except Exception as err:  # reported per type, as the refusal it should be
             result = {"model_type": model_type, "degree": dist.get_world_size(), "error": type(err).__name__,
                       "message": str(err)[:300]}  # fmt: skip
