@@ -51,6 +51,36 @@ _WRAPPED = "_hf_varlen_wrapped"
 COLLATOR_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
 
 
+def refuse_sharded_losses(instance: Any, call: dict, head: str, shifts_labels: bool) -> None:
+    """Under sequence parallel a rank's loss must be its share of the whole stream's: labels
+    shifted over the stream and divided by the global target count (transformers' loss function
+    with ``shift_labels`` and ``num_items_in_batch``). Losses computed otherwise, and the MoE
+    load-balancing loss (a function of every token's routing), are refused."""
+    if isinstance(call.get("labels"), torch.Tensor):
+        if head != "causal_lm" or not shifts_labels:
+            raise MalformedBatchError(
+                f"{type(instance).__name__} computes its loss inline, as a mean over this rank's slice; under "
+                "sequence parallel call it without labels and compute the loss from the logits with the "
+                "shift_labels and num_items_in_batch that shard_packed_batch gives."
+            )
+        if call.get("shift_labels") is None:
+            raise MalformedBatchError(
+                "under sequence parallel the labels must be shifted over the whole stream (the last token of a "
+                "slice predicts the first of the next): pass the shift_labels that shard_packed_batch gives."
+            )
+    router = call.get("output_router_logits")
+    if router is None:
+        config = getattr(instance, "config", None)
+        text = config.get_text_config() if hasattr(config, "get_text_config") else config
+        router = getattr(text, "output_router_logits", False)
+    if router:
+        raise MalformedBatchError(
+            "under sequence parallel each rank sees its slice's router logits only, and the load-balancing loss "
+            "depends on every token's routing: pass output_router_logits=False (and add an auxiliary loss from "
+            "router logits gathered over the ranks yourself)."
+        )
+
+
 def _carries_offsets(call: dict) -> bool:
     return call.get("cu_seq_lens_q") is not None or call.get("cu_seq_lens_k") is not None
 
@@ -577,7 +607,7 @@ def make_entry_wrapper(
     slice's, with the stream's global ones for attention.
     """
 
-    def prepare(call: dict) -> Boundaries | None:
+    def prepare(call: dict, instance: Any) -> Boundaries | None:
         """Edit ``call`` for a packed forward and return its boundaries (None: not packed)."""
         # From an outer patched forward (kwarg or context), never from an earlier forward: a caller
         # may reuse the same position_ids tensor with new contents.
@@ -605,14 +635,10 @@ def make_entry_wrapper(
         if passes_kwargs:
             call[BOUNDARIES_KWARG] = boundaries
         sharded = getattr(boundaries, "shard", None) is not None
-        if is_top and head == "causal_lm" and isinstance(call.get("labels"), torch.Tensor):
-            if not sharded:
-                call["labels"] = mask_boundary_labels(call["labels"], boundaries, shifted_inside=shifts_labels)
-            elif call.get("shift_labels") is None:
-                raise MalformedBatchError(
-                    "under sequence parallel the labels must be shifted over the whole stream (the last token of "
-                    "a slice predicts the first of the next): pass the shift_labels that shard_packed_batch gives."
-                )
+        if sharded and is_top:
+            refuse_sharded_losses(instance, call, head, shifts_labels)
+        elif is_top and head == "causal_lm" and isinstance(call.get("labels"), torch.Tensor):
+            call["labels"] = mask_boundary_labels(call["labels"], boundaries, shifted_inside=shifts_labels)
         if is_base:
             batch, length = boundaries.shape
             call["attention_mask"] = (
@@ -627,7 +653,7 @@ def make_entry_wrapper(
         plan = plan_unpadding(call) if unpad and not outer else None
         if plan is not None:
             call = unpadded_call(call, plan)
-        boundaries = prepare(call)
+        boundaries = prepare(call, instance)
         if not takes_position_ids:
             # the model numbers its tokens itself; in packed forwards the boundaries travel in the context
             call.pop("position_ids", None)

@@ -18,7 +18,10 @@ Summing each rank's loss (each one divides by the global ``num_items_in_batch``)
 rank's gradients (``all_reduce``) gives the single-process loss and gradients. A layer that reads
 the per-sequence offsets of its own slice directly (recurrent scans, convolutions, attention
 computed outside the varlen backends) would treat a slice of a sequence as a whole one: reading
-them raises :class:`~hf_varlen_patch.errors.UnsupportedArchitectureError` instead.
+them raises :class:`~hf_varlen_patch.errors.UnsupportedArchitectureError` instead. Recurrent ops
+(short convolutions, scans, delta rules) run on the whole stream (:func:`on_whole_stream`): their
+per-token inputs are all-gathered, every rank runs the op with the global boundaries and keeps
+its slice of the output. Exact, at the cost of every rank computing those ops for every token.
 """
 
 from __future__ import annotations
@@ -33,7 +36,14 @@ import torch
 from .boundaries import Boundaries
 from .errors import MalformedBatchError, MalformedBoundariesError, UnsupportedArchitectureError
 
-__all__ = ["SequenceShard", "ShardedBoundaries", "shard_packed_batch", "sharded_boundaries", "ulysses_attention"]
+__all__ = [
+    "SequenceShard",
+    "ShardedBoundaries",
+    "on_whole_stream",
+    "shard_packed_batch",
+    "sharded_boundaries",
+    "ulysses_attention",
+]
 
 IGNORE_INDEX = -100
 
@@ -302,3 +312,65 @@ def ulysses_attention(
     received = _all_to_all(pieces, group)  # [j] = my tokens of rank j's heads
     out = received.permute(1, 0, 2, 3).reshape(1, length, q_total, dim)
     return out[:, :, :q_heads]
+
+
+# ---------------------------------------------------------------- recurrent ops
+
+
+class _GatherTokens(torch.autograd.Function):
+    """All-gather along a token axis; the backward sums every rank's gradient for this rank's
+    slice. (torch.distributed.nn's all_gather hands gloo non-contiguous gradient slices, which it
+    reads as if contiguous: wrong gradients off the first axis.)"""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any, axis: int) -> torch.Tensor:
+        import torch.distributed as dist
+
+        ctx.group, ctx.axis = group, axis
+        pieces = [torch.empty_like(x, memory_format=torch.contiguous_format) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(pieces, x.contiguous(), group=group)
+        return torch.cat(pieces, dim=axis)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        import torch.distributed as dist
+
+        world = dist.get_world_size(ctx.group)
+        chunks = [c.contiguous() for c in grad.chunk(world, dim=ctx.axis)]
+        received = [torch.empty_like(chunks[0]) for _ in range(world)]
+        dist.all_to_all(received, chunks, group=ctx.group)  # [j] = rank j's gradient for my slice
+        return torch.stack(received).sum(dim=0), None, None
+
+
+def _gather(x: torch.Tensor, shard: SequenceShard, axis: int) -> torch.Tensor:
+    """The whole stream of ``x`` along its token ``axis`` (in rank order)."""
+    return _GatherTokens.apply(x, shard.group, axis % x.ndim)
+
+
+def _local(x: torch.Tensor, shard: SequenceShard, axis: int, length: int) -> torch.Tensor:
+    return x.narrow(axis, shard.offset, length)
+
+
+def on_whole_stream(
+    op: Callable[[Boundaries, dict], Any],
+    shard: SequenceShard,
+    call: dict,
+    token_axes: Mapping[str, int],
+    out_axis: int,
+) -> Any:
+    """Run a recurrent ``op(boundaries, call)`` on the whole stream: the tensors named in
+    ``token_axes`` (argument -> its token axis) gathered from every rank, the global boundaries,
+    and this rank's slice of the output (the first element of a tuple; the rest, final states of
+    the stream, as they come)."""
+    length = None
+    for name, axis in token_axes.items():
+        value = call.get(name)
+        if isinstance(value, torch.Tensor):
+            length = value.shape[axis] if length is None else length
+            call[name] = _gather(value, shard, axis)
+    out = op(shard.whole, call)
+    if length is None or out is None:
+        return out
+    if isinstance(out, tuple):
+        return (_local(out[0], shard, out_axis, length), *out[1:])
+    return _local(out, shard, out_axis, length)

@@ -35,6 +35,7 @@ from hf_varlen_patch.recurrent import (
     run_sequences_as_rows,
 )
 from hf_varlen_patch.registry import PatchEntry, ReleaseRefusal, register
+from hf_varlen_patch.sequence_parallel import on_whole_stream
 from hf_varlen_patch.versions import TRANSFORMERS_4
 
 #: model_type -> the modeling module that holds its recurrent functions (default: its own).
@@ -162,6 +163,15 @@ def _restart_positions(patcher, layer) -> None:
         boundaries = boundaries_for()
         if boundaries is None or len(args) != 2:
             return wrapped(*args, **kwargs)
+        shard = getattr(boundaries, "shard", None)
+        if shard is not None:  # sequence parallel: the recurrence runs on the whole stream
+            return on_whole_stream(
+                lambda whole, call: wrapped(call["x"], whole.position_ids().to(args[1].device), **kwargs),
+                shard,
+                {"x": args[0]},
+                {"x": 1},
+                1,
+            )
         return wrapped(args[0], boundaries.position_ids().to(args[1].device), **kwargs)
 
     patcher.wrap_method(layer, "forward", forward)

@@ -263,6 +263,28 @@ def _delta_rule_varlen(fused: Callable, boundaries: Boundaries, seq: torch.Tenso
     return out.reshape(batch, length, *out.shape[2:]), final
 
 
+#: Sequence parallel: each op's per-token arguments -> their token axis, and its output's.
+TOKEN_AXES: dict[str, tuple[dict[str, int], int]] = {
+    "causal_conv1d_fn": ({"hidden_states": -1}, -1),
+    "mamba2_chunk_scan": ({"hidden_states": 1, "dt": 1, "B": 1, "C": 1, "z": 1}, 1),
+    "mamba2_split_conv1d_scan_combined": ({"zxbcdt": 1}, 1),
+    "mamba_selective_scan": ({"hidden_states": -1, "dt": -1, "B": -1, "C": -1, "z": -1}, -1),
+    "mamba_inner_fn": ({}, 1),
+    "torch_chunk_gated_delta_rule": ({"query": 1, "key": 1, "value": 1, "g": 1, "beta": 1}, 1),
+    "chunk_kimi_delta_attention": ({"query": 1, "key": 1, "value": 1, "g": 1, "beta": 1}, 1),
+}
+
+
+def _on_whole_stream(name: str, shard: Any, call: dict, op: Callable) -> Any:
+    from ..errors import UnsupportedArchitectureError
+    from ..sequence_parallel import on_whole_stream
+
+    if name not in TOKEN_AXES:
+        raise UnsupportedArchitectureError(f"the recurrent op {name} has no sequence-parallel path yet.")
+    axes, out_axis = TOKEN_AXES[name]
+    return on_whole_stream(op, shard, call, axes, out_axis)
+
+
 #: upstream function name (as transformers 5.x names it in modeling files) -> boundary-aware op
 RECURRENT_OPS: dict[str, RecurrentOp] = {
     "causal_conv1d_fn": _conv,
@@ -307,7 +329,11 @@ def _make_router(name: str, upstream: Callable, op: RecurrentOp, module: types.M
         call = bind_call(f"{module.__name__}.{name}", signature, args, kwargs)
         for given in ("seq_idx", "cu_seqlens", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k"):
             call.pop(given, None)  # the boundaries say it; the ops take them from there
-        return RECURRENT_OPS.get(name, op)(boundaries, upstream, call, module)
+        chosen = RECURRENT_OPS.get(name, op)
+        shard = getattr(boundaries, "shard", None)
+        if shard is not None:  # sequence parallel: the op runs on the whole stream
+            return _on_whole_stream(name, shard, call, lambda whole, c: chosen(whole, upstream, c, module))
+        return chosen(boundaries, upstream, call, module)
 
     router.__wrapped__ = upstream
     router.__name__ = getattr(upstream, "__name__", name)
@@ -373,8 +399,19 @@ def route_causal_conv(patcher: Any, conv: torch.nn.Conv1d) -> None:
         if boundaries is None:
             return wrapped(*args, **kwargs)
         (x,) = args
-        seq = row_sequence_ids(boundaries, x.shape[0], x.shape[-1])
-        out = torch_ops.causal_conv1d(x, instance.weight[:, 0], instance.bias, seq)
+
+        def conv(whole: Boundaries, call: dict) -> torch.Tensor:
+            x = call["hidden_states"]
+            seq = row_sequence_ids(whole, x.shape[0], x.shape[-1])
+            return torch_ops.causal_conv1d(x, instance.weight[:, 0], instance.bias, seq)
+
+        shard = getattr(boundaries, "shard", None)
+        if shard is not None:
+            from ..sequence_parallel import on_whole_stream
+
+            out = on_whole_stream(conv, shard, {"hidden_states": x}, {"hidden_states": -1}, -1)
+        else:
+            out = conv(boundaries, {"hidden_states": x})
         return torch.nn.functional.pad(out, (0, width - 1))  # the caller cuts these off, as upstream's
 
     patcher.wrap_method(conv, "forward", forward)
