@@ -10,6 +10,7 @@ the comparison sees what sequence parallel fixes.
 
     torchrun --nproc_per_node 2 scripts/sequence_parallel_equivalence.py llama mistral --backend sdpa
     torchrun --nproc_per_node 1 scripts/sequence_parallel_equivalence.py llama --device cuda --dtype bfloat16
+    torchrun --nproc_per_node 2 scripts/sequence_parallel_equivalence.py --all    # the registry, ~5 min on 2 cores
 Rank 0 prints one JSON line per type: {"model_type", "degree", "logits", "loss", "grads", "naive"}.
 """
 
@@ -95,7 +96,8 @@ def check(model_type: str, backend: str, lengths: list[int], device: str = "cpu"
 def main() -> None:
     warnings.filterwarnings("ignore")
     parser = argparse.ArgumentParser()
-    parser.add_argument("model_types", nargs="+")
+    parser.add_argument("model_types", nargs="*", help="model types (default with --all: every registered one)")
+    parser.add_argument("--all", action="store_true", help="every registered text model type, and a summary")
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--lengths", default="7,13,4,22,9", help="sequence lengths of the packed row")
     parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, one GPU per rank)")
@@ -106,14 +108,26 @@ def main() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
     lengths = [int(n) for n in args.lengths.split(",")]
-    for model_type in args.model_types:
+    types = args.model_types
+    if args.all:
+        from hf_varlen_patch.testing import registered_variants
+
+        types = sorted({model_type for model_type, _ in registered_variants()})
+    counts = {"exact": 0, "refused": 0, "differs": 0}
+    for model_type in types:
         try:
             result = check(model_type, args.backend, lengths, args.device, args.dtype)
         except Exception as err:  # reported per type, as the refusal it should be
             result = {"model_type": model_type, "degree": dist.get_world_size(), "error": type(err).__name__,
                       "message": str(err)[:300]}  # fmt: skip
+        if "error" in result:
+            counts["refused"] += 1
+        else:
+            counts["exact" if max(result["logits"], result["loss"], result["grads"]) <= 1e-5 else "differs"] += 1
         if dist.get_rank() == 0:
             print(json.dumps(result), flush=True)
+    if args.all and dist.get_rank() == 0:
+        print(f"# {len(types)} types at degree {dist.get_world_size()}: {counts}", flush=True)
     dist.barrier()
     dist.destroy_process_group()
 
