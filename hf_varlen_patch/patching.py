@@ -29,7 +29,7 @@ from .errors import (
     VarlenPatchError,
 )
 from .guards import CROSS_ATTENTION, refuse_unpackable
-from .sequence_parallel import sharded_boundaries
+from .sequence_parallel import sharded_boundaries, stream_targets, with_stream_loss
 from .unpad import plan_unpadding, scatter_outputs, unpadded_call
 
 
@@ -669,11 +669,14 @@ def make_entry_wrapper(
         if is_top and head == "sequence_classification" and boundaries.is_packed:
             out = classify_sequences(wrapped, instance, call, boundaries)
             return out if plan is None else scatter_outputs(out, plan, pooled=True)
+        targets = stream_targets(call) if is_top and getattr(boundaries, "shard", None) is not None else None
         token = enter_packed(boundaries)
         try:
             out = wrapped(**call)
         finally:
             leave_packed(token)
+        if targets is not None:
+            out = with_stream_loss(out, targets)
         return out if plan is None else scatter_outputs(out, plan, pooled=head == "sequence_classification")
 
     return entry

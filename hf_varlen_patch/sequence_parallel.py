@@ -37,6 +37,9 @@ from .boundaries import Boundaries
 from .errors import MalformedBatchError, MalformedBoundariesError, UnsupportedArchitectureError
 
 __all__ = [
+    "StreamTargets",
+    "stream_targets",
+    "with_stream_loss",
     "SequenceShard",
     "ShardedBoundaries",
     "on_whole_stream",
@@ -292,14 +295,22 @@ def ulysses_attention(
     key, value = _heads_for_ranks(key, kv_total), _heads_for_ranks(value, kv_total)
     length = query.shape[2]
 
-    def scatter_heads(x: torch.Tensor) -> torch.Tensor:
-        # (1, H, L, D) -> chunks of H/P heads to each rank -> (1, H/P, P*L, D), tokens in rank order
-        heads, dim = x.shape[1], x.shape[3]
-        chunks = x.reshape(world, heads // world, length, dim)
-        received = _all_to_all(chunks, group)  # [j] = rank j's tokens of my heads
-        return received.permute(1, 0, 2, 3).reshape(1, heads // world, world * length, dim)
+    def scatter_heads(*tensors: torch.Tensor) -> list[torch.Tensor]:
+        # each (1, H, L, D) -> chunks of H/P heads to each rank -> (1, H/P, P*L, D), tokens in rank
+        # order; all in one all-to-all, so every rank's backward runs the same collectives in the
+        # same order whatever else its graph holds
+        chunks = [x.reshape(world, x.shape[1] // world, length, x.shape[3]) for x in tensors]
+        sizes = [c[0].numel() for c in chunks]
+        received = _all_to_all(torch.cat([c.reshape(world, -1) for c in chunks], dim=1), group)
+        out = []
+        for c, part in zip(chunks, received.split(sizes, dim=1)):
+            part = part.reshape(world, *c.shape[1:])  # [j] = rank j's tokens of my heads
+            out.append(part.permute(1, 0, 2, 3).reshape(1, c.shape[1], world * length, c.shape[3]))
+        return out
 
-    q, k, v = scatter_heads(query), scatter_heads(key), scatter_heads(value)
+    if not (query.dtype == key.dtype == value.dtype):
+        raise UnsupportedArchitectureError("sequence parallel needs queries, keys and values of one dtype.")
+    q, k, v = scatter_heads(query, key, value)
     local_heads = q_total // world
     spec = dataclasses.replace(
         spec,
@@ -362,15 +373,67 @@ def on_whole_stream(
     ``token_axes`` (argument -> its token axis) gathered from every rank, the global boundaries,
     and this rank's slice of the output (the first element of a tuple; the rest, final states of
     the stream, as they come)."""
+    given = {n: axis % call[n].ndim for n, axis in token_axes.items() if isinstance(call.get(n), torch.Tensor)}
     length = None
-    for name, axis in token_axes.items():
-        value = call.get(name)
-        if isinstance(value, torch.Tensor):
-            length = value.shape[axis] if length is None else length
-            call[name] = _gather(value, shard, axis)
+    # one gather per dtype for all of the op's inputs: every rank's backward then runs the same
+    # collectives in the same order, whatever else its graph holds (MoE routing differs per rank)
+    by_dtype: dict[torch.dtype, list[str]] = {}
+    for name in given:
+        by_dtype.setdefault(call[name].dtype, []).append(name)
+    for names in by_dtype.values():
+        front = [call[n].movedim(given[n], 0) for n in names]
+        length = front[0].shape[0]
+        widths = [f[0].numel() for f in front]
+        whole = _gather(torch.cat([f.reshape(length, -1) for f in front], dim=1), shard, 0)
+        for n, f, part in zip(names, front, whole.split(widths, dim=1)):
+            call[n] = part.reshape(whole.shape[0], *f.shape[1:]).movedim(0, given[n])
     out = op(shard.whole, call)
     if length is None or out is None:
         return out
     if isinstance(out, tuple):
         return (_local(out[0], shard, out_axis, length), *out[1:])
     return _local(out, shard, out_axis, length)
+
+
+# ---------------------------------------------------------------- the loss
+
+
+@dataclass(frozen=True)
+class StreamTargets:
+    """This rank's next-token targets (shifted over the whole stream) and the stream's count."""
+
+    shift_labels: torch.Tensor
+    num_items: Any
+
+
+def stream_targets(call: dict) -> StreamTargets | None:
+    """Take the targets out of a causal LM's sharded call: the model then runs without labels and
+    :func:`with_stream_loss` computes the loss, so no model's own loss plumbing (which may shift
+    ``labels`` again, or divide by the slice's count) decides it."""
+    labels = call.pop("labels", None)
+    shift_labels = call.pop("shift_labels", None)
+    num_items = call.pop("num_items_in_batch", None)
+    if labels is None:
+        return None
+    return StreamTargets(shift_labels=shift_labels, num_items=num_items)
+
+
+def with_stream_loss(out: Any, targets: StreamTargets) -> Any:
+    """``out`` with this rank's share of the stream's mean next-token loss (as transformers'
+    causal-LM loss computes it: float32 cross-entropy summed, divided by the global count)."""
+    import torch.nn.functional as F
+
+    logits = out["logits"] if isinstance(out, Mapping) else out[0]
+    labels = targets.shift_labels.to(logits.device)
+    total = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    count = targets.num_items
+    if count is None:
+        count = (labels != IGNORE_INDEX).sum()
+    if isinstance(count, torch.Tensor):
+        count = count.to(total.device)
+    loss = total / count
+    if isinstance(out, tuple):
+        return (loss, *out)
+    return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "loss"})

@@ -69,7 +69,12 @@ def check(model_type: str, backend: str, lengths: list[int], device: str = "cpu"
     gathered = [torch.empty_like(out.logits) for _ in range(world)]
     dist.all_gather(gathered, out.logits.detach().contiguous())
     logits = torch.cat(gathered, dim=1)[:, :total]
-    sharded_grads = grads(model)
+    # every parameter, in one order on every rank (a MoE expert no token of a slice chose has no gradient there)
+    sharded_grads = {
+        n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
+        for n, p in model.named_parameters()
+        if n in expected_grads
+    }
     for g in sharded_grads.values():
         dist.all_reduce(g)
 
