@@ -1,3 +1,4 @@
+import os
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ def test_readme_architecture_table_matches_the_registry():
 
 DOCS = README.parent / "docs"
 #: pages whose Python blocks CI runs, with how many blocks each has at least
-EXECUTED_PAGES = {"training.md": 7, "preference_rl.md": 7}
+EXECUTED_PAGES = {"training.md": 7, "preference_rl.md": 7, "sequence_parallel.md": 1}
 
 
 def python_blocks(path: Path) -> list[str]:
@@ -34,8 +35,23 @@ def test_page_snippets_run(page, tmp_path, monkeypatch):
     namespace: dict = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for i, block in enumerate(blocks):
-            exec(compile(block, f"{page} block {i + 1}", "exec"), namespace)
+        for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE"):
+            monkeypatch.setenv(name, os.environ.get(name, ""))  # restored after the test
+            monkeypatch.delenv(name)
+        try:
+            for i, block in enumerate(blocks):
+                exec(compile(block, f"{page} block {i + 1}", "exec"), namespace)
+        finally:
+            _leave_process_group()
+
+
+def _leave_process_group() -> None:
+    """A page that starts a process group (sequence_parallel.md, a group of one) ends it, so the
+    tests after it in this worker see no distributed state."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def test_every_subpackage_is_packaged():
