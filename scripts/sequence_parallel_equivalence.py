@@ -44,7 +44,14 @@ def max_error(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-def check(model_type: str, backend: str, lengths: list[int], device: str = "cpu", dtype: str = "float32") -> dict:
+def check(
+    model_type: str,
+    backend: str,
+    lengths: list[int],
+    device: str = "cpu",
+    dtype: str = "float32",
+    checkpointing: bool = False,
+) -> dict:
     import hf_varlen_patch
     from hf_varlen_patch.testing import tiny_model as tiny
 
@@ -61,6 +68,9 @@ def check(model_type: str, backend: str, lengths: list[int], device: str = "cpu"
     expected_logits, expected_loss, expected_grads = out.logits.detach(), float(out.loss), grads(reference)
 
     model = hf_varlen_patch.apply(tiny_model(model_type), backend=backend, sequence_parallel=True)
+    if checkpointing:  # every layer recomputed in the backward, collectives included
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
     shard = hf_varlen_patch.shard_packed_batch(batch)
     out = model(**shard)
     out.loss.backward()
@@ -107,6 +117,7 @@ def main() -> None:
     parser.add_argument("--lengths", default="7,13,4,22,9", help="sequence lengths of the packed row")
     parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, one GPU per rank)")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the sharded run")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.device == "cuda":
@@ -121,7 +132,7 @@ def main() -> None:
     counts = {"exact": 0, "refused": 0, "differs": 0}
     for model_type in types:
         try:
-            result = check(model_type, args.backend, lengths, args.device, args.dtype)
+            result = check(model_type, args.backend, lengths, args.device, args.dtype, args.checkpointing)
         except Exception as err:  # reported per type, as the refusal it should be
             result = {"model_type": model_type, "degree": dist.get_world_size(), "error": type(err).__name__,
                       "message": str(err)[:300]}  # fmt: skip

@@ -46,9 +46,9 @@ def _on_this_release(model_type: str) -> bool:
     return model_type in CONFIG_MAPPING and not hf_varlen_patch.lookup(model_type).refusal(tiny_config(model_type))
 
 
-def _launch(degree: int, types: list[str]) -> dict[str, dict]:
+def _launch(degree: int, types: list[str], *extra: str) -> dict[str, dict]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(degree),
-           str(SCRIPT), *types]  # fmt: skip
+           str(SCRIPT), *types, *extra]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
@@ -70,6 +70,17 @@ def test_sequence_parallel_equals_one_process(degree):
         row = results[model_type]
         assert row.get("error") == error, row
         assert "sequence parallel" in row["message"], row
+
+
+def test_sequence_parallel_with_gradient_checkpointing():
+    """Non-reentrant checkpointing recomputes every layer in the backward, its all-to-alls and
+    gathers included: still one process's loss and gradients."""
+    types = [t for t in ("llama", "qwen3_next", "bamba") if _on_this_release(t)]
+    results = _launch(2, types, "--checkpointing")
+    for model_type in types:
+        row = results[model_type]
+        assert "error" not in row, row
+        assert max(row["logits"], row["loss"], row["grads"]) <= TOL, row
 
 
 def test_shard_packed_batch_splits_the_stream_and_shifts_labels_globally():
