@@ -435,13 +435,25 @@ def _run_multimodal_packed(
     if use_cache is not None:
         batch["use_cache"] = use_cache
     lengths = [s["input_ids"].shape[1] for s in samples]
-    denom = max(sum(n - 1 for n in lengths), 1)
+    return _run_samples_together(model, batch, labels, lengths, grads, lambda t: list(t[0].split(lengths)))
+
+
+def _run_samples_together(
+    model: torch.nn.Module,
+    batch: dict,
+    labels: torch.Tensor,
+    lengths: list[int],
+    grads: bool,
+    per_sample: Callable[[torch.Tensor], list[torch.Tensor]],
+) -> Run:
+    """One forward over ``batch``: the samples' logits (``per_sample`` splits a (rows, T, ...)
+    tensor into each sample's tokens), their summed token loss over the real targets, its
+    gradients, and the model's own loss with ``labels``."""
     model.zero_grad(set_to_none=True)
     with torch.set_grad_enabled(grads):
-        logits = model(**batch).logits[0]
-        pieces = list(logits.split(lengths))
-        ids = batch["input_ids"][0].split(lengths)
-        loss = sum(_token_loss_sum(p, t) for p, t in zip(pieces, ids)) / denom
+        pieces = per_sample(model(**batch).logits)
+        ids = per_sample(batch["input_ids"])
+        loss = sum(_token_loss_sum(p, t) for p, t in zip(pieces, ids)) / max(sum(n - 1 for n in lengths), 1)
         if grads:
             loss.backward()
     with torch.no_grad():
@@ -478,19 +490,12 @@ def _run_multimodal_padded(model: torch.nn.Module, samples: Sequence[dict], *, g
     batch = inputs_on_model(model, batch)
     labels = batch.pop("labels")
     batch["use_cache"] = False
-    denom = max(sum(n - 1 for n in lengths), 1)
-    model.zero_grad(set_to_none=True)
-    with torch.set_grad_enabled(grads):
-        logits = model(**batch).logits
-        on = real.to(logits.device)
-        pieces = [logits[row][on[row]] for row in range(len(samples))]
-        ids = [batch["input_ids"][row][on[row]] for row in range(len(samples))]
-        loss = sum(_token_loss_sum(p, t) for p, t in zip(pieces, ids)) / denom
-        if grads:
-            loss.backward()
-    with torch.no_grad():
-        model_loss = float(model(**batch, labels=labels).loss)
-    return Run([p.detach().float() for p in pieces], float(loss.detach()), model_loss, _grads(model) if grads else {})
+
+    def per_sample(t: torch.Tensor) -> list[torch.Tensor]:
+        on = real.to(t.device)
+        return [t[row][on[row]] for row in range(len(samples))]
+
+    return _run_samples_together(model, batch, labels, lengths, grads, per_sample)
 
 
 #: How :func:`compare_multimodal` hands the boundaries over: restarting positions, or cu seq lens.

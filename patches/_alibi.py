@@ -22,6 +22,7 @@ import torch
 
 from hf_varlen_patch.attention import packed_mask_placeholder
 from hf_varlen_patch.boundaries import Boundaries
+from hf_varlen_patch.calls import batch_shape
 from hf_varlen_patch.context import BOUNDARIES_KWARG, boundaries_for
 from hf_varlen_patch.errors import VarlenPatchError
 from hf_varlen_patch.patching import call_as_kwargs
@@ -77,14 +78,6 @@ class SlopeCache:
         return slopes
 
 
-def _input_shape(call: dict) -> tuple[int, int] | None:
-    for name in ("input_ids", "inputs_embeds"):
-        value = call.get(name)
-        if isinstance(value, torch.Tensor) and value.ndim >= 2:
-            return int(value.shape[0]), int(value.shape[1])
-    return None
-
-
 def packed_mask_wrapper(*, placeholder: bool):
     """A wrapper around a base model's ``forward`` that takes neither ``position_ids`` nor usable
     kwargs (BLOOM, MPT). In a packed forward it drops the ``varlen_boundaries``/``position_ids``
@@ -99,7 +92,7 @@ def packed_mask_wrapper(*, placeholder: bool):
             return wrapped(*args, **kwargs)
         call = call_as_kwargs(wrapped, args, kwargs)
         boundaries = call.pop(BOUNDARIES_KWARG, None) or boundaries
-        shape = _input_shape(call)
+        shape = batch_shape(call)
         if boundaries is None or shape != tuple(boundaries.shape):
             return wrapped(*args, **kwargs)
         call.pop("position_ids", None)

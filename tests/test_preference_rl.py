@@ -11,10 +11,12 @@ equal here, >= 1e-3 when the packed row leaks across sequences (``test_the_dpo_c
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 
 import pytest
 import torch
+from test_training import SGD as TRAINING_SGD
 from torch.utils.data import SequentialSampler
 
 import hf_varlen_patch
@@ -31,23 +33,9 @@ VOCAB = 128
 HYBRID = "qwen3_next" if TRANSFORMERS_4 else "qwen3_5_text"
 TEXT_TYPES = ["llama", "qwen2", "gpt2", HYBRID]
 
-#: Three plain SGD steps: no clipping, no decay, no schedule, float32, in order.
-SGD = dict(
-    per_device_train_batch_size=4,
-    max_steps=3,
-    learning_rate=0.1,
-    optim="sgd",
-    lr_scheduler_type="constant",
-    max_grad_norm=0.0,
-    weight_decay=0.0,
-    report_to=[],
-    save_strategy="no",
-    use_cpu=True,
-    seed=0,
-    disable_tqdm=True,
-    bf16=False,
-    logging_steps=1,
-)
+#: test_training's three plain SGD steps (no clipping, no decay, no schedule), in float32 (TRL's
+#: default is bf16 autocast), logging every step
+SGD = {**TRAINING_SGD, "bf16": False, "logging_steps": 1}
 
 
 def tokenizer():
@@ -123,20 +111,31 @@ def lora_config(task_type: str | None = None):
 # ------------------------------------------------------------------------------------------- DPO
 
 
-def dpo(model, tmp_path, *, ref_model=None, peft=None, **config) -> dict[str, torch.Tensor]:
-    from trl import DPOConfig, DPOTrainer
+def train_trl(trainer: str, model, tmp_path, data, processing_class, **options) -> dict[str, torch.Tensor]:
+    """Parameters after :data:`SGD` steps of ``trl.<trainer>Trainer`` over ``data``, in order.
+    ``options``: the trainer's own arguments (``ref_model``, ``peft_config``, ``reward_funcs``, ...)
+    and its config's (``precompute_ref_log_probs``, ``beta``, ...)."""
+    import trl
 
-    args = DPOConfig(output_dir=str(tmp_path), max_length=None, **{**SGD, **config})
-    trainer = DPOTrainer(
+    config_class, trainer_class = getattr(trl, f"{trainer}Config"), getattr(trl, f"{trainer}Trainer")
+    own = set(inspect.signature(trainer_class).parameters)
+    config = {"max_length": None, **{k: v for k, v in options.items() if k not in own}}  # no truncation
+    args = config_class(output_dir=str(tmp_path), **{**SGD, **config})
+    run = trainer_class(
         model=model,
-        ref_model=ref_model,
         args=args,
-        train_dataset=preference_data(),
-        processing_class=tokenizer(),
-        peft_config=peft,
+        train_dataset=data,
+        processing_class=processing_class,
+        **{k: v for k, v in options.items() if k in own},
     )
-    in_order(trainer).train()
-    return params(trainer.model)
+    in_order(run).train()
+    return params(run.model)
+
+
+def dpo(model, tmp_path, *, ref_model=None, peft=None, **config) -> dict[str, torch.Tensor]:
+    return train_trl(
+        "DPO", model, tmp_path, preference_data(), tokenizer(), ref_model=ref_model, peft_config=peft, **config
+    )
 
 
 #: how DPO gets its reference log-probs: a reference model, precomputed by the policy before
@@ -188,14 +187,7 @@ def test_the_dpo_check_sees_a_leak(tmp_path, monkeypatch):
 
 
 def reward(model, tmp_path, *, peft=None, **config) -> dict[str, torch.Tensor]:
-    from trl import RewardConfig, RewardTrainer
-
-    args = RewardConfig(output_dir=str(tmp_path), max_length=None, **{**SGD, **config})
-    trainer = RewardTrainer(
-        model=model, args=args, train_dataset=preference_data(), processing_class=tokenizer(), peft_config=peft
-    )
-    in_order(trainer).train()
-    return params(trainer.model)
+    return train_trl("Reward", model, tmp_path, preference_data(), tokenizer(), peft_config=peft, **config)
 
 
 def reward_model(model_type: str):
@@ -274,19 +266,9 @@ def image_preference_data(n: int = 8, seed: int = 0):
 
 
 def dpo_vision(model, tmp_path, *, ref_model=None, peft=None) -> dict[str, torch.Tensor]:
-    from trl import DPOConfig, DPOTrainer
-
-    args = DPOConfig(output_dir=str(tmp_path), max_length=None, **SGD)
-    trainer = DPOTrainer(
-        model=model,
-        ref_model=ref_model,
-        args=args,
-        train_dataset=image_preference_data(),
-        processing_class=llava_processor(),
-        peft_config=peft,
+    return train_trl(
+        "DPO", model, tmp_path, image_preference_data(), llava_processor(), ref_model=ref_model, peft_config=peft
     )
-    in_order(trainer).train()
-    return params(trainer.model)
 
 
 @pytest.mark.parametrize("reference", ["ref_model", "lora"])

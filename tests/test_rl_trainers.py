@@ -29,12 +29,12 @@ from test_preference_rl import (
     SGD,
     TEXT_TYPES,
     TOL,
-    in_order,
     lora_config,
     max_diff,
     params,
     patched,
     tokenizer,
+    train_trl,
     unpadded_calls,
     words,
 )
@@ -118,7 +118,8 @@ def low_ids(completion_ids, **kwargs) -> list[float]:
     return [float(sum(t < 64 for t in ids)) for ids in completion_ids]
 
 
-def grpo_trainer(model, tmp_path, *, peft=None, **config):
+def grpo_trainer(model, tmp_path, *, peft=None, data=None, processing_class=None, **config):
+    """GRPO over :func:`prompts` (or ``data``) with the word-level tokenizer (or ``processing_class``)."""
     from trl import GRPOConfig, GRPOTrainer
 
     # 4 completions per step: 2 prompts x 2 generations of at most 6 tokens, sampled (seeded)
@@ -127,8 +128,8 @@ def grpo_trainer(model, tmp_path, *, peft=None, **config):
         model=model,
         reward_funcs=low_ids,
         args=args,
-        train_dataset=prompts(),
-        processing_class=tokenizer(),
+        train_dataset=prompts() if data is None else data,
+        processing_class=tokenizer() if processing_class is None else processing_class,
         peft_config=peft,
     )
 
@@ -299,19 +300,9 @@ def unpaired_data(n: int = 12, seed: int = 0):
 
 
 def kto(model, tmp_path, *, ref_model=None, peft=None, **config) -> dict[str, torch.Tensor]:
-    from trl import KTOConfig, KTOTrainer
-
-    args = KTOConfig(output_dir=str(tmp_path), max_length=None, **{**SGD, **config})
-    trainer = KTOTrainer(
-        model=model,
-        ref_model=ref_model,
-        args=args,
-        train_dataset=unpaired_data(),
-        processing_class=tokenizer(),
-        peft_config=peft,
+    return train_trl(
+        "KTO", model, tmp_path, unpaired_data(), tokenizer(), ref_model=ref_model, peft_config=peft, **config
     )
-    in_order(trainer).train()
-    return params(trainer.model)
 
 
 def kto_run(model_type: str, reference: str, tmp_path, wrap=lambda m: m) -> dict[str, torch.Tensor]:
@@ -360,21 +351,12 @@ def grpo_images(model, tmp_path, reference: str) -> dict[str, torch.Tensor]:
     """Parameters after 3 GRPO steps on :func:`image_prompts` (``reference="lora"``: beta 0.1, the
     reference being the LoRA policy with its adapter disabled)."""
     from test_preference_rl import llava_processor
-    from trl import GRPOConfig, GRPOTrainer
 
     processor = llava_processor()
     processor.chat_template = CHAT_TEMPLATE
     model.generation_config.eos_token_id = STOP_IDS
-    config = dict(beta=0.1) if reference == "lora" else {}
-    args = GRPOConfig(output_dir=str(tmp_path), num_generations=2, max_completion_length=6, **{**SGD, **config})
-    trainer = GRPOTrainer(
-        model=model,
-        reward_funcs=low_ids,
-        args=args,
-        train_dataset=image_prompts(),
-        processing_class=processor,
-        peft_config=lora_config() if reference == "lora" else None,
-    )
+    config = dict(beta=0.1, peft=lora_config()) if reference == "lora" else {}
+    trainer = grpo_trainer(model, tmp_path, data=image_prompts(), processing_class=processor, **config)
     trainer.train()
     return params(trainer.model)
 
