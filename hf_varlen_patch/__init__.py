@@ -24,7 +24,7 @@ from .errors import (
 )
 from .logprobs import token_logprobs
 from .registry import PatchEntry, lookup, register, supported_model_types
-from .sequence_parallel import shard_packed_batch
+from .sequence_parallel import SequenceParallelCollator, shard_packed_batch
 
 __version__ = "0.1.0"
 
@@ -34,6 +34,7 @@ __all__ = [
     "is_patched",
     "token_logprobs",
     "shard_packed_batch",
+    "SequenceParallelCollator",
     "Boundaries",
     "AttentionSpec",
     "BACKENDS",

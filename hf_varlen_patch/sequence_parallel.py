@@ -37,6 +37,7 @@ from .boundaries import Boundaries
 from .errors import MalformedBatchError, MalformedBoundariesError, UnsupportedArchitectureError
 
 __all__ = [
+    "SequenceParallelCollator",
     "StreamTargets",
     "stream_targets",
     "with_stream_loss",
@@ -62,26 +63,66 @@ class SequenceShard:
     whole: Boundaries
 
 
+def _refuse_slice_offsets(name: str) -> UnsupportedArchitectureError:
+    return UnsupportedArchitectureError(
+        f"under sequence parallel a layer used this rank's own per-sequence offsets ({name}): a recurrent "
+        "scan, a convolution, a bidirectional block or attention computed outside the varlen backends, which "
+        "would see a slice of a sequence as a whole one. That layer has no sequence-parallel path yet: run this "
+        "model without sequence_parallel."
+    )
+
+
+class _SliceOffsets:
+    """Stands where a slice's own offsets would be: any use raises (reading it does not, so code
+    that only walks a call's arguments, as FSDP2's hooks do, is not refused)."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        object.__setattr__(self, "name", name)
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> Any:
+        raise _refuse_slice_offsets(object.__getattribute__(self, "name"))
+
+    def __getattr__(self, attr: str) -> Any:
+        raise _refuse_slice_offsets(object.__getattribute__(self, "name"))
+
+    @classmethod
+    def __torch_function__(cls, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        found = next((a for a in (*args, *(kwargs or {}).values()) if isinstance(a, cls)), None)
+        raise _refuse_slice_offsets(found.name if found is not None else "offsets")
+
+    __bool__ = __int__ = __index__ = __float__ = __len__ = __iter__ = __getitem__ = __array__ = _refuse
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _refuse  # type: ignore[assignment]
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __floordiv__ = __truediv__ = _refuse
+    __hash__ = object.__hash__
+
+    def __repr__(self) -> str:
+        return f"<{object.__getattribute__(self, 'name')} of a sequence-parallel slice: not available>"
+
+
 class ShardedBoundaries(Boundaries):
     """One rank's slice of a packed stream under sequence parallel.
 
     It has the slice's ``shape`` and ``is_packed``; attention reads the global offsets from
     ``shard.whole``. Its own per-sequence offsets would describe the slice's pieces of sequences as
-    whole sequences, so reading them raises: a layer that needs them has no sequence-parallel
-    path yet, and is refused rather than run on a fragment.
+    whole sequences, so they are not there: using ``cu_seqlens``, ``seq_idx``, ``max_seqlen`` or
+    ``blocks`` raises. A layer that needs them has no sequence-parallel path yet, and is refused
+    rather than run on a fragment.
     """
 
-    _SLICED = frozenset({"cu_seqlens", "seq_idx", "max_seqlen", "blocks"})
-
-    def __getattribute__(self, name: str) -> Any:
-        if name in ShardedBoundaries._SLICED:
-            raise UnsupportedArchitectureError(
-                f"under sequence parallel a layer read this rank's own per-sequence offsets ({name}): a "
-                "recurrent scan, a convolution, a bidirectional block or attention computed outside the varlen "
-                "backends, which would see a slice of a sequence as a whole one. That layer has no "
-                "sequence-parallel path yet: run this model without sequence_parallel."
-            )
-        return super().__getattribute__(name)
+    @classmethod
+    def of_slice(cls, shape: tuple[int, int], shard: SequenceShard) -> ShardedBoundaries:
+        local = cls(
+            cu_seqlens=_SliceOffsets("cu_seqlens"),  # type: ignore[arg-type]
+            max_seqlen=_SliceOffsets("max_seqlen"),  # type: ignore[arg-type]
+            seq_idx=_SliceOffsets("seq_idx"),  # type: ignore[arg-type]
+            shape=shape,
+            is_packed=True,
+            blocks=_SliceOffsets("blocks"),  # type: ignore[arg-type]
+        )
+        object.__setattr__(local, "shard", shard)
+        return local
 
     @property
     def device(self) -> torch.device:
@@ -138,18 +179,8 @@ def sharded_boundaries(call: Mapping[str, Any], group: Any, *, check_inputs: boo
     max_len = call.get("max_length_q") or call.get("max_length_k")
     whole = Boundaries.from_cu_seqlens(cu.to(torch.int32), max_len, shape=(1, total), check=check_inputs)
     offset = rank * length
-    inner = cu_host[(cu_host > offset) & (cu_host < offset + length)] - offset
-    local_cu = torch.cat([torch.tensor([0]), inner, torch.tensor([length])])
-    starts = torch.zeros(length, dtype=torch.int64)
-    starts[local_cu[:-1]] = 1
-    local = ShardedBoundaries(
-        cu_seqlens=local_cu.to(torch.int32).to(whole.device),
-        max_seqlen=int((local_cu[1:] - local_cu[:-1]).max()),
-        seq_idx=(starts.cumsum(0) - 1).to(torch.int32).to(whole.device),
-        shape=(1, length),
-        is_packed=True,
-    )
-    object.__setattr__(local, "shard", SequenceShard(group=group, rank=rank, world=world, offset=offset, whole=whole))
+    shard = SequenceShard(group=group, rank=rank, world=world, offset=offset, whole=whole)
+    local = ShardedBoundaries.of_slice((1, length), shard)
     positions = call.get("position_ids")
     if check_inputs and isinstance(positions, torch.Tensor) and positions.ndim == 2:
         expected = local.position_ids()
@@ -169,27 +200,30 @@ def shard_packed_batch(
     world_size: int | None = None,
     pad_token_id: int = 0,
 ) -> dict[str, Any]:
-    """This rank's share of one packed batch (one row: ``input_ids`` (1, T), ``position_ids``
-    restarting per sequence or ``cu_seq_lens_q``, optional ``labels``), for a model patched with
+    """This rank's share of one packed batch, for a model patched with
     ``apply(model, sequence_parallel=group)``.
 
-    The stream is padded to a multiple of the degree with a trailing padding sequence
-    (``pad_token_id``, positions from 0, no targets). Returned: this rank's contiguous slice of
-    ``input_ids`` and ``position_ids``; ``shift_labels`` (the next token of the same sequence, -100
-    at every sequence end and on padding) over the whole stream, sliced, with ``labels`` (the same
-    slice: transformers computes a loss only when ``labels`` is given, and takes ``shift_labels`` as
-    already shifted); ``num_items_in_batch`` (the global number of targets, so that the sum of the
-    ranks' losses is the single-process loss); the global ``cu_seq_lens_q/k`` and
-    ``max_length_q/k``. ``rank`` / ``world_size`` default to ``group``'s.
+    The batch is ``input_ids`` (R, L) with ``position_ids`` restarting per sequence or
+    ``cu_seq_lens_q`` (offsets over the R*L tokens), optional ``labels``; its R rows are read as
+    one stream (as :class:`~hf_varlen_patch.packing.PackingCollator` or transformers'
+    ``DataCollatorWithFlattening`` make them). The stream is padded to a multiple of the degree with
+    a trailing padding sequence (``pad_token_id``, positions from 0, no targets). Returned: this
+    rank's contiguous slice (1, T / degree) of ``input_ids`` and ``position_ids``;
+    ``shift_labels`` (the next token of the same sequence, -100 at every sequence end and on
+    padding) over the whole stream, sliced, with ``labels`` (the same slice: transformers computes
+    a loss only when ``labels`` is given, and takes ``shift_labels`` as already shifted);
+    ``num_items_in_batch`` (the global number of targets, so that the sum of the ranks' losses is
+    the single-process loss); the global ``cu_seq_lens_q/k`` and ``max_length_q/k``. ``rank`` /
+    ``world_size`` default to ``group``'s.
     """
     if rank is None or world_size is None:
         group_rank, group_world = _group_info(group)
         rank = group_rank if rank is None else rank
         world_size = group_world if world_size is None else world_size
     ids = batch.get("input_ids")
-    if not isinstance(ids, torch.Tensor) or ids.ndim != 2 or ids.shape[0] != 1:
+    if not isinstance(ids, torch.Tensor) or ids.ndim != 2:
         raise MalformedBatchError(
-            "shard_packed_batch takes one packed row: input_ids of shape (1, T) (pack with "
+            "shard_packed_batch takes a packed batch: input_ids of shape (rows, T) (pack with "
             "hf_varlen_patch.packing.PackingCollator or DataCollatorWithFlattening first)."
         )
     extra = set(batch) - {"input_ids", "position_ids", "labels", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
@@ -199,16 +233,30 @@ def shard_packed_batch(
             f"shard_packed_batch does not know how to split {sorted(extra)}; give a text batch (input_ids, "
             "position_ids or cu_seq_lens_q, labels)."
         )
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and not bool(mask.all()):
+        raise MalformedBatchError(
+            "shard_packed_batch got an attention_mask with padding: a packed batch marks its sequences by "
+            "position_ids or cu_seq_lens_q, and padding is a sequence of its own (PackingCollator, "
+            "DataCollatorWithFlattening); drop the mask or pack the batch first."
+        )
+    ids = ids.reshape(1, -1)  # the rows, one stream
     length = ids.shape[1]
     if batch.get("cu_seq_lens_q") is not None:
         whole = Boundaries.from_cu_seqlens(batch["cu_seq_lens_q"], batch.get("max_length_q"), shape=(1, length))
     elif batch.get("position_ids") is not None:
-        whole = Boundaries.from_position_ids(batch["position_ids"])
+        positions = batch["position_ids"]
+        if positions.ndim != 2 or positions.numel() != length:
+            raise MalformedBatchError(
+                f"shard_packed_batch needs position_ids shaped like input_ids, not {tuple(positions.shape)} "
+                "(multimodal 3-D positions are not split yet)."
+            )
+        whole = Boundaries.from_position_ids(positions.reshape(1, -1))
     else:
         raise MalformedBatchError("shard_packed_batch needs position_ids restarting per sequence, or cu_seq_lens_q.")
     cu = whole.cu_seqlens.to("cpu", torch.int64)
     labels = batch.get("labels")
-    labels = ids if labels is None else labels
+    labels = ids if labels is None else labels.reshape(1, -1)
     # the next token's label, within its sequence (-100 where the sequence ends)
     shifted = torch.full_like(labels, IGNORE_INDEX)
     shifted[:, :-1] = labels[:, 1:]
@@ -237,6 +285,48 @@ def shard_packed_batch(
         "max_length_q": max_len,
         "max_length_k": max_len,
     }
+
+
+class SequenceParallelCollator:
+    """A data collator for sequence parallel under a data loader that gives every rank its own
+    examples (HF ``Trainer``, accelerate, ``DistributedSampler``): the examples of every rank of
+    ``group`` are gathered (in rank order), packed into one stream by ``collator`` and this rank's
+    slice is returned (:func:`shard_packed_batch`). The group's ranks so train on one stream made
+    of all their examples, and no example is dropped or seen twice.
+
+    ``collator`` turns a list of examples into a packed batch (``input_ids``, ``position_ids`` or
+    ``cu_seq_lens_q``, ``labels``; any number of rows, read as one stream); the default is
+    transformers' ``DataCollatorWithFlattening`` (one row of every example). Under a ``Trainer``
+    keep ``average_tokens_across_devices=True`` (its default): it then counts the targets of every
+    rank's slice, sums them over the ranks and scales the loss for the gradient average, which
+    gives exactly the loss and gradients of one process running the stream. The gather is a
+    collective, so the collator must run in the training processes: ``dataloader_num_workers=0``.
+    """
+
+    def __init__(self, collator: Callable[[list], Mapping[str, Any]] | None = None, *, group: Any = None,
+                 pad_token_id: int = 0) -> None:  # fmt: skip
+        if collator is None:
+            from transformers import DataCollatorWithFlattening
+
+            collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
+        self.collator, self.group, self.pad_token_id = collator, group, pad_token_id
+
+    def __call__(self, examples: list) -> dict[str, Any]:
+        import torch.distributed as dist
+
+        if torch.utils.data.get_worker_info() is not None:
+            raise MalformedBatchError(
+                "SequenceParallelCollator gathers the examples of every rank, a collective that data loader "
+                "worker processes cannot join: load data in the training process (dataloader_num_workers=0 / "
+                "DataLoader(num_workers=0))."
+            )
+        rank, world = _group_info(self.group)
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, list(examples), group=self.group)
+        stream = [example for part in gathered for example in part]
+        return shard_packed_batch(
+            self.collator(stream), group=self.group, rank=rank, world_size=world, pad_token_id=self.pad_token_id
+        )
 
 
 # ---------------------------------------------------------------- attention

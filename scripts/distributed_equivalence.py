@@ -19,6 +19,12 @@ trains a copy of the initial model in one process, padded, on the same global ba
 compares every parameter. It also counts the collectives each rank's packed steps issued (from
 the profiler), with and without the patch (``--no-apply`` runs the same check unpatched). Writes JSON to
 ``--out`` (rank 0).
+
+``--sequence-parallel``: the ranks split one stream instead of each running its own row.
+``SequenceParallelCollator`` gathers every rank's sequences, packs them into one stream and hands
+each rank its slice; the model is ``apply(model, sequence_parallel=True)``. The engine's gradient
+average then sums the ranks' shares. ``--engine trainer`` trains through HF ``Trainer`` (DDP) with
+that collator and its own ``num_items_in_batch``; the reference is the same padded process.
 """
 
 from __future__ import annotations
@@ -72,6 +78,8 @@ def global_batches(args, vocab: int, world: int) -> list[list[list[torch.Tensor]
         step = []
         for rank in range(world):
             count = rng.randint(1, args.max_sequences) + rank  # ranks differ in count and tokens
+            if args.equal_counts:  # (Trainer's loader gives every rank one batch size)
+                count = args.max_sequences
             step.append([torch.randint(1, vocab, (rng.randint(2, args.max_len),), generator=gen) for _ in range(count)])
         out.append(step)
     return out
@@ -111,6 +119,36 @@ def deepspeed_config(stage: int, dtype: torch.dtype) -> dict:
     if dtype == torch.bfloat16:
         config["bf16"] = {"enabled": True}
     return config
+
+
+def train_with_trainer(model, batches, args, rank, world) -> torch.nn.Module:
+    """HF Trainer (DDP over the ranks, SGD, no clipping) on the steps' sequences in order, each rank
+    given its own sequences by Trainer's own data loader, through ``SequenceParallelCollator``."""
+    import tempfile
+
+    from torch.utils.data import SequentialSampler
+    from transformers import Trainer, TrainingArguments
+
+    examples = [{"input_ids": s.tolist()} for step in batches for rank_seqs in step for s in rank_seqs]
+    counts = {len(rank_seqs) for step in batches for rank_seqs in step}
+    assert len(counts) == 1, "Trainer gives every rank the same number of examples per step"
+
+    class InOrder(Trainer):  # examples in dataset order: step k, rank r takes batch k * world + r
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    training_args = TrainingArguments(
+        output_dir=tempfile.mkdtemp(), per_device_train_batch_size=counts.pop(), max_steps=len(batches),
+        learning_rate=args.lr, optim="sgd", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=0.0,
+        use_cpu=args.device == "cpu", report_to=[], save_strategy="no", logging_strategy="no",
+        dataloader_num_workers=0, seed=args.seed, average_tokens_across_devices=True,
+    )  # fmt: skip
+    trainer = InOrder(
+        model=model, args=training_args, train_dataset=examples,
+        data_collator=hf_varlen_patch.SequenceParallelCollator(),
+    )  # fmt: skip
+    trainer.train()
+    return trainer.model
 
 
 def wrap(model, args, device):
@@ -226,7 +264,9 @@ def run_bench(wrapped, opt, backward, args, device, vocab, rank, world) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--engine", choices=("ddp", "fsdp2", "accelerate", "deepspeed2", "deepspeed3"), default="ddp")
+    parser.add_argument(
+        "--engine", choices=("ddp", "fsdp2", "accelerate", "deepspeed2", "deepspeed3", "trainer"), default="ddp"
+    )
     parser.add_argument("--model-type", default="llama")
     parser.add_argument("--size", choices=("tiny", "1b"), default="tiny")
     parser.add_argument("--device", default="cpu")
@@ -237,6 +277,8 @@ def main() -> None:
     parser.add_argument("--max-len", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-apply", action="store_true", help="the same check, unpatched")
+    parser.add_argument("--sequence-parallel", action="store_true", help="the ranks split one stream (see above)")
+    parser.add_argument("--equal-counts", action="store_true", help="every rank the same number of sequences")
     parser.add_argument("--out", default="")
     parser.add_argument("--trace", default="", help="write rank 0's profiler trace (Chrome JSON) here")
     parser.add_argument("--bench", type=int, default=0, help="then time this many FLAN-like steps, packed vs padded")
@@ -258,26 +300,39 @@ def main() -> None:
     vocab = model.config.get_text_config().vocab_size
     batches = global_batches(args, vocab, world)
     if not args.no_apply:
-        hf_varlen_patch.apply(model, check_inputs=False)
-    wrapped, opt, backward = wrap(model, args, device)
+        hf_varlen_patch.apply(model, check_inputs=False, sequence_parallel=True if args.sequence_parallel else None)
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
-        for step in batches:
-            n_global = sum(targets(seqs) for seqs in step)
-            out = wrapped(**packed_inputs(step[rank], device), num_items_in_batch=n_global, use_cache=False)
-            backward(out.loss * world)  # the gradient average divides the world size out again
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        if args.engine == "trainer":
+            wrapped = opt = None
+            trained_model = train_with_trainer(model, batches, args, rank, world)
+        else:
+            wrapped, opt, backward = wrap(model, args, device)
+            trained_model = wrapped
+            collate = hf_varlen_patch.SequenceParallelCollator() if args.sequence_parallel else None
+            for step in batches:
+                n_global = sum(targets(seqs) for seqs in step)
+                if collate is not None:  # this rank's slice of one stream of every rank's sequences
+                    batch = {k: v.to(device) if torch.is_tensor(v) else v
+                             for k, v in collate([{"input_ids": s.tolist()} for s in step[rank]]).items()}  # fmt: skip
+                    assert batch["num_items_in_batch"] == n_global
+                else:
+                    batch = packed_inputs(step[rank], device)
+                    batch["num_items_in_batch"] = n_global
+                out = wrapped(**batch, use_cache=False)
+                backward(out.loss * world)  # the gradient average divides the world size out again
+                opt.step()
+                opt.zero_grad(set_to_none=True)
     calls = collective_counts(prof)
     if args.trace and rank == 0:
         prof.export_chrome_trace(args.trace)
-    trained = full_parameters(wrapped)
+    trained = full_parameters(trained_model)
     gathered = [None] * world
     dist.all_gather_object(gathered, calls)
 
-    bench = run_bench(wrapped, opt, backward, args, device, vocab, rank, world) if args.bench else None
+    bench = run_bench(wrapped, opt, backward, args, device, vocab, rank, world) if args.bench and wrapped else None
 
     if rank == 0:
         expected = train_padded(reference, batches, args, device)
@@ -288,7 +343,9 @@ def main() -> None:
                 worst, where = err, name
         result = dict(
             engine=args.engine,
-            wrapper=type(wrapped).__name__,  # what the engine really built (accelerate may fall back to DDP)
+            # what the engine really built (accelerate may fall back to DDP)
+            wrapper=type(wrapped if wrapped is not None else trained_model).__name__,
+            sequence_parallel=args.sequence_parallel,
             model_type=args.model_type,
             dtype=args.dtype,
             applied=not args.no_apply,

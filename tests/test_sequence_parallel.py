@@ -24,6 +24,7 @@ import torch
 
 import hf_varlen_patch
 from hf_varlen_patch import MalformedBatchError
+from hf_varlen_patch.packing import PackingCollator
 from hf_varlen_patch.testing import tiny_model
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "sequence_parallel_equivalence.py"
@@ -100,13 +101,36 @@ def test_shard_packed_batch_splits_the_stream_and_shifts_labels_globally():
     assert shards[0]["cu_seq_lens_q"].tolist() == [0, 4, 9, 11, 12]
 
 
+def test_rows_of_a_packed_batch_shard_as_one_stream():
+    """PackingCollator's rows (each padded at its end) are one stream: sharding them equals
+    sharding their concatenation, and the rows' padding stays a sequence without targets."""
+    collator = PackingCollator(max_tokens=8)
+    examples = [{"input_ids": list(range(1, n + 1))} for n in (5, 6, 3, 2)]
+    rows = collator(examples)
+    assert rows["input_ids"].shape[0] > 1
+    flat = {k: v.reshape(1, -1) for k, v in rows.items()}
+    for rank in range(3):
+        got = hf_varlen_patch.shard_packed_batch(rows, rank=rank, world_size=3)
+        want = hf_varlen_patch.shard_packed_batch(flat, rank=rank, world_size=3)
+        assert got.keys() == want.keys()
+        for key in got:
+            assert torch.equal(torch.as_tensor(got[key]), torch.as_tensor(want[key])), key
+    assert got["num_items_in_batch"] == sum(n - 1 for n in (5, 6, 3, 2))
+
+
 def test_sequence_parallel_refusals():
     with pytest.raises(ValueError, match="init_process_group"):
         hf_varlen_patch.apply(tiny_model("llama"), sequence_parallel=True)
     with pytest.raises(ValueError, match="do not combine"):
         hf_varlen_patch.apply(tiny_model("llama"), unpad=True, sequence_parallel=object())
-    with pytest.raises(MalformedBatchError, match="one packed row"):
+    with pytest.raises(MalformedBatchError, match="input_ids of shape"):
+        hf_varlen_patch.shard_packed_batch({"input_ids": torch.ones(5, dtype=torch.long)}, rank=0, world_size=2)
+    with pytest.raises(MalformedBatchError, match="position_ids restarting"):
         hf_varlen_patch.shard_packed_batch({"input_ids": torch.ones(2, 5, dtype=torch.long)}, rank=0, world_size=2)
+    with pytest.raises(MalformedBatchError, match="attention_mask with padding"):
+        hf_varlen_patch.shard_packed_batch(
+            {"input_ids": torch.ones(1, 4, dtype=torch.long), "position_ids": torch.arange(4)[None],
+             "attention_mask": torch.tensor([[1, 1, 1, 0]])}, rank=0, world_size=2)  # fmt: skip
     # a packed batch without the stream's offsets would attend within each rank's slice: refused
     model = hf_varlen_patch.apply(tiny_model("llama"), sequence_parallel=object())
     with pytest.raises(MalformedBatchError, match="shard_packed_batch"):
