@@ -676,7 +676,7 @@ def make_entry_wrapper(
         finally:
             leave_packed(token)
         if targets is not None:
-            out = with_stream_loss(out, targets)
+            out = with_stream_loss(out, targets, boundaries.shard, whole_stream=not instance.training)
         return out if plan is None else scatter_outputs(out, plan, pooled=head == "sequence_classification")
 
     return entry

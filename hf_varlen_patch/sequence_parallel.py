@@ -508,9 +508,28 @@ def stream_targets(call: dict) -> StreamTargets | None:
     return StreamTargets(shift_labels=shift_labels, num_items=num_items)
 
 
-def with_stream_loss(out: Any, targets: StreamTargets) -> Any:
+class _SumOverRanks(torch.autograd.Function):
+    """The sum of every rank's value; each rank's gradient flows to its own share only (so that
+    summing the ranks' gradients, as the engines do, counts each share once)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, group: Any) -> torch.Tensor:
+        import torch.distributed as dist
+
+        total = x.detach().clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return grad, None
+
+
+def with_stream_loss(out: Any, targets: StreamTargets, shard: SequenceShard, *, whole_stream: bool = False) -> Any:
     """``out`` with this rank's share of the stream's mean next-token loss (as transformers'
-    causal-LM loss computes it: float32 cross-entropy summed, divided by the global count)."""
+    causal-LM loss computes it: float32 cross-entropy summed, divided by the global count). With
+    ``whole_stream`` (a model in eval mode) every rank gets the whole stream's loss, for reports
+    that average over ranks (Trainer's evaluation); its gradient is still this rank's share's."""
     import torch.nn.functional as F
 
     logits = out["logits"] if isinstance(out, Mapping) else out[0]
@@ -524,6 +543,8 @@ def with_stream_loss(out: Any, targets: StreamTargets) -> Any:
     if isinstance(count, torch.Tensor):
         count = count.to(total.device)
     loss = total / count
+    if whole_stream:
+        loss = _SumOverRanks.apply(loss, shard.group)
     if isinstance(out, tuple):
         return (loss, *out)
     return type(out)(loss=loss, **{k: v for k, v in out.items() if k != "loss"})

@@ -88,6 +88,12 @@ def check(
     for g in sharded_grads.values():
         dist.all_reduce(g)
 
+    # in eval mode every rank reports the whole stream's loss (what Trainer's evaluation averages)
+    model.eval()
+    with torch.no_grad():
+        eval_error = torch.tensor(abs(float(model(**shard).loss) - expected_loss), device=device)
+    dist.all_reduce(eval_error, op=dist.ReduceOp.MAX)
+
     # the naive split: this rank's slice with its own positions, nothing exchanged
     naive = hf_varlen_patch.apply(tiny_model(model_type), backend=backend)
     share = shard["input_ids"].shape[1]
@@ -103,6 +109,7 @@ def check(
         "tokens": total,
         "logits": float((logits - expected_logits).abs().max()),
         "loss": abs(float(loss) - expected_loss),
+        "eval_loss": float(eval_error),
         "grads": max_error(sharded_grads, expected_grads),
         "naive": float(naive_error),
     }
