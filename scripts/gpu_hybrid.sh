@@ -1,24 +1,75 @@
 #!/usr/bin/env bash
-# GPU evidence for the hybrid issue on a CUDA machine without network, in stages (logs under $OUT):
-#   build       start building causal-conv1d for sm_90 from its sdist, in the background
+# GPU evidence for the hybrid issues on a CUDA machine without network, in stages (logs under $OUT):
+#   stash       copy the Triton parts this call carries (.whl/triton_parts/part*) to /tmp/parts: a
+#               ~100 MB Triton travels in parts over consecutive calls (64 MiB each) on a warm machine
+#   triton      join /tmp/parts, check its sha256, unpack Triton >= 3.7.1 into /tmp/site (fla's gated
+#               backward on Hopper needs it; the machine's torch 2.11 ships 3.6) and import it with torch
+#   fla         install flash-linear-attention (+ fla-core, einops) from wheels into /tmp/site
+#   mamba       mamba_ssm's Triton SSD kernels from its sdist into /tmp/site, without the package
+#               __init__ (it imports the CUDA selective scan) and, while causal-conv1d is missing,
+#               without mamba_split_conv1d_scan_combined (it needs causal-conv1d's CUDA functions)
+#   check       scripts/gpu_kernel_check.py: each kernel packed vs each sequence alone at 1..4000 tokens
+#   recurrent   the bf16 recurrent-kernel tests (HF_VARLEN_RECURRENT_KERNELS=all), RK_K selects types
 #   torch       the hybrid types' bf16 GPU tests on the exact torch paths (no recurrent kernels)
-#   fla         install flash-linear-attention from wheels; its bf16 kernel test for qwen3_next
-#   bench       padded vs packed on a ~0.5B Qwen3.5-style hybrid (torch paths; `bench-fla`: with fla)
-#   kernels     install what `build` built and run the recurrent-kernel tests with it
-# Usage: bash scripts/gpu_hybrid.sh build torch fla bench     (wheels/sdists in $W, default .whl/hybrid)
-# Triton compiles fla's kernels on first use (minutes on tiny shapes: autotuning), so keep stages few.
+#   bench       padded vs packed on a ~0.5B Qwen3.5-style hybrid: (a) padded upstream (fla when
+#               installed), (b) packed + torch ops, (c) packed + kernels
+#   build       start building causal-conv1d for sm_90 from its sdist, in the background
+#   conv        install what `build` built and run the recurrent-kernel tests with it
+# Usage: bash scripts/gpu_hybrid.sh stash                              (first call, part aa carried)
+#        bash scripts/gpu_hybrid.sh stash triton fla mamba check recurrent   (next call, within 30 s)
+# Wheels/sdists in $W (default .whl/hybrid); everything installed goes to /tmp/site (PYTHONPATH).
 set -uo pipefail
 W="${W:-.whl/hybrid}"
-OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT" /tmp/built
+OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT" /tmp/built /tmp/parts /tmp/site
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 TYPES="bamba or falcon_h1 or falcon_mamba or granitemoehybrid or jamba or kimi_linear or bailing_hybrid or lara_mini or lfm2 or lfm3 or mamba or mamba2 or nemotron_h or olmo_hybrid or qwen3_5_text or qwen3_5_moe_text or qwen3_next or zamba or zamba2"
-python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
-python3 -c "import torch, transformers; print(torch.cuda.get_device_name(0), torch.__version__, transformers.__version__)"
+installed() { python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1; }
 pytest_gpu() { python3 -m pytest tests/test_gpu.py -m gpu -v -s -p no:cacheprovider -o addopts="" "$@"; }
-fla_site() { [ -d /tmp/site/fla ] || python3 -m pip install -q --no-deps --target /tmp/site "$W"/einops-*.whl "$W"/fla_core-*.whl "$W"/flash_linear_attention-*.whl; }
 
 for stage in "$@"; do
   echo "== $stage ($(date +%T))"
   case "$stage" in
+    stash)
+      cp -v .whl/triton_parts/part* .whl/triton_parts/sha256 /tmp/parts/ 2>/dev/null; ls -la /tmp/parts ;;
+    triton)
+      ( cd /tmp/parts && cat part* > /tmp/triton.tar.xz && sha256sum /tmp/triton.tar.xz &&
+        [ "$(sha256sum /tmp/triton.tar.xz | cut -d' ' -f1)" = "$(cut -d' ' -f1 sha256)" ] &&
+        tar xJf /tmp/triton.tar.xz -C /tmp/site ) || echo "TRITON PARTS BROKEN"
+      python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, triton.__file__, torch.cuda.get_device_name(0))" ;;
+    fla)
+      python3 -m pip install -q --no-deps --no-compile --target /tmp/site "$W"/einops-*.whl "$W"/fla_core-*.whl \
+        "$W"/flash_linear_attention-*.whl 2>&1 | grep -v "already exists" | tail -2
+      python3 -c "import fla, triton; print('fla', fla.__version__, 'triton', triton.__version__)" ;;
+    mamba)
+      mkdir -p /tmp/src && tar xzf "$W"/mamba_ssm-*.tar.gz -C /tmp/src && rm -rf /tmp/site/mamba_ssm &&
+        cp -r /tmp/src/mamba_ssm-*/mamba_ssm /tmp/site/ &&
+        echo "__version__ = \"$(ls "$W"/mamba_ssm-*.tar.gz | sed 's/.*mamba_ssm-\(.*\)\.tar\.gz/\1/')\"" > /tmp/site/mamba_ssm/__init__.py
+      python3 -c "import causal_conv1d" 2>/dev/null || cat >> /tmp/site/mamba_ssm/ops/triton/ssd_combined.py <<'EOF'
+
+# hf_varlen_patch's GPU staging (scripts/gpu_hybrid.sh): causal-conv1d is not installed here, so the
+# fused split-conv1d-scan cannot run; without it transformers and the routers take the unfused path.
+if causal_conv1d_fwd_function is None:
+    del mamba_split_conv1d_scan_combined
+EOF
+      python3 -c "from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as f; print('mamba_ssm SSD', f.__module__)" ;;
+    check)
+      installed
+      timeout "${CHECK_TIMEOUT:-360}" python3 scripts/gpu_kernel_check.py --only "${CHECK_ONLY:-gdn,kda,conv,ssd}" \
+        --out "$OUT/recurrent_kernel_check.json" 2>&1 | tee "$OUT/recurrent_kernel_check.log" | grep -vE "Warning|warn" ;;
+    recurrent)
+      installed
+      timeout "${RK_TIMEOUT:-400}" python3 -m pytest tests/test_gpu.py -m gpu -v -s -p no:cacheprovider -o addopts="" \
+        -k "recurrent_kernels and (${RK_K:-qwen3_next or kimi_linear or lfm2 or bamba})" > "$OUT/gpu_recurrent_kernels.log" 2>&1
+      grep -E "PASSED|FAILED|SKIPPED|ERROR|relative error|kernel calls|passed|failed" "$OUT/gpu_recurrent_kernels.log" | tail -40 ;;
+    torch)
+      installed
+      pytest_gpu -k "$TYPES" > "$OUT/gpu_hybrid_torch.log" 2>&1
+      grep -E "passed|failed" "$OUT/gpu_hybrid_torch.log" | tail -1 ;;
+    bench)
+      installed
+      timeout "${BENCH_TIMEOUT:-540}" python3 scripts/bench_hybrid.py --out "$OUT" --dists "${DISTS:-flan,orcamath}" \
+        --modes padded,packed --backends "${BACKENDS:-torch+ops,torch+kernels}" --steps "${STEPS:-8}" --warmup 3 2>&1 |
+        grep -vE "Warning|warn" | tail -24 ;;
     build)
       ( start=$(date +%s); root=$PWD
         mkdir -p /tmp/src && cd /tmp/src && tar xzf "$root/$W"/causal_conv1d-*.tar.gz && cd causal_conv1d-*/ &&
@@ -26,22 +77,10 @@ for stage in "$@"; do
             python3 -m pip wheel -q --no-deps --no-build-isolation -w /tmp/built . > /tmp/build_conv.log 2>&1
         echo "causal-conv1d build: rc=$? after $(( $(date +%s) - start )) s" >> /tmp/build_conv.log ) &
       ;;
-    torch)
-      pytest_gpu -k "$TYPES" > "$OUT/gpu_hybrid_torch.log" 2>&1
-      grep -E "passed|failed" "$OUT/gpu_hybrid_torch.log" | tail -1 ;;
-    fla)
-      fla_site
-      PYTHONPATH=/tmp/site timeout "${FLA_TIMEOUT:-400}" python3 -m pytest tests/test_gpu.py -m gpu -v -s -p no:cacheprovider \
-        -o addopts="" -k "${FLA_K:-recurrent_kernels and (qwen3_next or kimi_linear)}" > "$OUT/gpu_hybrid_fla.log" 2>&1
-      grep -E "passed|failed|FAILED|relative error" "$OUT/gpu_hybrid_fla.log" | tail -6 ;;
-    bench)
-      python3 scripts/bench_hybrid.py --out "$OUT" --dists "${DISTS:-flan,orcamath}" --steps 8 --warmup 2 2>&1 | tail -4 ;;
-    bench-fla)
-      fla_site; PYTHONPATH=/tmp/site python3 scripts/bench_hybrid.py --out "$OUT" --steps 8 --warmup 3 2>&1 | tail -4 ;;
-    kernels)
+    conv)
       for w in /tmp/built/*.whl; do [ -e "$w" ] && python3 -m pip install -q --no-deps --target /tmp/site "$w"; done
-      PYTHONPATH=/tmp/site pytest_gpu -k "recurrent_kernels and (lfm2 or bamba or jamba)" > "$OUT/gpu_hybrid_conv.log" 2>&1
+      pytest_gpu -k "recurrent_kernels and (lfm2 or bamba or jamba)" > "$OUT/gpu_hybrid_conv.log" 2>&1
       grep -E "passed|failed|FAILED|relative error" "$OUT/gpu_hybrid_conv.log" | tail -8 ;;
   esac
 done
-tail -2 /tmp/build_conv.log 2>/dev/null; ls /tmp/built; cp /tmp/build_conv.log "$OUT/" 2>/dev/null; true
+tail -2 /tmp/build_conv.log 2>/dev/null; cp /tmp/build_conv.log "$OUT/" 2>/dev/null; true

@@ -141,7 +141,20 @@ def _conv(boundaries: Boundaries, upstream: Callable, call: dict, module: types.
         if x.stride(1) != 1:  # the seq_idx kernel reads channel-last memory
             x = x.transpose(1, 2).contiguous().transpose(1, 2)
         return fused(x, weight, bias, seq_idx=seq.to(torch.int32).contiguous(), activation=call.get("activation"))
+    if x.shape[-1] == boundaries.shape[1] and call.get("activation") in (None, "silu", "swish"):
+        triton_conv = kernels.kernel("fla_causal_conv1d", x, weight)
+        if triton_conv is not None:
+            return _conv_varlen(triton_conv, boundaries, x, weight, bias, call.get("activation"))
     return torch_ops.causal_conv1d(x, weight, bias, seq, _activation(call.get("activation")))
+
+
+def _conv_varlen(fn: Callable, boundaries: Boundaries, x: torch.Tensor, weight, bias, activation) -> torch.Tensor:
+    """flash-linear-attention's Triton short convolution with cu_seqlens: the (batch, dim, length)
+    rows flattened to one (1, batch * length, dim) stream (its batch-1 rule) and back."""
+    batch, dim, length = x.shape
+    flat = x.transpose(1, 2).reshape(1, batch * length, dim)
+    y, _ = fn(flat, weight, bias, activation=activation, cu_seqlens=boundaries.cu_seqlens.to(torch.int64))
+    return y.reshape(batch, length, dim).transpose(1, 2)
 
 
 _SSD_ARGS = ("D", "dt_bias", "initial_states", "dt_softplus", "dt_limit", "return_final_states")

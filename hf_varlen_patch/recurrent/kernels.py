@@ -2,6 +2,9 @@
 
 - causal_conv1d (Dao-AILab): ``causal_conv1d_fn(x, weight, bias, seq_idx=int32 (B, T))`` needs a
   channel-last (B, D, T) view, D a multiple of 8, width 2..4, and no initial states.
+- flash-linear-attention's Triton short convolution: ``causal_conv1d(x (1, T, D), weight (D, W),
+  bias, activation=, cu_seqlens=)``; used for packed short convolutions where causal_conv1d (a CUDA
+  build) is not installed.
 - mamba_ssm (Triton SSD): ``mamba_chunk_scan_combined`` / ``mamba_split_conv1d_scan_combined``
   reset at ``seq_idx`` changes. Its Mamba1 ``selective_scan_fn`` takes no boundaries: never used
   for packed inputs.
@@ -33,6 +36,7 @@ KERNEL_USAGE: Counter[str] = Counter()
 #: name -> (module, attribute)
 KERNELS = {
     "causal_conv1d": ("causal_conv1d", "causal_conv1d_fn"),
+    "fla_causal_conv1d": ("fla.modules.causal_conv1d", "causal_conv1d"),
     "ssd_chunk_scan": ("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined"),
     "ssd_split_conv1d_scan": ("mamba_ssm.ops.triton.ssd_combined", "mamba_split_conv1d_scan_combined"),
     "gated_delta_rule": ("fla.ops.gated_delta_rule", "chunk_gated_delta_rule"),
