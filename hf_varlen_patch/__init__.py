@@ -24,7 +24,7 @@ from .errors import (
 )
 from .logprobs import token_logprobs
 from .registry import PatchEntry, lookup, register, supported_model_types
-from .sequence_parallel import SequenceParallelCollator, shard_packed_batch
+from .sequence_parallel import SequenceParallel, SequenceParallelCollator, shard_packed_batch
 
 __version__ = "0.1.0"
 
@@ -35,6 +35,7 @@ __all__ = [
     "token_logprobs",
     "shard_packed_batch",
     "SequenceParallelCollator",
+    "SequenceParallel",
     "Boundaries",
     "AttentionSpec",
     "BACKENDS",

@@ -16,6 +16,7 @@ from .install import STATE_ATTR, PatchState, _wrapper_chain, apply_entry, find_h
 from .integrations import guard_prompt_learning, refuse_prompt_learning
 from .loss import LOSSES
 from .registry import PatchEntry, PatchOptions, lookup
+from .sequence_parallel import SequenceParallel
 from .versions import check_versions, is_tested, tested_range_text
 
 __all__ = ["apply", "unapply", "is_patched", "find_hf_model", "apply_entry"]
@@ -60,11 +61,12 @@ def apply(
             and no cache to fill (no ``past_key_values``, ``use_cache`` not True) runs only its real
             tokens, each sequence numbered from 0 as if alone, and gets its outputs back in the
             padded layout (zeros at padding). See :mod:`hf_varlen_patch.unpad`.
-        sequence_parallel: a ``torch.distributed`` process group (``True``: the default group) over
-            which each packed stream is split: every rank runs its slice, from
+        sequence_parallel: a ``torch.distributed`` process group (``True``: the default group), or
+            a :class:`~hf_varlen_patch.SequenceParallel` (group and attention form), over which each
+            packed stream is split: every rank runs its slice, from
             :func:`~hf_varlen_patch.shard_packed_batch`, and attention sees the whole stream
-            (Ulysses: an all-to-all of heads before and after it). See
-            :mod:`hf_varlen_patch.sequence_parallel`.
+            (Ulysses: an all-to-all of heads before and after it; or gathered keys and values).
+            See :mod:`hf_varlen_patch.sequence_parallel`.
 
     Packed means: some row of ``position_ids`` restarts (``pos[t] != pos[t-1] + 1``), or the
     forward gets ``cu_seq_lens_q/k`` (or, with ``unpad``, a padded ``attention_mask``). Anything
@@ -77,20 +79,13 @@ def apply(
         raise ValueError(f"self_check must be one of {SELF_CHECK_MODES}, not {self_check!r}")
     if loss not in LOSSES:
         raise ValueError(f"loss must be one of {LOSSES}, not {loss!r}")
-    if sequence_parallel is True:
-        import torch.distributed as dist
-
-        if not dist.is_available() or not dist.is_initialized():
-            raise ValueError(
-                "sequence_parallel=True splits packed streams over the default process group, and "
-                "torch.distributed is not initialised: call torch.distributed.init_process_group first."
-            )
-        sequence_parallel = dist.group.WORLD
     if sequence_parallel is not None and unpad:
         raise ValueError(
             "unpad=True and sequence_parallel do not combine yet: shard packed batches (shard_packed_batch) instead "
             "of padded ones."
         )
+    if sequence_parallel is not None:
+        sequence_parallel = SequenceParallel.of(sequence_parallel)
     hf_model = find_hf_model(model)
     refuse_prompt_learning(_wrapper_chain(model)[:-1])
     guard_prompt_learning()

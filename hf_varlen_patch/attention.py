@@ -124,10 +124,15 @@ def varlen_attention(
     """Packed attention on transformers' layout: q (B, Hq, T, D), k/v (B, Hk, T, D) -> (B, T, Hq, Dv).
 
     Under sequence parallel (the boundaries of one rank's slice) the heads travel to the tokens and
-    back around this same call (:func:`hf_varlen_patch.sequence_parallel.ulysses_attention`)."""
+    back around this same call (:func:`hf_varlen_patch.sequence_parallel.ulysses_attention`), or
+    the rank's queries attend over gathered keys and values
+    (:func:`hf_varlen_patch.sequence_parallel.gathered_kv_attention`)."""
     shard = getattr(boundaries, "shard", None)
     if shard is not None:
-        from .sequence_parallel import ulysses_attention
+        from .sequence_parallel import gathered_kv_attention, ulysses_attention, uses_ulysses
+
+        if not uses_ulysses(shard, query.shape[1]):
+            return gathered_kv_attention(query, key, value, shard, spec)
 
         def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, whole: Boundaries, spec: AttentionSpec):
             return varlen_attention(backend, q, k, v, whole, spec)

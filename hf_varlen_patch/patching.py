@@ -602,7 +602,7 @@ def make_entry_wrapper(
     without a cache, made to the outermost patched forward, runs its real tokens packed
     (:mod:`hf_varlen_patch.unpad`): from the top model the head and the loss run on real tokens
     only; a caller that runs the base model itself (TRL's fused log-prob head) gets the same.
-    ``sequence_parallel`` (a process group): packed calls carry one rank's slice of a stream
+    ``sequence_parallel`` (a :class:`~hf_varlen_patch.SequenceParallel`): packed calls carry one rank's slice of a stream
     (:func:`hf_varlen_patch.sequence_parallel.shard_packed_batch`); their boundaries are the
     slice's, with the stream's global ones for attention.
     """

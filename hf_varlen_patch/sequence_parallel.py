@@ -37,6 +37,7 @@ from .boundaries import Boundaries
 from .errors import MalformedBatchError, MalformedBoundariesError, UnsupportedArchitectureError
 
 __all__ = [
+    "SequenceParallel",
     "SequenceParallelCollator",
     "StreamTargets",
     "stream_targets",
@@ -47,20 +48,68 @@ __all__ = [
     "shard_packed_batch",
     "sharded_boundaries",
     "ulysses_attention",
+    "gathered_kv_attention",
 ]
 
 IGNORE_INDEX = -100
 
 
+ATTENTION_FORMS = ("auto", "ulysses", "all_gather_kv")
+
+
+@dataclass(frozen=True)
+class SequenceParallel:
+    """How a patched model splits packed streams (``apply(model, sequence_parallel=...)``).
+
+    ``group``: the ``torch.distributed`` process group whose ranks share a stream (None: the
+    default group). ``attention``: ``"ulysses"`` (an all-to-all trades heads for tokens; each rank
+    attends over the whole stream with heads / degree of the heads), ``"all_gather_kv"`` (each rank
+    attends with its own queries, every head, over the keys and values gathered from the ranks
+    before it, trimmed to the sequences its slice holds: any degree, no head split), or ``"auto"``:
+    Ulysses where the degree divides the layer's query heads, all_gather_kv where it does not.
+    """
+
+    group: Any = None
+    attention: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_FORMS:
+            raise ValueError(f"SequenceParallel.attention must be one of {ATTENTION_FORMS}, not {self.attention!r}.")
+
+    @classmethod
+    def of(cls, value: Any) -> SequenceParallel:
+        """``apply``'s ``sequence_parallel`` argument as a SequenceParallel: True (the default
+        group), a process group, or a SequenceParallel; the group must exist."""
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise ValueError(
+                "sequence_parallel splits packed streams over a torch.distributed process group, and "
+                "torch.distributed is not initialised: call torch.distributed.init_process_group first."
+            )
+        found = cls() if value is True else value if isinstance(value, cls) else cls(group=value)
+        group = dist.group.WORLD if found.group is None else found.group
+        if not isinstance(group, dist.ProcessGroup):
+            raise TypeError(
+                f"sequence_parallel takes True, a torch.distributed ProcessGroup or "
+                f"hf_varlen_patch.SequenceParallel(group=..., attention=...), not {type(found.group).__name__}."
+            )
+        return dataclasses.replace(found, group=group)
+
+
 @dataclass(frozen=True, eq=False)
 class SequenceShard:
-    """Where this rank's slice sits in the packed stream, and the stream's global boundaries."""
+    """Where this rank's slice sits in the packed stream, and the stream's global boundaries.
+    ``key_start``: where the sequence holding the slice's first token starts (the first key any
+    of the slice's queries may see)."""
 
     group: Any
     rank: int
     world: int
     offset: int
     whole: Boundaries
+    attention: str = "auto"
+    key_start: int = 0
 
 
 def _refuse_slice_offsets(name: str) -> UnsupportedArchitectureError:
@@ -150,11 +199,12 @@ def _group_info(group: Any) -> tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def sharded_boundaries(call: Mapping[str, Any], group: Any, *, check_inputs: bool) -> ShardedBoundaries:
+def sharded_boundaries(call: Mapping[str, Any], parallel: SequenceParallel, *, check_inputs: bool) -> ShardedBoundaries:
     """This rank's boundaries for one forward: the call's tokens are its slice of the stream that
     ``cu_seq_lens_q`` (global offsets, from :func:`shard_packed_batch`) describes."""
     from .calls import batch_shape
 
+    group = parallel.group
     rank, world = _group_info(group)
     shape = batch_shape(call)
     cu = call.get("cu_seq_lens_q")
@@ -179,7 +229,9 @@ def sharded_boundaries(call: Mapping[str, Any], group: Any, *, check_inputs: boo
     max_len = call.get("max_length_q") or call.get("max_length_k")
     whole = Boundaries.from_cu_seqlens(cu.to(torch.int32), max_len, shape=(1, total), check=check_inputs)
     offset = rank * length
-    shard = SequenceShard(group=group, rank=rank, world=world, offset=offset, whole=whole)
+    key_start = int(cu_host[cu_host <= offset].max())
+    shard = SequenceShard(group=group, rank=rank, world=world, offset=offset, whole=whole,
+                          attention=parallel.attention, key_start=key_start)  # fmt: skip
     local = ShardedBoundaries.of_slice((1, length), shard)
     positions = call.get("position_ids")
     if check_inputs and isinstance(positions, torch.Tensor) and positions.ndim == 2:
@@ -413,6 +465,50 @@ def ulysses_attention(
     received = _all_to_all(pieces, group)  # [j] = my tokens of rank j's heads
     out = received.permute(1, 0, 2, 3).reshape(1, length, q_total, dim)
     return out[:, :, :q_heads]
+
+
+def uses_ulysses(shard: SequenceShard, query_heads: int) -> bool:
+    """Whether a layer with ``query_heads`` runs Ulysses (else all_gather_kv) under ``shard``."""
+    if shard.attention == "auto":
+        return query_heads % shard.world == 0
+    return shard.attention == "ulysses"
+
+
+def gathered_kv_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, shard: SequenceShard, spec: Any
+) -> torch.Tensor:
+    """This rank's queries, every head, over the keys and values of the whole stream: q (1, Hq, L, D),
+    k/v (1, Hk, L, D) of the local slice -> (1, L, Hq, Dv).
+
+    Keys and values are all-gathered in one collective (its backward hands each rank the summed
+    gradient of its own slice), then trimmed to ``[key_start, end of the slice)``: a query never
+    sees a key past itself, nor one before its own sequence's start. The mask comes from the
+    stream's global sequence ids and token indices (causal, windows), ALiBi from global distances;
+    attention runs dense (:func:`~hf_varlen_patch.backends.reference.masked_attention`)."""
+    from .backends.reference import masked_attention
+
+    if not (query.dtype == key.dtype == value.dtype):
+        raise UnsupportedArchitectureError("sequence parallel needs queries, keys and values of one dtype.")
+    if query.dtype == torch.float32 and torch.is_autocast_enabled(query.device.type):
+        dtype = torch.get_autocast_dtype(query.device.type)
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
+    length, key_dim = query.shape[2], key.shape[-1]
+    start, end = shard.key_start, shard.offset + length
+    both = _gather(torch.cat([key, value], dim=-1), shard, 2)[:, :, start:end]
+    key, value = both[..., :key_dim], both[..., key_dim:]
+    seq = shard.whole.seq_idx.to(query.device).reshape(-1)
+    i = torch.arange(shard.offset, end, device=query.device)[:, None]
+    j = torch.arange(start, end, device=query.device)[None, :]
+    allowed = seq[i] == seq[j]
+    if spec.causal:
+        allowed = allowed & (j <= i)
+    if spec.window is not None:
+        allowed = allowed & (j > i - spec.window)
+        if not spec.causal:
+            allowed = allowed & (j < i + spec.window)
+    distance = (i - j).abs() if spec.alibi_slopes is not None else None
+    out = masked_attention(query, key, value, allowed[None, None], spec, distance)
+    return out.transpose(1, 2)
 
 
 # ---------------------------------------------------------------- recurrent ops

@@ -51,6 +51,7 @@ def check(
     device: str = "cpu",
     dtype: str = "float32",
     checkpointing: bool = False,
+    attention: str = "auto",
 ) -> dict:
     import hf_varlen_patch
     from hf_varlen_patch.testing import tiny_model as tiny
@@ -67,7 +68,8 @@ def check(
     out.loss.backward()
     expected_logits, expected_loss, expected_grads = out.logits.detach(), float(out.loss), grads(reference)
 
-    model = hf_varlen_patch.apply(tiny_model(model_type), backend=backend, sequence_parallel=True)
+    parallel = hf_varlen_patch.SequenceParallel(attention=attention)
+    model = hf_varlen_patch.apply(tiny_model(model_type), backend=backend, sequence_parallel=parallel)
     if checkpointing:  # every layer recomputed in the backward, collectives included
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
@@ -106,6 +108,7 @@ def check(
     return {
         "model_type": model_type,
         "degree": world,
+        "attention": attention,
         "tokens": total,
         "logits": float((logits - expected_logits).abs().max()),
         "loss": abs(float(loss) - expected_loss),
@@ -125,6 +128,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (nccl, one GPU per rank)")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the sharded run")
+    parser.add_argument("--attention", default="auto", choices=("auto", "ulysses", "all_gather_kv"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.device == "cuda":
@@ -139,7 +143,9 @@ def main() -> None:
     counts = {"exact": 0, "refused": 0, "differs": 0}
     for model_type in types:
         try:
-            result = check(model_type, args.backend, lengths, args.device, args.dtype, args.checkpointing)
+            result = check(
+                model_type, args.backend, lengths, args.device, args.dtype, args.checkpointing, args.attention
+            )
         except Exception as err:  # reported per type, as the refusal it should be
             result = {"model_type": model_type, "degree": dist.get_world_size(), "error": type(err).__name__,
                       "message": str(err)[:300]}  # fmt: skip

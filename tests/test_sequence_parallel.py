@@ -56,15 +56,21 @@ def _launch(degree: int, types: list[str], *extra: str) -> dict[str, dict]:
     return {row["model_type"]: row for row in rows}
 
 
-@pytest.mark.parametrize("degree", [2, 3, 4])
-def test_sequence_parallel_equals_one_process(degree):
+@pytest.mark.parametrize(
+    "degree, attention",
+    # auto: Ulysses where the degree divides the query heads (2, 4: the tiny models have 4), else
+    # all_gather_kv (3); then each form where auto would not take it: Ulysses with padded heads,
+    # and gathered keys at a degree that divides the heads
+    [(2, "auto"), (3, "auto"), (4, "auto"), (3, "ulysses"), (4, "all_gather_kv")],
+)
+def test_sequence_parallel_equals_one_process(degree, attention):
     exact = [t for t in EXACT if _on_this_release(t)]
     assert {"llama", "gemma2", "bloom", "qwen3_next"} <= set(exact)
-    results = _launch(degree, exact + list(REFUSED))
+    results = _launch(degree, exact + list(REFUSED), "--attention", attention)
     for model_type in exact:
         row = results[model_type]
         assert "error" not in row, row
-        assert row["degree"] == degree
+        assert row["degree"] == degree and row["attention"] == attention
         assert max(row["logits"], row["loss"], row["grads"], row["eval_loss"]) <= TOL, row
         assert row["naive"] > 1e-2, row  # the naive split attends within its own slice
     for model_type, error in REFUSED.items():
@@ -131,8 +137,35 @@ def test_sequence_parallel_refusals():
         hf_varlen_patch.shard_packed_batch(
             {"input_ids": torch.ones(1, 4, dtype=torch.long), "position_ids": torch.arange(4)[None],
              "attention_mask": torch.tensor([[1, 1, 1, 0]])}, rank=0, world_size=2)  # fmt: skip
+    with pytest.raises(ValueError, match="attention must be one of"):
+        hf_varlen_patch.SequenceParallel(attention="ring")
+
+
+@pytest.fixture
+def group_of_one():
+    """A gloo process group of this process alone (no launcher, no port)."""
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def test_sequence_parallel_refusals_with_a_group(group_of_one):
+    with pytest.raises(TypeError, match="ProcessGroup"):
+        hf_varlen_patch.apply(tiny_model("llama"), sequence_parallel=object())
     # a packed batch without the stream's offsets would attend within each rank's slice: refused
-    model = hf_varlen_patch.apply(tiny_model("llama"), sequence_parallel=object())
+    model = hf_varlen_patch.apply(tiny_model("llama"), sequence_parallel=group_of_one)
     with pytest.raises(MalformedBatchError, match="shard_packed_batch"):
         model(input_ids=torch.ones(1, 6, dtype=torch.long), position_ids=torch.tensor([[0, 1, 2, 0, 1, 2]]))
     model(input_ids=torch.ones(1, 6, dtype=torch.long))  # unpacked calls run upstream's code
+    # the same model with another attention form is patched again, not kept
+    form = hf_varlen_patch.SequenceParallel(attention="all_gather_kv")
+    assert hf_varlen_patch.apply(model, sequence_parallel=form) is model
+    batch = hf_varlen_patch.shard_packed_batch(
+        {"input_ids": torch.randint(1, 100, (1, 9)), "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2]])}
+    )
+    reference = hf_varlen_patch.apply(tiny_model("llama"))
+    want = reference(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
+    assert torch.allclose(model(**batch).logits, want, atol=1e-5)

@@ -35,6 +35,42 @@ def _allowed(boundaries: Boundaries, spec: AttentionSpec) -> torch.Tensor:
     return allowed
 
 
+def masked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    allowed: torch.Tensor,
+    spec: AttentionSpec,
+    distance: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Dense attention of q (B, Hq, Lq, D) over k/v (B, Hk, Lk, D) where ``allowed`` (broadcast to
+    (B, 1, Lq, Lk)) says so; ``distance`` (Lq, Lk) is |i - j| for ALiBi. -> (B, Hq, Lq, Dv)."""
+    hq, hk = q.shape[1], k.shape[1]
+    scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
+    if spec.softcap is None and spec.sinks is None and spec.alibi_slopes is None:
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=spec.dropout, scale=scale, enable_gqa=hq != hk
+        )
+    if hq != hk:
+        k = k.repeat_interleave(hq // hk, dim=1)
+        v = v.repeat_interleave(hq // hk, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if spec.softcap:
+        scores = torch.tanh(scores / spec.softcap) * spec.softcap
+    if spec.alibi_slopes is not None:
+        scores = scores - spec.alibi_slopes.to(scores.dtype).view(1, hq, 1, 1) * distance.to(scores.dtype)
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    if spec.sinks is not None:
+        sink = spec.sinks.to(scores.dtype).view(1, hq, 1, 1).expand(*scores.shape[:3], 1)
+        scores = torch.cat([scores, sink], dim=-1)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if spec.sinks is not None:
+        probs = probs[..., :-1]
+    if spec.dropout:
+        probs = F.dropout(probs, p=spec.dropout, training=True)
+    return torch.matmul(probs, v)
+
+
 def reference_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, boundaries: Boundaries, spec: AttentionSpec
 ) -> torch.Tensor:
@@ -43,34 +79,11 @@ def reference_attention(
     qb = q.view(batch, length, hq, -1).transpose(1, 2)
     kb = k.view(batch, length, hk, -1).transpose(1, 2)
     vb = v.view(batch, length, hk, -1).transpose(1, 2)
-    allowed = _allowed(boundaries, spec)[:, None]
-    scale = spec.scale if spec.scale is not None else q.shape[-1] ** -0.5
-
-    if spec.softcap is None and spec.sinks is None and spec.alibi_slopes is None:
-        out = F.scaled_dot_product_attention(
-            qb, kb, vb, attn_mask=allowed, dropout_p=spec.dropout, scale=scale, enable_gqa=hq != hk
-        )
-    else:
-        if hq != hk:
-            kb = kb.repeat_interleave(hq // hk, dim=1)
-            vb = vb.repeat_interleave(hq // hk, dim=1)
-        scores = torch.matmul(qb, kb.transpose(-1, -2)) * scale
-        if spec.softcap:
-            scores = torch.tanh(scores / spec.softcap) * spec.softcap
-        if spec.alibi_slopes is not None:
-            pos = torch.arange(length, device=q.device)
-            distance = (pos[:, None] - pos[None, :]).abs().to(scores.dtype)
-            scores = scores - spec.alibi_slopes.to(scores.dtype).view(1, hq, 1, 1) * distance
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        if spec.sinks is not None:
-            sink = spec.sinks.to(scores.dtype).view(1, hq, 1, 1).expand(batch, hq, length, 1)
-            scores = torch.cat([scores, sink], dim=-1)
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
-        if spec.sinks is not None:
-            probs = probs[..., :-1]
-        if spec.dropout:
-            probs = F.dropout(probs, p=spec.dropout, training=True)
-        out = torch.matmul(probs, vb)
+    distance = None
+    if spec.alibi_slopes is not None:
+        pos = torch.arange(length, device=q.device)
+        distance = (pos[:, None] - pos[None, :]).abs()
+    out = masked_attention(qb, kb, vb, _allowed(boundaries, spec)[:, None], spec, distance)
     return out.transpose(1, 2).reshape(batch * length, hq, -1)
 
 
