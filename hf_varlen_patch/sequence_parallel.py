@@ -46,12 +46,17 @@ __all__ = [
     "ShardedBoundaries",
     "on_whole_stream",
     "shard_packed_batch",
+    "whole_stream_ids",
     "sharded_boundaries",
     "ulysses_attention",
     "gathered_kv_attention",
 ]
 
 IGNORE_INDEX = -100
+#: Per-token type ids of a vision-language batch: sliced like ``input_ids``.
+TOKEN_TYPE_KEYS = ("mm_token_type_ids", "token_type_ids")
+#: Vision inputs of a vision-language batch: handed whole to every rank.
+VISION_INPUTS = ("pixel_values", "pixel_values_videos", "image_grid_thw", "video_grid_thw", "second_per_grid_ts")
 
 
 ATTENTION_FORMS = ("auto", "ulysses", "all_gather_kv")
@@ -267,6 +272,12 @@ def shard_packed_batch(
     ``num_items_in_batch`` (the global number of targets, so that the sum of the ranks' losses is
     the single-process loss); the global ``cu_seq_lens_q/k`` and ``max_length_q/k``. ``rank`` /
     ``world_size`` default to ``group``'s.
+
+    A vision-language batch (:func:`~hf_varlen_patch.packing.pack_multimodal`) shards too: its
+    per-token type ids (``mm_token_type_ids``, ``token_type_ids``) are sliced like ``input_ids``
+    (0, text, on the padding), and its vision inputs (:data:`VISION_INPUTS`: pixels and grids) go
+    whole to every rank: each rank runs the vision tower on every image and keeps the features of
+    its own slice's placeholder tokens (the patched model does; types that cannot are refused).
     """
     if rank is None or world_size is None:
         group_rank, group_world = _group_info(group)
@@ -279,11 +290,12 @@ def shard_packed_batch(
             "hf_varlen_patch.packing.PackingCollator or DataCollatorWithFlattening first)."
         )
     extra = set(batch) - {"input_ids", "position_ids", "labels", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q",
-                          "max_length_k", "attention_mask", "seq_idx"}  # fmt: skip
+                          "max_length_k", "attention_mask", "seq_idx", *TOKEN_TYPE_KEYS, *VISION_INPUTS}  # fmt: skip
     if extra:
         raise MalformedBatchError(
             f"shard_packed_batch does not know how to split {sorted(extra)}; give a text batch (input_ids, "
-            "position_ids or cu_seq_lens_q, labels)."
+            "position_ids or cu_seq_lens_q, labels) or a vision-language batch from pack_multimodal with "
+            f"{', '.join(TOKEN_TYPE_KEYS)} and {', '.join(VISION_INPUTS)} only."
         )
     mask = batch.get("attention_mask")
     if isinstance(mask, torch.Tensor) and not bool(mask.all()):
@@ -294,6 +306,17 @@ def shard_packed_batch(
         )
     ids = ids.reshape(1, -1)  # the rows, one stream
     length = ids.shape[1]
+    types = {}
+    for key in TOKEN_TYPE_KEYS:
+        value = batch.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, torch.Tensor) or value.numel() != length:
+            raise MalformedBatchError(
+                f"shard_packed_batch needs {key} as a tensor with one value per token of input_ids ({length}), "
+                f"not {tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__}."
+            )
+        types[key] = value.reshape(1, -1)
     if batch.get("cu_seq_lens_q") is not None:
         whole = Boundaries.from_cu_seqlens(batch["cu_seq_lens_q"], batch.get("max_length_q"), shape=(1, length))
     elif batch.get("position_ids") is not None:
@@ -301,7 +324,8 @@ def shard_packed_batch(
         if positions.ndim != 2 or positions.numel() != length:
             raise MalformedBatchError(
                 f"shard_packed_batch needs position_ids shaped like input_ids, not {tuple(positions.shape)} "
-                "(multimodal 3-D positions are not split yet)."
+                "(for mRoPE models pass the 2-D positions restarting per sample, as pack_multimodal gives them: "
+                "the patched model computes the rotary rows of the whole stream)."
             )
         whole = Boundaries.from_position_ids(positions.reshape(1, -1))
     else:
@@ -321,6 +345,7 @@ def shard_packed_batch(
         positions = torch.cat([positions, torch.arange(pad, device=positions.device)[None]], dim=1)
         shifted = torch.cat([shifted, shifted.new_full((1, pad), IGNORE_INDEX)], dim=1)
         cu = torch.cat([cu, torch.tensor([padded])])
+        types = {key: torch.cat([value, value.new_zeros(1, pad)], dim=1) for key, value in types.items()}
     share = padded // world_size
     piece = slice(rank * share, (rank + 1) * share)
     device = ids.device
@@ -336,6 +361,8 @@ def shard_packed_batch(
         "cu_seq_lens_k": cu_dev,
         "max_length_q": max_len,
         "max_length_k": max_len,
+        **{key: value[:, piece] for key, value in types.items()},
+        **{key: batch[key] for key in VISION_INPUTS if batch.get(key) is not None},
     }
 
 
@@ -542,6 +569,18 @@ class _GatherTokens(torch.autograd.Function):
 def _gather(x: torch.Tensor, shard: SequenceShard, axis: int) -> torch.Tensor:
     """The whole stream of ``x`` along its token ``axis`` (in rank order)."""
     return _GatherTokens.apply(x, shard.group, axis % x.ndim)
+
+
+def whole_stream_ids(x: torch.Tensor, shard: SequenceShard) -> torch.Tensor:
+    """The whole stream (1, T) of a per-token integer tensor (token ids, type ids) of which this
+    rank holds its slice (1, T / degree): gathered from every rank, in rank order, without a
+    gradient. Every rank of the group must call it at the same point of its forward."""
+    import torch.distributed as dist
+
+    piece = x.reshape(1, -1).contiguous()
+    pieces = [torch.empty_like(piece) for _ in range(shard.world)]
+    dist.all_gather(pieces, piece, group=shard.group)
+    return torch.cat(pieces, dim=1)
 
 
 def _local(x: torch.Tensor, shard: SequenceShard, axis: int, length: int) -> torch.Tensor:

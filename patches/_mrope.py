@@ -5,6 +5,11 @@ positions would go on from the first's. In a packed forward they are computed pe
 model's own ``get_rope_index`` on the samples laid out as rows, and handed down in transformers'
 packed layout ``(4, B, T)``: the text row (restarting per sample) before the three rotary rows.
 Rotary rows the caller passes (``(3|4, B, T)``) are checked against that per-sample computation.
+
+Under sequence parallel (one rank's slice of a packed stream) the positions are computed for the
+whole stream (its token ids and type ids gathered from the ranks, the stream's global offsets),
+and each rank keeps its slice: an image's rows restart where its sample starts, not where the
+rank's slice does.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from hf_varlen_patch.context import boundaries_for
 from hf_varlen_patch.errors import MalformedBoundariesError, VarlenPatchError
 from hf_varlen_patch.patching import call_as_kwargs
 
-__all__ = ["mrope_forward", "per_sample_rope_positions"]
+__all__ = ["mrope_forward", "per_sample_rope_positions", "sharded_rope_positions"]
 
 
 def _segments(boundaries) -> list[tuple[int, int]]:
@@ -64,6 +69,20 @@ def per_sample_rope_positions(model: torch.nn.Module, call: dict, boundaries) ->
     return flat.view(3, batch, length)
 
 
+def sharded_rope_positions(model: torch.nn.Module, call: dict, shard, length: int) -> torch.Tensor | None:
+    """This rank's (3, 1, length) rotary positions under sequence parallel: each sample's own
+    positions over the whole stream (token and type ids gathered from every rank, the global
+    offsets), sliced where this rank's tokens sit."""
+    from hf_varlen_patch.sequence_parallel import whole_stream_ids
+
+    whole = dict(call)
+    for key in ("input_ids", "mm_token_type_ids"):
+        if isinstance(call.get(key), torch.Tensor):
+            whole[key] = whole_stream_ids(call[key], shard)
+    positions = per_sample_rope_positions(model, whole, shard.whole)
+    return None if positions is None else positions[..., shard.offset : shard.offset + length]
+
+
 def mrope_forward(check_inputs: bool):
     """The base model's forward in packed mode gets ``(4, B, T)`` positions: the text row of the
     boundaries, then each sample's own rotary rows (computed, or the caller's once checked)."""
@@ -77,7 +96,11 @@ def mrope_forward(check_inputs: bool):
         text = boundaries.position_ids()
         rotary = given[-3:] if isinstance(given, torch.Tensor) and given.ndim == 3 else None
         if rotary is None or check_inputs:
-            expected = per_sample_rope_positions(instance, call, boundaries)
+            shard = getattr(boundaries, "shard", None)
+            if shard is None:
+                expected = per_sample_rope_positions(instance, call, boundaries)
+            else:
+                expected = sharded_rope_positions(instance, call, shard, boundaries.shape[1])
             if expected is None:
                 if call.get("image_grid_thw") is not None or call.get("video_grid_thw") is not None:
                     if rotary is None:

@@ -11,17 +11,26 @@ in a packed forward the boundaries carry the blocks upstream builds from ``token
 (``Boundaries.blocks``). The language model's own registry entry (its patch and refusals) applies
 inside the VLM too. Mllama's cross-attention sees the row's images: it packs text-only rows.
 Refused with the reason: what upstream 4.57 gets wrong unpacked already, and Llama 4's VLM.
+
+Under sequence parallel (``apply(model, sequence_parallel=...)``, one rank's slice of a packed
+stream) the mRoPE family takes batches with images and videos: every rank runs the vision tower on
+all of them (the sharder hands the vision inputs whole), and keeps the feature rows of its own
+slice's placeholder tokens (those of the stream before its slice are skipped), so upstream's
+``masked_scatter`` fills the slice's placeholders as it fills the whole row's; an image whose
+placeholders straddle two ranks gives each its part. The rotary positions are the whole stream's
+(``patches/_mrope.py``). Other vision-language types refuse images under sequence parallel.
 """
 
 from __future__ import annotations
 
 import sys
+from contextvars import ContextVar
 from typing import Any
 
 import torch
 
 from hf_varlen_patch.context import BOUNDARIES_KWARG, boundaries_for, enter_packed, leave_packed
-from hf_varlen_patch.errors import VarlenPatchError
+from hf_varlen_patch.errors import MalformedBatchError, UnsupportedArchitectureError, VarlenPatchError
 from hf_varlen_patch.patching import call_as_kwargs, nested_configs
 from hf_varlen_patch.registry import MultimodalSpec, PatchEntry, ReleaseRefusal, register
 
@@ -147,6 +156,115 @@ def _refuse_packed_images(reason: str):
     return forward
 
 
+# ---------------------------------------------------------------- sequence parallel
+
+#: The types whose images and videos run under sequence parallel (the feature rows of a rank's
+#: placeholders cut from the whole stream's, rotary positions of the whole stream).
+SEQUENCE_PARALLEL_IMAGES = MROPE
+
+#: While a sharded forward of a vision-language model runs: modality -> (feature rows of the
+#: stream before this rank's slice, rows of its slice, rows of the stream).
+_FEATURE_ROWS: ContextVar[dict[str, tuple[int, int, int]] | None] = ContextVar("hf_varlen_feature_rows", default=None)
+
+
+def _refuse_sharded_images(model_type: str, why: str) -> UnsupportedArchitectureError:
+    return UnsupportedArchitectureError(
+        f"{model_type} under sequence parallel takes text-only packed batches, not batches with images or videos: "
+        f"{why}. Run batches with images without sequence_parallel, or use a type whose images shard "
+        f"({', '.join(SEQUENCE_PARALLEL_IMAGES)})."
+    )
+
+
+def _placeholder_rows(model, input_ids: torch.Tensor, shard, length: int) -> dict[str, tuple[int, int, int]]:
+    """Per modality, the placeholder tokens of the stream before this rank's slice, in it and in
+    all: the rows of the vision features that belong to the slice, as the model's own
+    ``get_placeholder_mask`` places them."""
+    from hf_varlen_patch.sequence_parallel import whole_stream_ids
+
+    ids = whole_stream_ids(input_ids, shard)
+    masks = model.get_placeholder_mask(ids, ids.new_zeros(*ids.shape, 1, dtype=torch.float32))
+    rows = {}
+    for modality, mask in zip(("image", "video"), masks):
+        flat = mask.reshape(-1).to("cpu", torch.int64)
+        before, mine = int(flat[: shard.offset].sum()), int(flat[shard.offset : shard.offset + length].sum())
+        rows[modality] = (before, mine, int(flat.sum()))
+    return rows
+
+
+def _sharded_vision_forward(wrapped, instance, args, kwargs):
+    """A base model's forward under sequence parallel with vision inputs: the features its
+    ``get_image_features`` / ``get_video_features`` return are cut to the rows of this rank's
+    placeholder tokens (``_cut_features``); refused for types that cannot (their reason)."""
+    boundaries = boundaries_for()
+    shard = getattr(boundaries, "shard", None)
+    if shard is None:
+        return wrapped(*args, **kwargs)
+    call = call_as_kwargs(wrapped, args, kwargs)
+    if not any(call.get(name) is not None for name in VISION_INPUTS):
+        return wrapped(**call)
+    model_type = instance.config.model_type
+    if model_type not in SEQUENCE_PARALLEL_IMAGES:
+        raise _refuse_sharded_images(
+            model_type, "its image features have no sequence-parallel cut (which rows belong to which rank's slice)"
+        )
+    if call.get("mm_encoder_outputs") is not None or call.get("input_ids") is None:
+        raise MalformedBatchError(
+            f"{type(instance).__name__} under sequence parallel needs input_ids and pixel values (not "
+            "inputs_embeds or precomputed mm_encoder_outputs): each rank finds the features of its slice's "
+            "placeholder tokens from the whole stream's token ids."
+        )
+    token = _FEATURE_ROWS.set(_placeholder_rows(instance, call["input_ids"], shard, boundaries.shape[1]))
+    try:
+        return wrapped(**call)
+    finally:
+        _FEATURE_ROWS.reset(token)
+
+
+def _feature_rows(features: Any, start: int, count: int, total: int, modality: str) -> Any:
+    """Rows ``start:start + count`` of features given as one (N, D) tensor or per-image (n_i, D)
+    tensors (returned as one tensor in a 1-tuple, which upstream's ``torch.cat`` takes as it is)."""
+    if isinstance(features, torch.Tensor) and features.ndim == 2:
+        rows = features
+    elif isinstance(features, (tuple, list)) and all(isinstance(f, torch.Tensor) and f.ndim == 2 for f in features):
+        rows = torch.cat(list(features), dim=0)
+    else:
+        raise UnsupportedArchitectureError(
+            f"sequence parallel cannot cut this model's {modality} features ({type(features).__name__}) to a rank's "
+            "placeholder tokens; run it without sequence_parallel."
+        )
+    if rows.shape[0] != total:
+        raise MalformedBatchError(
+            f"the packed stream has {total} {modality} placeholder tokens but its {modality}s give {rows.shape[0]} "
+            "feature rows; give every sample's vision inputs with its tokens (pack_multimodal)."
+        )
+    cut = rows.narrow(0, start, count)
+    return cut if isinstance(features, torch.Tensor) else (cut,)
+
+
+def _cut_features(modality: str):
+    """``get_image_features`` / ``get_video_features`` inside a sharded forward: the rows of this
+    rank's placeholders (the pooled features, and Qwen3-VL's deepstack features alike)."""
+
+    def wrapper(wrapped, instance, args, kwargs):
+        rows = _FEATURE_ROWS.get()
+        if rows is None:
+            return wrapped(*args, **kwargs)
+        token = _FEATURE_ROWS.set(None)  # Qwen3-VL's videos go through get_image_features: cut once
+        try:
+            out = wrapped(*args, **kwargs)
+        finally:
+            _FEATURE_ROWS.reset(token)
+        where = rows[modality]
+        if hasattr(out, "pooler_output"):  # a ModelOutput (5.x)
+            out.pooler_output = _feature_rows(out.pooler_output, *where, modality)
+            if getattr(out, "deepstack_features", None) is not None:
+                out.deepstack_features = [_feature_rows(f, *where, modality) for f in out.deepstack_features]
+            return out
+        return _feature_rows(out, *where, modality)
+
+    return wrapper
+
+
 def _blocks_forward(blocks_of):
     """In a packed forward with ``token_type_ids``, the boundaries carry upstream's bidirectional
     blocks, so each sample's image (or prefix) attends both ways as it does alone."""
@@ -159,6 +277,14 @@ def _blocks_forward(blocks_of):
         blocks = blocks_of(instance, call.get("token_type_ids"), boundaries.shape)
         if blocks is None:
             return wrapped(*args, **kwargs)
+        if getattr(boundaries, "shard", None) is not None:
+            if not bool((blocks >= 0).any()):
+                return wrapped(*args, **kwargs)  # no bidirectional block: causal, as a text row
+            raise UnsupportedArchitectureError(
+                f"{type(instance).__name__}'s bidirectional blocks (images, or a prefix, that attend both ways) "
+                "have no sequence-parallel path yet: a rank's slice would cut them. Run it without "
+                "sequence_parallel; only rows without such blocks (Gemma 3's text-only rows) shard."
+            )
         blocked = boundaries.with_blocks(blocks)
         if BOUNDARIES_KWARG in call:
             call[BOUNDARIES_KWARG] = blocked
@@ -182,6 +308,12 @@ def _patch(model, patcher, options) -> None:
         patcher.wrap_method(model.base_model, "forward", _blocks_forward(BLOCKS[model.config.model_type]))
     if model.config.model_type in TEXT_ONLY:
         patcher.wrap_method(model.base_model, "forward", _refuse_packed_images(TEXT_ONLY[model.config.model_type]))
+    if options.sequence_parallel is not None:
+        if model.config.model_type in SEQUENCE_PARALLEL_IMAGES:
+            for modality in ("image", "video"):
+                if hasattr(model.base_model, f"get_{modality}_features"):
+                    patcher.wrap_method(model.base_model, f"get_{modality}_features", _cut_features(modality))
+        patcher.wrap_method(model.base_model, "forward", _sharded_vision_forward)
 
 
 # ---------------------------------------------------------------- tiny twins and samples

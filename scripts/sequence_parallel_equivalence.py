@@ -8,7 +8,15 @@ its gradients summed over ranks (``all_reduce``) must equal the reference (float
 split (each rank runs its slice with its own positions and no exchange) is measured too, to show
 the comparison sees what sequence parallel fixes.
 
+With ``--images`` the batch is a vision-language one: the tiny twin's standard samples (text,
+images, a video where the type mixes them; ``hf_varlen_patch.testing.multimodal_samples``) packed
+by ``pack_multimodal``, the vision inputs handed whole to every rank. The gradients compared then
+include the vision tower's ("vision_grads": its largest error); "split_images" counts the images
+whose placeholder tokens straddle two ranks. The naive split runs the slice's tokens alone (its
+placeholders as plain tokens: a slice cannot pair a part of an image's placeholders with it).
+
     torchrun --nproc_per_node 2 scripts/sequence_parallel_equivalence.py llama mistral --backend sdpa
+    torchrun --nproc_per_node 3 scripts/sequence_parallel_equivalence.py qwen2_5_vl qwen2_vl --images
     torchrun --nproc_per_node 1 scripts/sequence_parallel_equivalence.py llama --device cuda --dtype bfloat16
     torchrun --nproc_per_node 2 scripts/sequence_parallel_equivalence.py --all    # the registry, ~5 min on 2 cores
 Rank 0 prints one JSON line per type: {"model_type", "degree", "logits", "loss", "grads", "naive"}.
@@ -35,6 +43,35 @@ def packed_batch(vocab: int, lengths: list[int], seed: int = 0) -> dict:
     return {"input_ids": ids, "position_ids": positions, "labels": labels}
 
 
+def image_batch(model, device: str, dtype: torch.dtype) -> dict:
+    """The twin's standard vision-language samples, packed (pack_multimodal), on ``device``."""
+    from hf_varlen_patch.packing import pack_multimodal
+    from hf_varlen_patch.testing import multimodal_layouts, multimodal_samples
+
+    samples = multimodal_samples(model, multimodal_layouts(model.config.model_type), seed=1)
+    batch = pack_multimodal(samples)
+    return {
+        k: (v.to(device, dtype) if v.is_floating_point() else v.to(device)) if isinstance(v, torch.Tensor) else v
+        for k, v in batch.items()
+    }
+
+
+def split_images(model, ids: torch.Tensor, share: int) -> tuple[int, int]:
+    """(images and videos in the row, how many of them have placeholder tokens on two ranks)."""
+    config = model.config
+    marks = [getattr(config, name, None) for name in ("image_token_id", "video_token_id")]
+    flat = ids.reshape(-1).tolist()
+    runs, start = [], None
+    for i, token in enumerate([*flat, None]):
+        inside = token is not None and token in marks
+        if inside and start is None:
+            start = i
+        elif not inside and start is not None:
+            runs.append((start, i))
+            start = None
+    return len(runs), sum(1 for a, b in runs if a // share != (b - 1) // share)
+
+
 def grads(model) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -52,6 +89,7 @@ def check(
     dtype: str = "float32",
     checkpointing: bool = False,
     attention: str = "auto",
+    images: bool = False,
 ) -> dict:
     import hf_varlen_patch
     from hf_varlen_patch.testing import tiny_model as tiny
@@ -60,11 +98,17 @@ def check(
         return tiny(name).to(device=device, dtype=getattr(torch, dtype))
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    reference = hf_varlen_patch.apply(tiny_model(model_type), backend=backend)
-    vocab = reference.config.get_text_config().vocab_size
-    batch = {k: v.to(device) for k, v in packed_batch(vocab, lengths).items()}
+    reference = tiny_model(model_type)
+    extra = {}
+    if images:  # the samples' placeholders are counted with the unpatched model's own feature functions
+        batch = image_batch(reference, device, getattr(torch, dtype))
+        extra = {"use_cache": False}
+    else:
+        vocab = reference.config.get_text_config().vocab_size
+        batch = {k: v.to(device) for k, v in packed_batch(vocab, lengths).items()}
+    reference = hf_varlen_patch.apply(reference, backend=backend)
     total = batch["input_ids"].shape[1]
-    out = reference(**batch)
+    out = reference(**batch, **extra)
     out.loss.backward()
     expected_logits, expected_loss, expected_grads = out.logits.detach(), float(out.loss), grads(reference)
 
@@ -74,7 +118,7 @@ def check(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
     shard = hf_varlen_patch.shard_packed_batch(batch)
-    out = model(**shard)
+    out = model(**shard, **extra)
     out.loss.backward()
     loss = out.loss.detach().clone()
     dist.all_reduce(loss)
@@ -93,7 +137,7 @@ def check(
     # in eval mode every rank reports the whole stream's loss (what Trainer's evaluation averages)
     model.eval()
     with torch.no_grad():
-        eval_error = torch.tensor(abs(float(model(**shard).loss) - expected_loss), device=device)
+        eval_error = torch.tensor(abs(float(model(**shard, **extra).loss) - expected_loss), device=device)
     dist.all_reduce(eval_error, op=dist.ReduceOp.MAX)
 
     # the naive split: this rank's slice with its own positions, nothing exchanged
@@ -101,10 +145,20 @@ def check(
     share = shard["input_ids"].shape[1]
     piece = slice(rank * share, min((rank + 1) * share, total))
     with torch.no_grad():
-        naive_logits = naive(input_ids=batch["input_ids"][:, piece], position_ids=batch["position_ids"][:, piece])
+        naive_logits = naive(
+            input_ids=batch["input_ids"][:, piece], position_ids=batch["position_ids"][:, piece], **extra
+        )
     naive_logits = naive_logits.logits
     naive_error = torch.tensor(float((naive_logits - expected_logits[:, piece]).abs().max()), device=device)
     dist.all_reduce(naive_error, op=dist.ReduceOp.MAX)
+    vision = {}
+    if images:
+        count, split = split_images(reference, batch["input_ids"], share)
+        vision = {"images": count, "split_images": split}
+        if count:  # the vision tower's own parameters (a text-only batch leaves them without gradients)
+            tower = {n: g for n, g in sharded_grads.items() if n.startswith(("model.visual.", "visual."))}
+            assert tower, "the vision tower got no gradient"
+            vision["vision_grads"] = max_error(tower, {n: expected_grads[n] for n in tower})
     return {
         "model_type": model_type,
         "degree": world,
@@ -115,6 +169,7 @@ def check(
         "eval_loss": float(eval_error),
         "grads": max_error(sharded_grads, expected_grads),
         "naive": float(naive_error),
+        **vision,
     }
 
 
@@ -129,6 +184,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the sharded run")
     parser.add_argument("--attention", default="auto", choices=("auto", "ulysses", "all_gather_kv"))
+    parser.add_argument("--images", action="store_true", help="vision-language batches with images (tiny VLMs)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.device == "cuda":
@@ -143,9 +199,8 @@ def main() -> None:
     counts = {"exact": 0, "refused": 0, "differs": 0}
     for model_type in types:
         try:
-            result = check(
-                model_type, args.backend, lengths, args.device, args.dtype, args.checkpointing, args.attention
-            )
+            options = (args.device, args.dtype, args.checkpointing, args.attention, args.images)
+            result = check(model_type, args.backend, lengths, *options)
         except Exception as err:  # reported per type, as the refusal it should be
             result = {"model_type": model_type, "degree": dist.get_world_size(), "error": type(err).__name__,
                       "message": str(err)[:300]}  # fmt: skip

@@ -12,6 +12,12 @@ ops run on the gathered stream: gated delta rule + convolution (qwen3_next), Mam
 RG-LRU with position resets (recurrent_gemma). Refused, with a typed error: a family whose layers
 read a slice's own offsets (roberta's positions, rwkv's recurrence) and a decoder whose loss is
 computed inline over the slice (bart).
+
+Vision-language batches with images (``--images``, degrees 2 and 3): the mRoPE family's tiny
+twins (qwen2_vl, qwen2_5_vl; on 5.x also qwen3_vl, qwen3_vl_moe, glm4v, qwen3_5, qwen3_5_moe) with
+text, images and a video packed by ``pack_multimodal``; an image's placeholder tokens straddle two
+ranks at both degrees. Logits, loss and every gradient (the vision tower's included) equal one
+process; llava, whose image features have no sequence-parallel cut, is refused.
 """
 
 import json
@@ -36,6 +42,8 @@ REFUSED = {
     "bart": "MalformedBatchError",
 }
 TOL = 1e-5
+#: vision-language types whose batches with images shard (where the release has and patches them)
+EXACT_IMAGES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe", "glm4v", "qwen3_5", "qwen3_5_moe"]
 
 
 def _on_this_release(model_type: str) -> bool:
@@ -88,6 +96,42 @@ def test_sequence_parallel_with_gradient_checkpointing():
         row = results[model_type]
         assert "error" not in row, row
         assert max(row["logits"], row["loss"], row["grads"]) <= TOL, row
+
+
+@pytest.mark.parametrize("degree", [2, 3])
+def test_sequence_parallel_with_images_equals_one_process(degree):
+    """mRoPE positions of the whole stream, each rank the feature rows of its own placeholders."""
+    exact = [t for t in EXACT_IMAGES if _on_this_release(t)]
+    assert {"qwen2_vl", "qwen2_5_vl"} <= set(exact)
+    results = _launch(degree, [*exact, "llava"], "--images")
+    for model_type in exact:
+        row = results[model_type]
+        assert "error" not in row, row
+        assert row["degree"] == degree and row["images"] >= 3, row
+        assert max(row["logits"], row["loss"], row["grads"], row["eval_loss"], row["vision_grads"]) <= TOL, row
+        assert row["naive"] > 1e-2, row
+    assert results["qwen2_5_vl"]["split_images"] >= 1  # an image on two ranks
+    refused = results["llava"]
+    assert refused.get("error") == "UnsupportedArchitectureError", refused
+    assert "sequence parallel" in refused["message"], refused
+
+
+def test_shard_packed_batch_slices_type_ids_and_hands_vision_inputs_whole():
+    pixels, grid = torch.randn(8, 12), torch.tensor([[1, 2, 4]])
+    batch = {
+        "input_ids": torch.tensor([[1, 2, 9, 9, 3, 4, 5]]),
+        "mm_token_type_ids": torch.tensor([[0, 0, 1, 1, 0, 0, 0]]),
+        "position_ids": torch.tensor([[0, 1, 2, 3, 4, 0, 1]]),
+        "pixel_values": pixels,
+        "image_grid_thw": grid,
+    }
+    shards = [hf_varlen_patch.shard_packed_batch(batch, rank=r, world_size=2) for r in range(2)]
+    assert [s["mm_token_type_ids"].tolist() for s in shards] == [[[0, 0, 1, 1]], [[0, 0, 0, 0]]]  # padded with text
+    assert all(s["pixel_values"] is pixels and s["image_grid_thw"] is grid for s in shards)
+    with pytest.raises(MalformedBatchError, match=r"does not know how to split \['image_sizes'\]"):
+        hf_varlen_patch.shard_packed_batch({**batch, "image_sizes": torch.tensor([[4, 4]])}, rank=0, world_size=2)
+    with pytest.raises(MalformedBatchError, match="one value per token"):
+        hf_varlen_patch.shard_packed_batch({**batch, "mm_token_type_ids": torch.zeros(1, 3)}, rank=0, world_size=2)
 
 
 def test_shard_packed_batch_splits_the_stream_and_shifts_labels_globally():
