@@ -29,7 +29,7 @@ from .errors import (
     VarlenPatchError,
 )
 from .guards import CROSS_ATTENTION, refuse_unpackable
-from .sequence_parallel import sharded_boundaries, stream_targets, with_stream_loss
+from .sequence_parallel import LAYOUT_KEY, sharded_boundaries, stream_targets, with_stream_loss
 from .unpad import plan_unpadding, scatter_outputs, unpadded_call
 
 
@@ -602,8 +602,8 @@ def make_entry_wrapper(
     without a cache, made to the outermost patched forward, runs its real tokens packed
     (:mod:`hf_varlen_patch.unpad`): from the top model the head and the loss run on real tokens
     only; a caller that runs the base model itself (TRL's fused log-prob head) gets the same.
-    ``sequence_parallel`` (a :class:`~hf_varlen_patch.SequenceParallel`): packed calls carry one rank's slice of a stream
-    (:func:`hf_varlen_patch.sequence_parallel.shard_packed_batch`); their boundaries are the
+    ``sequence_parallel`` (a :class:`~hf_varlen_patch.SequenceParallel`): packed calls carry one
+    rank's slice of a stream (:func:`hf_varlen_patch.sequence_parallel.shard_packed_batch`); their boundaries are the
     slice's, with the stream's global ones for attention.
     """
 
@@ -625,7 +625,7 @@ def make_entry_wrapper(
                         "stream's global offsets: each rank would attend within its own slice only. Shard the "
                         "packed batch with hf_varlen_patch.shard_packed_batch."
                     )
-            for name in COLLATOR_KWARGS:
+            for name in (*COLLATOR_KWARGS, LAYOUT_KEY):
                 call.pop(name, None)
         if not takes_seq_idx:
             call.pop("seq_idx", None)  # TRL's padding-free collator sends it; the boundaries replace it

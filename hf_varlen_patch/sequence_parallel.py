@@ -102,11 +102,34 @@ class SequenceParallel:
         return dataclasses.replace(found, group=group)
 
 
+LAYOUTS = ("contiguous", "zigzag")
+#: The sharded batch's key naming its layout (absent: contiguous); the patched model pops it.
+LAYOUT_KEY = "sequence_parallel_layout"
+
+
+def slice_pieces(layout: str, rank: int, world: int, total: int) -> tuple[tuple[int, int], ...]:
+    """The runs ``(start, end)`` of stream tokens that ``rank`` holds, in its local order.
+
+    ``contiguous``: one run of ``total / world`` tokens. ``zigzag``: the stream cut into
+    ``2 * world`` chunks, rank r holding chunks r and ``2 * world - 1 - r``, so that every rank's
+    queries see about as many earlier keys (causal attention over gathered keys is balanced)."""
+    if layout == "contiguous":
+        share = total // world
+        return ((rank * share, (rank + 1) * share),)
+    chunk = total // (2 * world)
+    late = 2 * world - 1 - rank
+    return ((rank * chunk, (rank + 1) * chunk), (late * chunk, (late + 1) * chunk))
+
+
 @dataclass(frozen=True, eq=False)
 class SequenceShard:
     """Where this rank's slice sits in the packed stream, and the stream's global boundaries.
-    ``key_start``: where the sequence holding the slice's first token starts (the first key any
-    of the slice's queries may see)."""
+
+    ``pieces``: the runs ``(start, end, key_start)`` of stream tokens this rank holds, in local
+    order (one for the contiguous layout, two for zigzag); ``key_start`` is where the sequence
+    holding the run's first token starts (the first key any of the run's queries may see).
+    ``offset`` is the first run's start. Tensors gathered from the ranks come in rank order:
+    :meth:`to_stream` puts them in stream order, :meth:`take_local` takes this rank's tokens back."""
 
     group: Any
     rank: int
@@ -114,7 +137,44 @@ class SequenceShard:
     offset: int
     whole: Boundaries
     attention: str = "auto"
-    key_start: int = 0
+    layout: str = "contiguous"
+    pieces: tuple[tuple[int, int, int], ...] = ()
+
+    @property
+    def contiguous(self) -> bool:
+        return self.layout == "contiguous"
+
+    def _indices(self, rank: int, device: Any) -> torch.Tensor:
+        runs = slice_pieces(self.layout, rank, self.world, self.whole.shape[1])
+        return torch.cat([torch.arange(a, b, device=device) for a, b in runs])
+
+    def indices(self, device: Any = None) -> torch.Tensor:
+        """This rank's stream indices, in local order."""
+        return self._indices(self.rank, device if device is not None else self.whole.device)
+
+    def rank_order(self, device: Any) -> torch.Tensor:
+        """The stream index of every token of a tensor gathered in rank order."""
+        return torch.cat([self._indices(r, device) for r in range(self.world)])
+
+    def to_stream(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        """A tensor gathered in rank order along ``axis`` -> stream order."""
+        if self.contiguous:
+            return x
+        return x.index_select(axis, torch.argsort(self.rank_order(x.device)))
+
+    def to_ranks(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        """A tensor in stream order along ``axis`` -> rank order (every rank's tokens together)."""
+        if self.contiguous:
+            return x
+        return x.index_select(axis, self.rank_order(x.device))
+
+    def take_local(self, x: torch.Tensor, axis: int) -> torch.Tensor:
+        """This rank's tokens of a tensor in stream order along ``axis``."""
+        axis = axis % x.ndim
+        if self.contiguous:
+            start, end, _ = self.pieces[0]
+            return x.narrow(axis, start, end - start)
+        return x.index_select(axis, self.indices(x.device))
 
 
 def _refuse_slice_offsets(name: str) -> UnsupportedArchitectureError:
@@ -184,13 +244,11 @@ class ShardedBoundaries(Boundaries):
 
     def __repr__(self) -> str:
         shard = self.shard
-        where = f"tokens {shard.offset}..{shard.offset + self.shape[1]} of {shard.whole.shape[1]}"
-        return f"ShardedBoundaries(rank {shard.rank} of {shard.world}, {where})"
+        where = " + ".join(f"tokens {a}..{b}" for a, b, _ in shard.pieces)
+        return f"ShardedBoundaries(rank {shard.rank} of {shard.world}, {where} of {shard.whole.shape[1]})"
 
     def position_ids(self) -> torch.Tensor:
-        shard = self.shard
-        flat = shard.whole.position_ids().reshape(-1)
-        return flat[shard.offset : shard.offset + self.shape[1]].view(self.shape)
+        return self.shard.take_local(self.shard.whole.position_ids().reshape(-1), 0).view(self.shape)
 
 
 def _group_info(group: Any) -> tuple[int, int]:
@@ -233,10 +291,17 @@ def sharded_boundaries(call: Mapping[str, Any], parallel: SequenceParallel, *, c
         )
     max_len = call.get("max_length_q") or call.get("max_length_k")
     whole = Boundaries.from_cu_seqlens(cu.to(torch.int32), max_len, shape=(1, total), check=check_inputs)
-    offset = rank * length
-    key_start = int(cu_host[cu_host <= offset].max())
-    shard = SequenceShard(group=group, rank=rank, world=world, offset=offset, whole=whole,
-                          attention=parallel.attention, key_start=key_start)  # fmt: skip
+    layout = call.get(LAYOUT_KEY) or "contiguous"
+    if layout not in LAYOUTS or (layout == "zigzag" and total % (2 * world)):
+        raise MalformedBatchError(
+            f"a sequence-parallel slice in layout {layout!r} of {total} tokens over {world} ranks: shard the packed "
+            f"batch with shard_packed_batch (layout one of {LAYOUTS})."
+        )
+    pieces = tuple(
+        (start, end, int(cu_host[cu_host <= start].max())) for start, end in slice_pieces(layout, rank, world, total)
+    )
+    shard = SequenceShard(group=group, rank=rank, world=world, offset=pieces[0][0], whole=whole,
+                          attention=parallel.attention, layout=layout, pieces=pieces)  # fmt: skip
     local = ShardedBoundaries.of_slice((1, length), shard)
     positions = call.get("position_ids")
     if check_inputs and isinstance(positions, torch.Tensor) and positions.ndim == 2:
@@ -256,6 +321,7 @@ def shard_packed_batch(
     rank: int | None = None,
     world_size: int | None = None,
     pad_token_id: int = 0,
+    layout: str = "contiguous",
 ) -> dict[str, Any]:
     """This rank's share of one packed batch, for a model patched with
     ``apply(model, sequence_parallel=group)``.
@@ -273,12 +339,19 @@ def shard_packed_batch(
     the single-process loss); the global ``cu_seq_lens_q/k`` and ``max_length_q/k``. ``rank`` /
     ``world_size`` default to ``group``'s.
 
+    ``layout="zigzag"`` (:func:`slice_pieces`) gives each rank two chunks of the stream instead of
+    one run (the stream padded to a multiple of twice the degree), which balances causal attention
+    over gathered keys (``SequenceParallel(attention="all_gather_kv")``) when sequences are long;
+    the batch then says so (``sequence_parallel_layout``) and the patched model follows it.
+
     A vision-language batch (:func:`~hf_varlen_patch.packing.pack_multimodal`) shards too: its
     per-token type ids (``mm_token_type_ids``, ``token_type_ids``) are sliced like ``input_ids``
     (0, text, on the padding), and its vision inputs (:data:`VISION_INPUTS`: pixels and grids) go
     whole to every rank: each rank runs the vision tower on every image and keeps the features of
     its own slice's placeholder tokens (the patched model does; types that cannot are refused).
     """
+    if layout not in LAYOUTS:
+        raise MalformedBatchError(f"shard_packed_batch's layout must be one of {LAYOUTS}, not {layout!r}.")
     if rank is None or world_size is None:
         group_rank, group_world = _group_info(group)
         rank = group_rank if rank is None else rank
@@ -337,7 +410,8 @@ def shard_packed_batch(
     shifted = torch.full_like(labels, IGNORE_INDEX)
     shifted[:, :-1] = labels[:, 1:]
     shifted[0, (cu[1:] - 1).to(labels.device)] = IGNORE_INDEX
-    padded = -(-length // world_size) * world_size
+    multiple = world_size * (2 if layout == "zigzag" else 1)
+    padded = -(-length // multiple) * multiple
     pad = padded - length
     positions = whole.position_ids()
     if pad:
@@ -346,23 +420,27 @@ def shard_packed_batch(
         shifted = torch.cat([shifted, shifted.new_full((1, pad), IGNORE_INDEX)], dim=1)
         cu = torch.cat([cu, torch.tensor([padded])])
         types = {key: torch.cat([value, value.new_zeros(1, pad)], dim=1) for key, value in types.items()}
-    share = padded // world_size
-    piece = slice(rank * share, (rank + 1) * share)
     device = ids.device
+    piece = torch.cat([torch.arange(a, b) for a, b in slice_pieces(layout, rank, world_size, padded)])
+
+    def take(x: torch.Tensor) -> torch.Tensor:
+        return x.index_select(1, piece.to(x.device))
+
     cu_dev = cu.to(device=device, dtype=torch.int32)
     max_len = int((cu[1:] - cu[:-1]).max())
     return {
-        "input_ids": ids[:, piece],
-        "position_ids": positions[:, piece],
-        "labels": shifted[:, piece],
-        "shift_labels": shifted[:, piece],
+        "input_ids": take(ids),
+        "position_ids": take(positions),
+        "labels": take(shifted),
+        "shift_labels": take(shifted),
         "num_items_in_batch": int((shifted != IGNORE_INDEX).sum()),
         "cu_seq_lens_q": cu_dev,
         "cu_seq_lens_k": cu_dev,
         "max_length_q": max_len,
         "max_length_k": max_len,
-        **{key: value[:, piece] for key, value in types.items()},
+        **{key: take(value) for key, value in types.items()},
         **{key: batch[key] for key in VISION_INPUTS if batch.get(key) is not None},
+        **({LAYOUT_KEY: layout} if layout != "contiguous" else {}),
     }
 
 
@@ -383,12 +461,12 @@ class SequenceParallelCollator:
     """
 
     def __init__(self, collator: Callable[[list], Mapping[str, Any]] | None = None, *, group: Any = None,
-                 pad_token_id: int = 0) -> None:  # fmt: skip
+                 pad_token_id: int = 0, layout: str = "contiguous") -> None:  # fmt: skip
         if collator is None:
             from transformers import DataCollatorWithFlattening
 
             collator = DataCollatorWithFlattening(return_position_ids=True, separator_id=IGNORE_INDEX)
-        self.collator, self.group, self.pad_token_id = collator, group, pad_token_id
+        self.collator, self.group, self.pad_token_id, self.layout = collator, group, pad_token_id, layout
 
     def __call__(self, examples: list) -> dict[str, Any]:
         import torch.distributed as dist
@@ -404,7 +482,12 @@ class SequenceParallelCollator:
         dist.all_gather_object(gathered, list(examples), group=self.group)
         stream = [example for part in gathered for example in part]
         return shard_packed_batch(
-            self.collator(stream), group=self.group, rank=rank, world_size=world, pad_token_id=self.pad_token_id
+            self.collator(stream),
+            group=self.group,
+            rank=rank,
+            world_size=world,
+            pad_token_id=self.pad_token_id,
+            layout=self.layout,
         )
 
 
@@ -474,7 +557,8 @@ def ulysses_attention(
         out = []
         for c, part in zip(chunks, received.split(sizes, dim=1)):
             part = part.reshape(world, *c.shape[1:])  # [j] = rank j's tokens of my heads
-            out.append(part.permute(1, 0, 2, 3).reshape(1, c.shape[1], world * length, c.shape[3]))
+            whole = part.permute(1, 0, 2, 3).reshape(1, c.shape[1], world * length, c.shape[3])
+            out.append(shard.to_stream(whole, 2))
         return out
 
     if not (query.dtype == key.dtype == value.dtype):
@@ -486,7 +570,7 @@ def ulysses_attention(
         sinks=_per_head(spec.sinks, q_total, rank, local_heads),
         alibi_slopes=_per_head(spec.alibi_slopes, q_total, rank, local_heads),
     )
-    out = attend(q, k, v, shard.whole, spec)  # (1, P*L, H/P, Dv)
+    out = shard.to_ranks(attend(q, k, v, shard.whole, spec), 1)  # (1, P*L, H/P, Dv)
     dim = out.shape[-1]
     pieces = out.reshape(world, length, local_heads, dim)  # [j] = rank j's tokens
     received = _all_to_all(pieces, group)  # [j] = my tokens of rank j's heads
@@ -508,8 +592,9 @@ def gathered_kv_attention(
     k/v (1, Hk, L, D) of the local slice -> (1, L, Hq, Dv).
 
     Keys and values are all-gathered in one collective (its backward hands each rank the summed
-    gradient of its own slice), then trimmed to ``[key_start, end of the slice)``: a query never
-    sees a key past itself, nor one before its own sequence's start. The mask comes from the
+    gradient of its own slice); each run of the rank's tokens (one, or two under the zigzag
+    layout) attends over the keys ``[key_start, end of the run)``: a query never sees a key past
+    itself, nor one before its own sequence's start. The mask comes from the
     stream's global sequence ids and token indices (causal, windows), ALiBi from global distances;
     attention runs dense (:func:`~hf_varlen_patch.backends.reference.masked_attention`)."""
     from .backends.reference import masked_attention
@@ -519,23 +604,29 @@ def gathered_kv_attention(
     if query.dtype == torch.float32 and torch.is_autocast_enabled(query.device.type):
         dtype = torch.get_autocast_dtype(query.device.type)
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
-    length, key_dim = query.shape[2], key.shape[-1]
-    start, end = shard.key_start, shard.offset + length
-    both = _gather(torch.cat([key, value], dim=-1), shard, 2)[:, :, start:end]
-    key, value = both[..., :key_dim], both[..., key_dim:]
+    key_dim = key.shape[-1]
+    # keys and values of the whole stream, in stream order (one gather)
+    both = shard.to_stream(_gather(torch.cat([key, value], dim=-1), shard, 2), 2)
     seq = shard.whole.seq_idx.to(query.device).reshape(-1)
-    i = torch.arange(shard.offset, end, device=query.device)[:, None]
-    j = torch.arange(start, end, device=query.device)[None, :]
-    allowed = seq[i] == seq[j]
-    if spec.causal:
-        allowed = allowed & (j <= i)
-    if spec.window is not None:
-        allowed = allowed & (j > i - spec.window)
-        if not spec.causal:
-            allowed = allowed & (j < i + spec.window)
-    distance = (i - j).abs() if spec.alibi_slopes is not None else None
-    out = masked_attention(query, key, value, allowed[None, None], spec, distance)
-    return out.transpose(1, 2)
+    outs, local = [], 0
+    for start, end, key_start in shard.pieces:  # each run of this rank's tokens: its queries, its keys
+        queries = query[:, :, local : local + end - start]
+        local += end - start
+        keys = both[:, :, key_start:end]
+        i = torch.arange(start, end, device=query.device)[:, None]
+        j = torch.arange(key_start, end, device=query.device)[None, :]
+        allowed = seq[i] == seq[j]
+        if spec.causal:
+            allowed = allowed & (j <= i)
+        if spec.window is not None:
+            allowed = allowed & (j > i - spec.window)
+            if not spec.causal:
+                allowed = allowed & (j < i + spec.window)
+        distance = (i - j).abs() if spec.alibi_slopes is not None else None
+        outs.append(
+            masked_attention(queries, keys[..., :key_dim], keys[..., key_dim:], allowed[None, None], spec, distance)
+        )
+    return torch.cat(outs, dim=2).transpose(1, 2)
 
 
 # ---------------------------------------------------------------- recurrent ops
@@ -573,18 +664,14 @@ def _gather(x: torch.Tensor, shard: SequenceShard, axis: int) -> torch.Tensor:
 
 def whole_stream_ids(x: torch.Tensor, shard: SequenceShard) -> torch.Tensor:
     """The whole stream (1, T) of a per-token integer tensor (token ids, type ids) of which this
-    rank holds its slice (1, T / degree): gathered from every rank, in rank order, without a
+    rank holds its slice (1, T / degree): gathered from every rank, in stream order, without a
     gradient. Every rank of the group must call it at the same point of its forward."""
     import torch.distributed as dist
 
     piece = x.reshape(1, -1).contiguous()
     pieces = [torch.empty_like(piece) for _ in range(shard.world)]
     dist.all_gather(pieces, piece, group=shard.group)
-    return torch.cat(pieces, dim=1)
-
-
-def _local(x: torch.Tensor, shard: SequenceShard, axis: int, length: int) -> torch.Tensor:
-    return x.narrow(axis, shard.offset, length)
+    return shard.to_stream(torch.cat(pieces, dim=1), 1)
 
 
 def on_whole_stream(
@@ -609,15 +696,15 @@ def on_whole_stream(
         front = [call[n].movedim(given[n], 0) for n in names]
         length = front[0].shape[0]
         widths = [f[0].numel() for f in front]
-        whole = _gather(torch.cat([f.reshape(length, -1) for f in front], dim=1), shard, 0)
+        whole = shard.to_stream(_gather(torch.cat([f.reshape(length, -1) for f in front], dim=1), shard, 0), 0)
         for n, f, part in zip(names, front, whole.split(widths, dim=1)):
             call[n] = part.reshape(whole.shape[0], *f.shape[1:]).movedim(0, given[n])
     out = op(shard.whole, call)
     if length is None or out is None:
         return out
     if isinstance(out, tuple):
-        return (_local(out[0], shard, out_axis, length), *out[1:])
-    return _local(out, shard, out_axis, length)
+        return (shard.take_local(out[0], out_axis), *out[1:])
+    return shard.take_local(out, out_axis)
 
 
 # ---------------------------------------------------------------- the loss

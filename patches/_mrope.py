@@ -80,7 +80,7 @@ def sharded_rope_positions(model: torch.nn.Module, call: dict, shard, length: in
         if isinstance(call.get(key), torch.Tensor):
             whole[key] = whole_stream_ids(call[key], shard)
     positions = per_sample_rope_positions(model, whole, shard.whole)
-    return None if positions is None else positions[..., shard.offset : shard.offset + length]
+    return None if positions is None else shard.take_local(positions, -1)
 
 
 def mrope_forward(check_inputs: bool):

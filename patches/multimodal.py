@@ -162,9 +162,9 @@ def _refuse_packed_images(reason: str):
 #: placeholders cut from the whole stream's, rotary positions of the whole stream).
 SEQUENCE_PARALLEL_IMAGES = MROPE
 
-#: While a sharded forward of a vision-language model runs: modality -> (feature rows of the
-#: stream before this rank's slice, rows of its slice, rows of the stream).
-_FEATURE_ROWS: ContextVar[dict[str, tuple[int, int, int]] | None] = ContextVar("hf_varlen_feature_rows", default=None)
+#: While a sharded forward of a vision-language model runs: modality -> (for each run of this
+#: rank's tokens, the feature rows of the stream before it and in it; the stream's rows).
+_FEATURE_ROWS: ContextVar[dict[str, tuple[tuple, int]] | None] = ContextVar("hf_varlen_feature_rows", default=None)
 
 
 def _refuse_sharded_images(model_type: str, why: str) -> UnsupportedArchitectureError:
@@ -175,10 +175,10 @@ def _refuse_sharded_images(model_type: str, why: str) -> UnsupportedArchitecture
     )
 
 
-def _placeholder_rows(model, input_ids: torch.Tensor, shard, length: int) -> dict[str, tuple[int, int, int]]:
-    """Per modality, the placeholder tokens of the stream before this rank's slice, in it and in
-    all: the rows of the vision features that belong to the slice, as the model's own
-    ``get_placeholder_mask`` places them."""
+def _placeholder_rows(model, input_ids: torch.Tensor, shard, length: int) -> dict[str, tuple[tuple, int]]:
+    """Per modality, for each run of this rank's tokens the placeholder tokens of the stream before
+    it and in it, and the stream's total: the rows of the vision features that belong to the
+    slice, as the model's own ``get_placeholder_mask`` places them."""
     from hf_varlen_patch.sequence_parallel import whole_stream_ids
 
     ids = whole_stream_ids(input_ids, shard)
@@ -186,8 +186,9 @@ def _placeholder_rows(model, input_ids: torch.Tensor, shard, length: int) -> dic
     rows = {}
     for modality, mask in zip(("image", "video"), masks):
         flat = mask.reshape(-1).to("cpu", torch.int64)
-        before, mine = int(flat[: shard.offset].sum()), int(flat[shard.offset : shard.offset + length].sum())
-        rows[modality] = (before, mine, int(flat.sum()))
+        # each run of this rank's tokens: (rows before it, rows in it)
+        runs = tuple((int(flat[:start].sum()), int(flat[start:end].sum())) for start, end, _ in shard.pieces)
+        rows[modality] = (runs, int(flat.sum()))
     return rows
 
 
@@ -220,9 +221,10 @@ def _sharded_vision_forward(wrapped, instance, args, kwargs):
         _FEATURE_ROWS.reset(token)
 
 
-def _feature_rows(features: Any, start: int, count: int, total: int, modality: str) -> Any:
-    """Rows ``start:start + count`` of features given as one (N, D) tensor or per-image (n_i, D)
-    tensors (returned as one tensor in a 1-tuple, which upstream's ``torch.cat`` takes as it is)."""
+def _feature_rows(features: Any, runs: tuple[tuple[int, int], ...], total: int, modality: str) -> Any:
+    """Rows ``start:start + count`` of each run, of features given as one (N, D) tensor or per-image
+    (n_i, D) tensors (returned as one tensor in a 1-tuple, which upstream's ``torch.cat`` takes as
+    it is)."""
     if isinstance(features, torch.Tensor) and features.ndim == 2:
         rows = features
     elif isinstance(features, (tuple, list)) and all(isinstance(f, torch.Tensor) and f.ndim == 2 for f in features):
@@ -237,7 +239,7 @@ def _feature_rows(features: Any, start: int, count: int, total: int, modality: s
             f"the packed stream has {total} {modality} placeholder tokens but its {modality}s give {rows.shape[0]} "
             "feature rows; give every sample's vision inputs with its tokens (pack_multimodal)."
         )
-    cut = rows.narrow(0, start, count)
+    cut = torch.cat([rows.narrow(0, start, count) for start, count in runs])
     return cut if isinstance(features, torch.Tensor) else (cut,)
 
 

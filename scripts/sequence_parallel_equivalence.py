@@ -90,12 +90,21 @@ def check(
     checkpointing: bool = False,
     attention: str = "auto",
     images: bool = False,
+    layout: str = "contiguous",
+    lora: bool = False,
 ) -> dict:
     import hf_varlen_patch
     from hf_varlen_patch.testing import tiny_model as tiny
 
     def tiny_model(name):
-        return tiny(name).to(device=device, dtype=getattr(torch, dtype))
+        model = tiny(name).to(device=device, dtype=getattr(torch, dtype))
+        if not lora:
+            return model
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(1)  # the same adapters in every run; non-zero B, so they have gradients
+        config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
+        return get_peft_model(model, config)
 
     rank, world = dist.get_rank(), dist.get_world_size()
     reference = tiny_model(model_type)
@@ -117,14 +126,20 @@ def check(
     if checkpointing:  # every layer recomputed in the backward, collectives included
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
-    shard = hf_varlen_patch.shard_packed_batch(batch)
+    shard = hf_varlen_patch.shard_packed_batch(batch, layout=layout)
     out = model(**shard, **extra)
     out.loss.backward()
     loss = out.loss.detach().clone()
     dist.all_reduce(loss)
     gathered = [torch.empty_like(out.logits) for _ in range(world)]
     dist.all_gather(gathered, out.logits.detach().contiguous())
-    logits = torch.cat(gathered, dim=1)[:, :total]
+    from hf_varlen_patch.sequence_parallel import slice_pieces
+
+    padded = shard["input_ids"].shape[1] * world  # the ranks' tokens, in stream order
+    order = torch.cat([torch.arange(a, b) for r in range(world) for a, b in slice_pieces(layout, r, world, padded)])
+    logits = torch.empty_like(torch.cat(gathered, dim=1))
+    logits[:, order.to(logits.device)] = torch.cat(gathered, dim=1)
+    logits = logits[:, :total]
     # every parameter, in one order on every rank (a MoE expert no token of a slice chose has no gradient there)
     sharded_grads = {
         n: (p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p))
@@ -163,6 +178,7 @@ def check(
         "model_type": model_type,
         "degree": world,
         "attention": attention,
+        "layout": layout,
         "tokens": total,
         "logits": float((logits - expected_logits).abs().max()),
         "loss": abs(float(loss) - expected_loss),
@@ -184,6 +200,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing in the sharded run")
     parser.add_argument("--attention", default="auto", choices=("auto", "ulysses", "all_gather_kv"))
+    parser.add_argument("--lora", action="store_true", help="both models wrapped in PEFT LoRA adapters")
+    parser.add_argument("--layout", default="contiguous", choices=("contiguous", "zigzag"), help="the ranks' slices")
     parser.add_argument("--images", action="store_true", help="vision-language batches with images (tiny VLMs)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -199,7 +217,7 @@ def main() -> None:
     counts = {"exact": 0, "refused": 0, "differs": 0}
     for model_type in types:
         try:
-            options = (args.device, args.dtype, args.checkpointing, args.attention, args.images)
+            options = (args.device, args.dtype, args.checkpointing, args.attention, args.images, args.layout, args.lora)
             result = check(model_type, args.backend, lengths, *options)
         except Exception as err:  # reported per type, as the refusal it should be
             result = {"model_type": model_type, "degree": dist.get_world_size(), "error": type(err).__name__,

@@ -29,7 +29,7 @@ import pytest
 import torch
 
 import hf_varlen_patch
-from hf_varlen_patch import MalformedBatchError
+from hf_varlen_patch import MalformedBatchError, StalePatchError
 from hf_varlen_patch.packing import PackingCollator
 from hf_varlen_patch.testing import tiny_model
 
@@ -65,26 +65,44 @@ def _launch(degree: int, types: list[str], *extra: str) -> dict[str, dict]:
 
 
 @pytest.mark.parametrize(
-    "degree, attention",
+    "degree, attention, layout",
     # auto: Ulysses where the degree divides the query heads (2, 4: the tiny models have 4), else
     # all_gather_kv (3); then each form where auto would not take it: Ulysses with padded heads,
-    # and gathered keys at a degree that divides the heads
-    [(2, "auto"), (3, "auto"), (4, "auto"), (3, "ulysses"), (4, "all_gather_kv")],
+    # and gathered keys at a degree that divides the heads, on zigzag slices (two chunks per rank)
+    [
+        (2, "auto", "contiguous"),
+        (3, "auto", "contiguous"),
+        (4, "auto", "contiguous"),
+        (3, "ulysses", "contiguous"),
+        (4, "all_gather_kv", "zigzag"),
+        (2, "ulysses", "zigzag"),
+    ],  # fmt: skip
 )
-def test_sequence_parallel_equals_one_process(degree, attention):
+def test_sequence_parallel_equals_one_process(degree, attention, layout):
     exact = [t for t in EXACT if _on_this_release(t)]
     assert {"llama", "gemma2", "bloom", "qwen3_next"} <= set(exact)
-    results = _launch(degree, exact + list(REFUSED), "--attention", attention)
+    results = _launch(degree, exact + list(REFUSED), "--attention", attention, "--layout", layout)
     for model_type in exact:
         row = results[model_type]
         assert "error" not in row, row
-        assert row["degree"] == degree and row["attention"] == attention
+        assert (row["degree"], row["attention"], row["layout"]) == (degree, attention, layout)
         assert max(row["logits"], row["loss"], row["grads"], row["eval_loss"]) <= TOL, row
         assert row["naive"] > 1e-2, row  # the naive split attends within its own slice
     for model_type, error in REFUSED.items():
         row = results[model_type]
         assert row.get("error") == error, row
         assert "sequence parallel" in row["message"], row
+
+
+def test_sequence_parallel_under_lora():
+    """PEFT LoRA adapters (on every linear layer) on the sharded and the reference model: the
+    adapters' summed gradients equal one process's."""
+    types = [t for t in ("llama", "qwen3_next", "bamba") if _on_this_release(t)]
+    results = _launch(2, types, "--lora")
+    for model_type in types:
+        row = results[model_type]
+        assert "error" not in row, row
+        assert max(row["logits"], row["loss"], row["grads"]) <= TOL, row
 
 
 def test_sequence_parallel_with_gradient_checkpointing():
@@ -98,19 +116,21 @@ def test_sequence_parallel_with_gradient_checkpointing():
         assert max(row["logits"], row["loss"], row["grads"]) <= TOL, row
 
 
-@pytest.mark.parametrize("degree", [2, 3])
-def test_sequence_parallel_with_images_equals_one_process(degree):
-    """mRoPE positions of the whole stream, each rank the feature rows of its own placeholders."""
+@pytest.mark.parametrize("degree, layout", [(2, "contiguous"), (3, "contiguous"), (3, "zigzag")])
+def test_sequence_parallel_with_images_equals_one_process(degree, layout):
+    """mRoPE positions of the whole stream, each rank the feature rows of its own placeholders
+    (of both its chunks, on zigzag slices)."""
     exact = [t for t in EXACT_IMAGES if _on_this_release(t)]
     assert {"qwen2_vl", "qwen2_5_vl"} <= set(exact)
-    results = _launch(degree, [*exact, "llava"], "--images")
+    results = _launch(degree, [*exact, "llava"], "--images", "--layout", layout)
     for model_type in exact:
         row = results[model_type]
         assert "error" not in row, row
         assert row["degree"] == degree and row["images"] >= 3, row
         assert max(row["logits"], row["loss"], row["grads"], row["eval_loss"], row["vision_grads"]) <= TOL, row
         assert row["naive"] > 1e-2, row
-    assert results["qwen2_5_vl"]["split_images"] >= 1  # an image on two ranks
+    if layout == "contiguous":
+        assert results["qwen2_5_vl"]["split_images"] >= 1  # an image on two ranks
     refused = results["llava"]
     assert refused.get("error") == "UnsupportedArchitectureError", refused
     assert "sequence parallel" in refused["message"], refused
@@ -149,6 +169,27 @@ def test_shard_packed_batch_splits_the_stream_and_shifts_labels_globally():
     ]
     assert all(s["num_items_in_batch"] == 8 for s in shards)
     assert shards[0]["cu_seq_lens_q"].tolist() == [0, 4, 9, 11, 12]
+
+
+def test_zigzag_slices_hold_chunks_r_and_2p_minus_1_minus_r():
+    ids = torch.arange(1, 12)[None]  # 11 tokens; degree 2 zigzag pads to a multiple of 4: 12
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 0, 1]])
+    shards = [
+        hf_varlen_patch.shard_packed_batch(
+            {"input_ids": ids, "position_ids": positions}, rank=r, world_size=2, layout="zigzag"
+        )
+        for r in range(2)
+    ]
+    assert [s["input_ids"].tolist() for s in shards] == [[[1, 2, 3, 10, 11, 0]], [[4, 5, 6, 7, 8, 9]]]
+    assert [s["position_ids"].tolist() for s in shards] == [[[0, 1, 2, 0, 1, 0]], [[3, 0, 1, 2, 3, 4]]]
+    assert [s["shift_labels"].tolist() for s in shards] == [[[2, 3, 4, 11, -100, -100]], [[-100, 6, 7, 8, 9, -100]]]
+    assert all(s["sequence_parallel_layout"] == "zigzag" for s in shards)
+    assert "sequence_parallel_layout" not in hf_varlen_patch.shard_packed_batch(
+        {"input_ids": ids, "position_ids": positions}, rank=0, world_size=2
+    )
+    with pytest.raises(MalformedBatchError, match="layout must be one of"):
+        hf_varlen_patch.shard_packed_batch({"input_ids": ids, "position_ids": positions}, rank=0, world_size=2,
+                                           layout="ring")  # fmt: skip
 
 
 def test_rows_of_a_packed_batch_shard_as_one_stream():
@@ -213,3 +254,13 @@ def test_sequence_parallel_refusals_with_a_group(group_of_one):
     reference = hf_varlen_patch.apply(tiny_model("llama"))
     want = reference(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits
     assert torch.allclose(model(**batch).logits, want, atol=1e-5)
+
+
+def test_switching_attention_after_apply_is_refused_under_sequence_parallel(group_of_one):
+    model = hf_varlen_patch.apply(tiny_model("llama"), sequence_parallel=group_of_one)
+    model.set_attn_implementation("eager")
+    batch = hf_varlen_patch.shard_packed_batch(
+        {"input_ids": torch.randint(1, 100, (1, 9)), "position_ids": torch.tensor([[0, 1, 2, 3, 0, 1, 0, 1, 2]])}
+    )
+    with pytest.raises(StalePatchError, match="apply"):
+        model(**batch)
