@@ -125,9 +125,10 @@ def slice_pieces(layout: str, rank: int, world: int, total: int) -> tuple[tuple[
 class SequenceShard:
     """Where this rank's slice sits in the packed stream, and the stream's global boundaries.
 
-    ``pieces``: the runs ``(start, end, key_start)`` of stream tokens this rank holds, in local
-    order (one for the contiguous layout, two for zigzag); ``key_start`` is where the sequence
-    holding the run's first token starts (the first key any of the run's queries may see).
+    ``pieces``: the runs ``(start, end, key_start, key_end)`` of stream tokens this rank holds, in
+    local order (one for the contiguous layout, two for zigzag); ``key_start`` is where the
+    sequence holding the run's first token starts and ``key_end`` where the sequence holding its
+    last token ends: the keys any of the run's queries may see (causal ones only up to ``end``).
     ``offset`` is the first run's start. Tensors gathered from the ranks come in rank order:
     :meth:`to_stream` puts them in stream order, :meth:`take_local` takes this rank's tokens back."""
 
@@ -138,7 +139,7 @@ class SequenceShard:
     whole: Boundaries
     attention: str = "auto"
     layout: str = "contiguous"
-    pieces: tuple[tuple[int, int, int], ...] = ()
+    pieces: tuple[tuple[int, int, int, int], ...] = ()
 
     @property
     def contiguous(self) -> bool:
@@ -172,7 +173,7 @@ class SequenceShard:
         """This rank's tokens of a tensor in stream order along ``axis``."""
         axis = axis % x.ndim
         if self.contiguous:
-            start, end, _ = self.pieces[0]
+            start, end, _, _ = self.pieces[0]
             return x.narrow(axis, start, end - start)
         return x.index_select(axis, self.indices(x.device))
 
@@ -244,7 +245,7 @@ class ShardedBoundaries(Boundaries):
 
     def __repr__(self) -> str:
         shard = self.shard
-        where = " + ".join(f"tokens {a}..{b}" for a, b, _ in shard.pieces)
+        where = " + ".join(f"tokens {a}..{b}" for a, b, _, _ in shard.pieces)
         return f"ShardedBoundaries(rank {shard.rank} of {shard.world}, {where} of {shard.whole.shape[1]})"
 
     def position_ids(self) -> torch.Tensor:
@@ -298,7 +299,8 @@ def sharded_boundaries(call: Mapping[str, Any], parallel: SequenceParallel, *, c
             f"batch with shard_packed_batch (layout one of {LAYOUTS})."
         )
     pieces = tuple(
-        (start, end, int(cu_host[cu_host <= start].max())) for start, end in slice_pieces(layout, rank, world, total)
+        (start, end, int(cu_host[cu_host <= start].max()), int(cu_host[cu_host >= end].min()))
+        for start, end in slice_pieces(layout, rank, world, total)
     )
     shard = SequenceShard(group=group, rank=rank, world=world, offset=pieces[0][0], whole=whole,
                           attention=parallel.attention, layout=layout, pieces=pieces)  # fmt: skip
@@ -575,7 +577,7 @@ def ulysses_attention(
     pieces = out.reshape(world, length, local_heads, dim)  # [j] = rank j's tokens
     received = _all_to_all(pieces, group)  # [j] = my tokens of rank j's heads
     out = received.permute(1, 0, 2, 3).reshape(1, length, q_total, dim)
-    return out[:, :, :q_heads]
+    return out[:, :, :q_heads].contiguous()  # callers .view() it
 
 
 def uses_ulysses(shard: SequenceShard, query_heads: int) -> bool:
@@ -593,8 +595,9 @@ def gathered_kv_attention(
 
     Keys and values are all-gathered in one collective (its backward hands each rank the summed
     gradient of its own slice); each run of the rank's tokens (one, or two under the zigzag
-    layout) attends over the keys ``[key_start, end of the run)``: a query never sees a key past
-    itself, nor one before its own sequence's start. The mask comes from the
+    layout) attends over the keys of the sequences it holds (from ``key_start``; causal layers up
+    to the run's last token, bidirectional ones up to ``key_end``), masked by the stream's
+    sequence ids and token indices. The mask comes from the
     stream's global sequence ids and token indices (causal, windows), ALiBi from global distances;
     attention runs dense (:func:`~hf_varlen_patch.backends.reference.masked_attention`)."""
     from .backends.reference import masked_attention
@@ -609,12 +612,14 @@ def gathered_kv_attention(
     both = shard.to_stream(_gather(torch.cat([key, value], dim=-1), shard, 2), 2)
     seq = shard.whole.seq_idx.to(query.device).reshape(-1)
     outs, local = [], 0
-    for start, end, key_start in shard.pieces:  # each run of this rank's tokens: its queries, its keys
+    for start, end, key_start, key_end in shard.pieces:  # each run of this rank's tokens
         queries = query[:, :, local : local + end - start]
         local += end - start
-        keys = both[:, :, key_start:end]
+        if spec.causal:  # no key past the run's last query
+            key_end = end
+        keys = both[:, :, key_start:key_end]
         i = torch.arange(start, end, device=query.device)[:, None]
-        j = torch.arange(key_start, end, device=query.device)[None, :]
+        j = torch.arange(key_start, key_end, device=query.device)[None, :]
         allowed = seq[i] == seq[j]
         if spec.causal:
             allowed = allowed & (j <= i)
@@ -626,7 +631,7 @@ def gathered_kv_attention(
         outs.append(
             masked_attention(queries, keys[..., :key_dim], keys[..., key_dim:], allowed[None, None], spec, distance)
         )
-    return torch.cat(outs, dim=2).transpose(1, 2)
+    return torch.cat(outs, dim=2).transpose(1, 2).contiguous()  # callers .view() it
 
 
 # ---------------------------------------------------------------- recurrent ops

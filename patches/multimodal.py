@@ -187,7 +187,7 @@ def _placeholder_rows(model, input_ids: torch.Tensor, shard, length: int) -> dic
     for modality, mask in zip(("image", "video"), masks):
         flat = mask.reshape(-1).to("cpu", torch.int64)
         # each run of this rank's tokens: (rows before it, rows in it)
-        runs = tuple((int(flat[:start].sum()), int(flat[start:end].sum())) for start, end, _ in shard.pieces)
+        runs = tuple((int(flat[:start].sum()), int(flat[start:end].sum())) for start, end, *_ in shard.pieces)
         rows[modality] = (runs, int(flat.sum()))
     return rows
 

@@ -214,16 +214,18 @@ def main() -> None:
         from hf_varlen_patch.testing import registered_variants
 
         types = sorted({model_type for model_type, _ in registered_variants()})
-    counts = {"exact": 0, "refused": 0, "differs": 0}
+    from hf_varlen_patch.errors import VarlenPatchError
+
+    counts = {"exact": 0, "refused": 0, "differs": 0, "crashed": 0}
     for model_type in types:
         try:
             options = (args.device, args.dtype, args.checkpointing, args.attention, args.images, args.layout, args.lora)
             result = check(model_type, args.backend, lengths, *options)
-        except Exception as err:  # reported per type, as the refusal it should be
+        except Exception as err:  # reported per type: a typed refusal, or a crash (a bug)
             result = {"model_type": model_type, "degree": dist.get_world_size(), "error": type(err).__name__,
-                      "message": str(err)[:300]}  # fmt: skip
+                      "message": str(err)[:300], "typed": isinstance(err, VarlenPatchError)}  # fmt: skip
         if "error" in result:
-            counts["refused"] += 1
+            counts["refused" if result["typed"] else "crashed"] += 1
         else:
             counts["exact" if max(result["logits"], result["loss"], result["grads"]) <= 1e-5 else "differs"] += 1
         if dist.get_rank() == 0:

@@ -7,7 +7,8 @@ gathered from the ranks, the loss summed over them and the gradients summed over
 one process running the whole row after ``apply`` (float32). The naive split (each rank its own
 slice, nothing exchanged) is measured in the same run: the check sees what sequence parallel
 fixes. Types: dense (llama, qwen2), sliding window (mistral), softcap + window (gemma2), sinks
-(gpt_oss), ALiBi (bloom), learned positions and own attention (gpt2), and hybrids whose recurrent
+(gpt_oss), ALiBi (bloom), learned positions and own attention (gpt2), bidirectional attention
+within each sequence (bert), and hybrids whose recurrent
 ops run on the gathered stream: gated delta rule + convolution (qwen3_next), Mamba-2 SSD (bamba),
 RG-LRU with position resets (recurrent_gemma). Refused, with a typed error: a family whose layers
 read a slice's own offsets (roberta's positions, rwkv's recurrence) and a decoder whose loss is
@@ -34,7 +35,8 @@ from hf_varlen_patch.packing import PackingCollator
 from hf_varlen_patch.testing import tiny_model
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "sequence_parallel_equivalence.py"
-EXACT = ["llama", "qwen2", "mistral", "gemma2", "gpt_oss", "bloom", "gpt2", "qwen3_next", "bamba", "recurrent_gemma"]
+EXACT = ["llama", "qwen2", "mistral", "gemma2", "gpt_oss", "bloom", "gpt2", "bert", "qwen3_next", "bamba",
+         "recurrent_gemma"]  # fmt: skip
 #: type -> the typed error it is refused with
 REFUSED = {
     "roberta": "UnsupportedArchitectureError",
