@@ -56,6 +56,12 @@ class Boundaries:
         return self.shape[0] * self.shape[1]
 
     @property
+    def position_bound(self) -> int:
+        """Every position of this forward is below it (the row length; under sequence parallel,
+        the whole stream's): the size a rotary or position table must have."""
+        return self.shape[1]
+
+    @property
     def device(self) -> torch.device:
         return self.cu_seqlens.device
 

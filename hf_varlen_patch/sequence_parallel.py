@@ -243,6 +243,10 @@ class ShardedBoundaries(Boundaries):
     def device(self) -> torch.device:
         return self.shard.whole.device
 
+    @property
+    def position_bound(self) -> int:
+        return self.shard.whole.shape[1]
+
     def __repr__(self) -> str:
         shard = self.shard
         where = " + ".join(f"tokens {a}..{b}" for a, b, _, _ in shard.pieces)

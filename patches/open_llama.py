@@ -9,6 +9,7 @@ packed call projects and rotates as upstream and attends through the varlen back
 from __future__ import annotations
 
 from hf_varlen_patch.backends import AttentionSpec
+from hf_varlen_patch.context import boundaries_for
 from hf_varlen_patch.errors import VarlenPatchError
 from hf_varlen_patch.registry import PatchEntry, register
 
@@ -24,7 +25,8 @@ def _packed_forward(self, call: dict, attend):
     q = self.q_proj(hidden).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
     k = self.k_proj(hidden).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
     v = self.v_proj(hidden).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-    cos, sin = self.rotary_emb(v, seq_len=length)
+    # a table for every position of the forward (a slice under sequence parallel holds later ones)
+    cos, sin = self.rotary_emb(v, seq_len=boundaries_for().position_bound)
     q, k = modeling_module(self).apply_rotary_pos_emb(q, k, cos, sin, call["position_ids"])
     spec = AttentionSpec(causal=True, dropout=self.dropout_prob if self.training else 0.0)
     out = attend(q, k, v, spec)

@@ -108,7 +108,7 @@ def _legacy_longrope(self, rotary, call: dict, like: torch.Tensor):
     long = _long_tokens(position_ids, boundaries, limit)
     positions = position_ids.expand(boundaries.shape)
     short_cos, short_sin = rotary(like, seq_len=limit)
-    long_cos, long_sin = rotary(like, seq_len=max(boundaries.shape[1], limit + 1))
+    long_cos, long_sin = rotary(like, seq_len=max(boundaries.position_bound, limit + 1))
     short_at = positions.masked_fill(long, 0)
     pick = long[..., None]
     cos = torch.where(pick, long_cos[positions], short_cos[short_at])
@@ -124,7 +124,7 @@ def _window(config) -> dict:
     return {"sliding_window": config.sliding_window} if config.sliding_window is not None else {}
 
 
-def _packed_forward(self, call: dict, attend, *, rotary=None):
+def _packed_forward(self, call: dict, attend, *, rotary, longrope: bool):
     modeling = modeling_module(self)
     hidden = call["hidden_states"]
     batch, length, _ = hidden.shape
@@ -132,7 +132,10 @@ def _packed_forward(self, call: dict, attend, *, rotary=None):
     k = self.k_proj(hidden).view(batch, length, self.num_key_value_heads, self.head_dim).transpose(1, 2)
     v = self.v_proj(hidden).view(batch, length, self.num_key_value_heads, self.head_dim).transpose(1, 2)
     cos, sin = call["position_embeddings"]
-    if rotary is None:
+    if not longrope:
+        bound = boundaries_for(call).position_bound
+        if cos.shape[0] < bound:  # upstream's table covers the call's length; a sequence-parallel slice needs more
+            cos, sin = rotary(v, seq_len=bound)
         q, k = modeling.apply_rotary_pos_emb(q, k, cos, sin, call["position_ids"])
     else:  # LongRoPE: the same maths with per-token cos/sin
         cos_t, sin_t = (t.unsqueeze(1) for t in _legacy_longrope(self, rotary, call, v))
@@ -154,7 +157,7 @@ def _patch(model, patcher, options) -> None:
     longrope = _rope(model.config).get("rope_type") == "longrope"
     for layer in base.layers:
         if legacy:
-            forward = partial(_packed_forward, rotary=base.rotary_emb if longrope else None)
+            forward = partial(_packed_forward, rotary=base.rotary_emb, longrope=longrope)
             packed_attention(patcher, layer.self_attn, forward, backend=options.backend)
         elif model.config.sliding_window is not None:
             pass_boundaries(patcher, layer.self_attn, extra=lambda module: _window(module.config))

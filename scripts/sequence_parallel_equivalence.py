@@ -159,12 +159,14 @@ def check(
     naive = hf_varlen_patch.apply(tiny_model(model_type), backend=backend)
     share = shard["input_ids"].shape[1]
     piece = slice(rank * share, min((rank + 1) * share, total))
-    with torch.no_grad():
-        naive_logits = naive(
-            input_ids=batch["input_ids"][:, piece], position_ids=batch["position_ids"][:, piece], **extra
-        )
-    naive_logits = naive_logits.logits
-    naive_error = torch.tensor(float((naive_logits - expected_logits[:, piece]).abs().max()), device=device)
+    try:
+        with torch.no_grad():
+            naive_logits = naive(
+                input_ids=batch["input_ids"][:, piece], position_ids=batch["position_ids"][:, piece], **extra
+            ).logits
+        naive_error = torch.tensor(float((naive_logits - expected_logits[:, piece]).abs().max()), device=device)
+    except Exception:  # a slice that starts inside a sequence may not even run alone (positions past its table)
+        naive_error = torch.tensor(float("inf"), device=device)
     dist.all_reduce(naive_error, op=dist.ReduceOp.MAX)
     vision = {}
     if images:
