@@ -1,9 +1,12 @@
 #!/usr/bin/env bash
 # GPU evidence for the hybrid issues on a CUDA machine without network, in stages (logs under $OUT):
-#   stash       copy the Triton parts this call carries (.whl/triton_parts/part*) to /tmp/parts: a
-#               ~100 MB Triton travels in parts over consecutive calls (64 MiB each) on a warm machine
+#   stash       copy the Triton parts this call carries (.whl/triton_parts/part*) to /tmp/parts: parts
+#               of a Triton tarball may travel over consecutive calls (64 MiB each) on a warm machine
 #   triton      join /tmp/parts, check its sha256, unpack Triton >= 3.7.1 into /tmp/site (fla's gated
-#               backward on Hopper needs it; the machine's torch 2.11 ships 3.6) and import it with torch
+#               backward on Hopper needs it; the machine's torch 2.11 ships 3.6) and import it with torch.
+#               The tarball: the cp312 wheel unpacked, libtriton.so stripped (--strip-unneeded), the
+#               profiler (proton, cupti), cuobjdump/nvdisasm and ptxas-blackwell left out, tar | xz -9:
+#               48.5 MB, one part (the wheel is 198 MB)
 #   fla         install flash-linear-attention (+ fla-core, einops) from wheels into /tmp/site
 #   mamba       mamba_ssm's Triton SSD kernels from its sdist into /tmp/site, without the package
 #               __init__ (it imports the CUDA selective scan) and, while causal-conv1d is missing,
@@ -15,8 +18,8 @@
 #               installed), (b) packed + torch ops, (c) packed + kernels
 #   build       start building causal-conv1d for sm_90 from its sdist, in the background
 #   conv        install what `build` built and run the recurrent-kernel tests with it
-# Usage: bash scripts/gpu_hybrid.sh stash                              (first call, part aa carried)
-#        bash scripts/gpu_hybrid.sh stash triton fla mamba check recurrent   (next call, within 30 s)
+# Usage: bash scripts/gpu_hybrid.sh stash triton fla mamba check recurrent bench
+#        (carry .whl/triton_parts and .whl/hybrid; with several parts, `stash` in each call first)
 # Wheels/sdists in $W (default .whl/hybrid); everything installed goes to /tmp/site (PYTHONPATH).
 set -uo pipefail
 W="${W:-.whl/hybrid}"
@@ -34,7 +37,7 @@ for stage in "$@"; do
     triton)
       ( cd /tmp/parts && cat part* > /tmp/triton.tar.xz && sha256sum /tmp/triton.tar.xz &&
         [ "$(sha256sum /tmp/triton.tar.xz | cut -d' ' -f1)" = "$(cut -d' ' -f1 sha256)" ] &&
-        tar xJf /tmp/triton.tar.xz -C /tmp/site ) || echo "TRITON PARTS BROKEN"
+        python3 -c "import tarfile; tarfile.open('/tmp/triton.tar.xz').extractall('/tmp/site')" ) || echo "TRITON PARTS BROKEN"
       python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, triton.__file__, torch.cuda.get_device_name(0))" ;;
     fla)
       python3 -m pip install -q --no-deps --no-compile --target /tmp/site "$W"/einops-*.whl "$W"/fla_core-*.whl \
@@ -54,7 +57,7 @@ EOF
       python3 -c "from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as f; print('mamba_ssm SSD', f.__module__)" ;;
     check)
       installed
-      timeout "${CHECK_TIMEOUT:-360}" python3 scripts/gpu_kernel_check.py --only "${CHECK_ONLY:-gdn,kda,conv,ssd}" \
+      timeout "${CHECK_TIMEOUT:-360}" python3 scripts/gpu_kernel_check.py --only "${CHECK_ONLY:-gdn,conv,kda,ssd}" \
         --out "$OUT/recurrent_kernel_check.json" 2>&1 | tee "$OUT/recurrent_kernel_check.log" | grep -vE "Warning|warn" ;;
     recurrent)
       installed
