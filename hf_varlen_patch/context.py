@@ -22,7 +22,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from .boundaries import Boundaries
 from .errors import VarlenPatchError
 
-__all__ = ["BOUNDARIES_KWARG", "boundaries_for", "enter_packed", "leave_packed", "remember", "carried"]
+__all__ = ["BOUNDARIES_KWARG", "boundaries_for", "enter_packed", "enter_traced", "leave_packed", "remember", "carried"]
 
 #: The keyword under which the boundaries travel from the model's entry to every layer.
 BOUNDARIES_KWARG = "varlen_boundaries"
@@ -112,8 +112,9 @@ def _current() -> Boundaries | None:
         if _COMPILED:
             return _COMPILED[-1]
         if _EAGER_PACKED[0]:
-            # compiled modules inside an eager packed forward (``layer.compile()``): read the
-            # context outside the graph (a graph break, only here) rather than miss it
+            # compiled modules inside an eager packed forward (``layer.compile()``) that got no
+            # keyword to enter (:func:`enter_traced`): read the context outside the graph (a graph
+            # break, only here) rather than miss it
             return _context_boundaries()
         return None
     return _CURRENT.get()
@@ -133,6 +134,18 @@ def enter_packed(boundaries: Boundaries) -> Any:
         return None
     _EAGER_PACKED[0] += 1
     return _CURRENT.set(boundaries)
+
+
+def enter_traced(boundaries: Boundaries | None) -> bool:
+    """In compiled code that entered no packed forward of its own (a block compiled alone, called
+    by an eager packed forward), make ``boundaries``, handed to it as the engine's keyword, current
+    for the layers it calls, as :func:`enter_packed` does in a compiled forward: layers that get no
+    keyword (recurrent mixers) then find them without reading the context variable, a graph break.
+    True if it did; then :func:`leave_packed` with None."""
+    if boundaries is None or _COMPILED or not torch.compiler.is_compiling():
+        return False
+    _COMPILED.append(boundaries)
+    return True
 
 
 def leave_packed(token: Any) -> None:

@@ -27,6 +27,7 @@ import transformers
 from hf_varlen_patch.context import boundaries_for
 from hf_varlen_patch.patching import accepts_var_kwargs
 from hf_varlen_patch.recurrent import (
+    blocks_enter_their_boundaries,
     guard_recurrent_layers,
     route_causal_conv,
     route_recurrent_attribute,
@@ -195,6 +196,7 @@ def _patch(model, patcher, options) -> None:
         if rows is not None:
             run_sequences_as_rows(patcher, layer, scatter=rows[0], passthrough=rows[1])
     guard_recurrent_layers(patcher, model)
+    blocks_enter_their_boundaries(patcher, model)  # blocks compiled alone: no graph break at the routers
 
 
 #: No attention layer: the boundaries reach the mixers through the forward's context, and the

@@ -10,6 +10,12 @@ step's. ``--layout cu`` feeds the collator's ``cu_seq_lens_q/k`` + ``max_length_
     python scripts/compile_check.py                                  # every type, CPU, sdpa, cu
     python scripts/compile_check.py --types llama,gpt2 --layout pos
     python scripts/compile_check.py --device cuda --dtype bfloat16 --backend flash_attn --compiler inductor
+    python scripts/compile_check.py --types bamba,lfm2 --blocks        # each decoder block compiled alone
+
+``--blocks`` compiles every decoder block (``_no_split_modules``) on its own, the model's entry
+eager (per-block compilation), and runs one packed step with ``position_ids``: the graph breaks
+inside the blocks, the compilations (per kind of block and grad mode when blocks share graphs), and
+the packed step's error against each sequence run alone.
 """
 
 from __future__ import annotations
@@ -89,6 +95,56 @@ def check(model_type: str, variant: str, args) -> dict:
     )
 
 
+def check_blocks(model_type: str, variant: str, args) -> dict:
+    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
+
+    from hf_varlen_patch.testing import make_packed_batch, max_grad_error, max_logits_error, run_packed, run_separate
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = tiny_model(model_type, variant, device=args.device, dtype=getattr(torch, args.dtype)).train()
+    batch = make_packed_batch([[5, 9, 3, 11]], model.config.get_text_config().vocab_size, seed=args.seed)
+    truth = run_separate(model, batch)
+    hf_varlen_patch.apply(model, backend=args.backend)
+    counter = CompileCounterWithBackend(args.compiler)
+    blocks = [m for m in model.modules() if type(m).__name__ in set(model._no_split_modules or ())]
+    for block in blocks:
+        block.compile(backend=counter)
+    packed = run_packed(model, batch)  # a forward with gradients, one without (the model's loss)
+    hf_varlen_patch.unapply(model)
+    reasons = sorted({str(k).splitlines()[0][:160] for k in counters["graph_break"]})
+    return dict(
+        blocks=len(blocks),
+        breaks=sum(counters["graph_break"].values()),
+        reasons=reasons,
+        compiles=counter.frame_count,
+        logits=max_logits_error(packed, truth),
+        grads=max_grad_error(packed, truth)[0],
+    )
+
+
+def main_blocks(types: list[str], variants: dict, args) -> int:
+    failures = 0
+    print(f"blocks compiled alone: backend={args.backend} device={args.device} compiler={args.compiler}")
+    print("| model_type | blocks | breaks | compiles | packed vs separate: logits | grads | break reasons |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for model_type in types:
+        try:
+            r = check_blocks(model_type, variants.get(model_type, "default"), args)
+        except Exception as err:  # a failure is a result to report
+            failures += 1
+            reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            print(f"| {model_type} | ERROR | | | | | {reason} |", flush=True)
+            continue
+        print(
+            f"| {model_type} | {r['blocks']} | {r['breaks']} | {r['compiles']} | {r['logits']:.1e} | {r['grads']:.1e} "
+            f"| {'; '.join(r['reasons'])} |",
+            flush=True,
+        )
+    return failures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--types", default="", help="comma-separated model_types (default: every registered one)")
@@ -103,10 +159,13 @@ def main() -> None:
     parser.add_argument(
         "--min-head-dim", type=int, default=None, help="widen the twins' heads (default 32 for flash_attn: FA4's floor)"
     )
+    parser.add_argument("--blocks", action="store_true", help="compile each decoder block alone (see above)")
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     variants = dict(registered_variants())
     types = args.types.split(",") if args.types else sorted(variants)
+    if args.blocks:
+        sys.exit(1 if main_blocks(types, variants, args) else 0)
     failures = 0
     print(f"layout={args.layout} backend={args.backend} device={args.device} compiler={args.compiler}")
     print(

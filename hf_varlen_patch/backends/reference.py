@@ -75,10 +75,11 @@ def reference_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, boundaries: Boundaries, spec: AttentionSpec
 ) -> torch.Tensor:
     batch, length = boundaries.shape
-    hq, hk = q.shape[1], k.shape[1]
-    qb = q.view(batch, length, hq, -1).transpose(1, 2)
-    kb = k.view(batch, length, hk, -1).transpose(1, 2)
-    vb = v.view(batch, length, hk, -1).transpose(1, 2)
+    hq = q.shape[1]
+    # contiguous first: a (T, H, D) view of head-major q/k (partial rotary's cat, bamba) has a
+    # batch stride inductor does not save; AOTAutograd then gives the compiled backward the first
+    # dynamic length's strides, and every later length failed its stride assertion
+    qb, kb, vb = (t.contiguous().view(batch, length, t.shape[1], -1).transpose(1, 2) for t in (q, k, v))
     distance = None
     if spec.alibi_slopes is not None:
         pos = torch.arange(length, device=q.device)

@@ -22,6 +22,7 @@ reached no router at all.
 
 from __future__ import annotations
 
+import collections
 import inspect
 import sys
 import types
@@ -32,7 +33,7 @@ from typing import Any
 import torch
 
 from ..boundaries import Boundaries
-from ..context import BOUNDARIES_KWARG, boundaries_for
+from ..context import BOUNDARIES_KWARG, boundaries_for, enter_traced, leave_packed
 from ..errors import RouterBypassedError, UnroutableCallError, VarlenPatchError
 from . import kernels, torch_ops
 
@@ -40,6 +41,7 @@ __all__ = [
     "RECURRENT_OPS",
     "RouterBypassedError",
     "UnroutableCallError",
+    "blocks_enter_their_boundaries",
     "guard_recurrent_layers",
     "upstream_signature",
     "route_recurrent_functions",
@@ -506,6 +508,35 @@ def run_sequences_as_rows(
     patcher.wrap_method(layer, "forward", forward)
 
 
+def _enter_own_keyword(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
+    entered = enter_traced(kwargs.get(BOUNDARIES_KWARG))
+    try:
+        return wrapped(*args, **kwargs)
+    finally:
+        if entered:
+            leave_packed(None)
+
+
+def blocks_enter_their_boundaries(patcher: Any, model: torch.nn.Module) -> list[str]:
+    """Make each block of ``model`` (its ``_no_split_modules``: the unit of per-block compilation,
+    FSDP wrapping and checkpointing) whose forward takes ``**kwargs`` make the boundaries it is
+    handed as the engine's keyword current while it runs compiled on its own (``block.compile()``
+    inside an eager packed forward): the routers, guards and inline mixers inside it, which get no
+    keyword, then find them traced, as attention does, instead of reading the eager forward's
+    context variable (a graph break at every routed call). Eager and whole-model compiled
+    forwards run as before. Returns the blocks' class names."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = []
+    for layer in model.modules():
+        if type(layer).__name__ not in names:
+            continue
+        parameters = inspect.signature(layer.forward).parameters.values()
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+            patcher.wrap_method(layer, "forward", _enter_own_keyword)
+            blocks.append(type(layer).__name__)
+    return sorted(set(blocks))
+
+
 # ------------------------------------------------------------------ guard against bypassed routers
 
 #: mixer class -> the ``kernels`` function names (``_kernel_funcs`` keys) that compute around a
@@ -600,6 +631,23 @@ class _GuardUser:
 #: Where torch keeps the flags of a hook (by its id) besides the hook itself.
 _HOOK_FLAGS = ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
 
+#: One hook id for the guard's pre-hook and one for its hook on every mixer, reserved from torch's
+#: counter (so no other hook has them): a block compiled alone (``block.compile()``) is guarded
+#: on its mixer's hook ids, and ids that differ per layer recompiled it for every layer (bamba with
+#: six layers reached dynamo's limit of 8 compiles, and ran eagerly after it).
+_GUARD_IDS = tuple(torch.utils.hooks.RemovableHandle(collections.OrderedDict()).id for _ in range(2))
+
+
+def _add_guard_hooks(layer: torch.nn.Module) -> None:
+    """``register_forward_pre_hook(_guard_before, with_kwargs=True)`` and
+    ``register_forward_hook(_guard_after, with_kwargs=True, always_call=True)``, under the shared ids."""
+    before, after = _GUARD_IDS
+    layer._forward_pre_hooks[before] = _guard_before
+    layer._forward_pre_hooks_with_kwargs[before] = True
+    layer._forward_hooks[after] = _guard_after
+    layer._forward_hooks_with_kwargs[after] = True
+    layer._forward_hooks_always_called[after] = True
+
 
 def guard_recurrent_layers(patcher: Any, model: torch.nn.Module) -> list[str]:
     """Make every recurrent mixer of ``model`` that lists a routed function among its ``kernels``
@@ -619,8 +667,7 @@ def guard_recurrent_layers(patcher: Any, model: torch.nn.Module) -> list[str]:
             continue
         _ROUTED_KEYS[type(layer)] = frozenset(routed_keys & set(funcs))
         _AROUND[type(layer)] = frozenset(k for k in funcs if k not in routed_keys and _reaches_routed(module, k, names))
-        layer.register_forward_pre_hook(_guard_before, with_kwargs=True)
-        layer.register_forward_hook(_guard_after, with_kwargs=True, always_call=True)
+        _add_guard_hooks(layer)
         patcher.undo_log.append(_GuardUser(layer))
         guarded.append(type(layer).__name__)
     return guarded

@@ -1,0 +1,210 @@
+"""torch.compile on packed hybrids: one graph, few recompiles, the numbers of each sequence alone.
+
+One type per recurrence: short convolution (lfm2), gated delta rule + convolution (qwen3_next,
+qwen3_5_text), Mamba-2 SSD + convolution + attention (bamba). Compiled whole, a packed training
+step with the collator's keywords is one graph (the routers read the boundaries from the stack
+compiled code keeps); compiled block by block inside an eager packed forward, the blocks hand the
+boundaries they get as a keyword to the recurrent layers inside them (before: a graph break at every
+routed call, where the router read the eager forward's context variable), and share one graph per
+kind of block. Counts by a counting backend around ``aot_eager`` and dynamo's break counter;
+inductor only where its strides matter (the reference backend's layout, bamba's partial rotary).
+"""
+
+import copy
+import random
+
+import pytest
+import torch
+import transformers
+from torch._dynamo.testing import CompileCounterWithBackend
+from torch._dynamo.utils import counters
+
+import hf_varlen_patch
+from hf_varlen_patch.testing import (
+    make_packed_batch,
+    max_grad_error,
+    max_logits_error,
+    run_packed,
+    run_separate,
+    test_variants,
+    tiny_model,
+)
+
+ON_4 = transformers.__version__.startswith("4.")
+TOL = 1e-5
+QWEN3_NEXT = pytest.param(
+    "qwen3_next",
+    marks=pytest.mark.skipif(
+        ON_4,
+        reason="4.57's Qwen3NextModel breaks the graph itself: _update_linear_attn_mask branches on "
+        "cache_position[0] > 0 and its MoE block loops over nonzero() experts",
+    ),
+)
+QWEN3_5 = pytest.param("qwen3_5_text", marks=pytest.mark.skipif(ON_4, reason="transformers 4.57 has no qwen3_5"))
+BAMBA = pytest.param(
+    "bamba", marks=pytest.mark.skipif(ON_4, reason="refused on 4.57: its recurrent layers compute inline")
+)
+HYBRIDS = ["lfm2", QWEN3_NEXT, QWEN3_5, BAMBA]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+def _collator_inputs(lengths, vocab, seed=0):
+    """What ``DataCollatorWithFlattening(return_flash_attn_kwargs=True)`` hands the model."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (1, sum(lengths)), generator=gen)
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    longest = max(lengths)
+    return dict(input_ids=ids, labels=ids.clone(), cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest,
+                max_length_k=longest, use_cache=False)  # fmt: skip
+
+
+def _step(fn, model, inputs):
+    """One training step through ``fn`` (the model or its compiled form): logits, loss, gradients."""
+    model.zero_grad(set_to_none=True)
+    out = fn(**inputs)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), out.loss.detach(), grads
+
+
+def _worst(a, b):
+    (logits_a, loss_a, grads_a), (logits_b, loss_b, grads_b) = a, b
+    assert grads_a.keys() == grads_b.keys()
+    return max(
+        [float((logits_a - logits_b).abs().max()), float((loss_a - loss_b).abs())]
+        + [float((grads_a[n] - grads_b[n]).abs().max()) for n in grads_a]
+    )
+
+
+def _breaks():
+    return sum(counters["graph_break"].values()), [str(k)[:300] for k in counters["graph_break"]]
+
+
+#: the types that also run 20 batches here (each dynamic compile of a delta-rule or SSD twin takes
+#: about 20 s on two cores); benchmarks/compile_hybrid_cpu.md has all four over 20 batches
+TWENTY_BATCHES = ("lfm2", "qwen3_5_text")
+
+
+@pytest.mark.parametrize("model_type", HYBRIDS)
+def test_packed_hybrid_step_is_one_graph_equal_to_eager_and_to_each_sequence(model_type):
+    """Forward and backward of a packed step with the collator's keywords: one graph, no break;
+    compiled == eager == each sequence alone (logits, loss, gradients, float32). Then (lfm2,
+    qwen3_5_text) 19 batches of new lengths and numbers of sequences compile at most twice more
+    (dynamo's automatic dynamic shapes: both change at the second batch, so once here), still
+    without a break, and the last equals eager."""
+    model = tiny_model(model_type).train()
+    vocab = model.config.vocab_size
+    batch = make_packed_batch([[5, 9, 3, 11]], vocab, seed=3)
+    truth = run_separate(model, batch)
+    hf_varlen_patch.apply(model)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    inputs = _collator_inputs([n for _, _, n in batch.spans], vocab)
+    inputs["input_ids"], inputs["labels"] = batch.input_ids, batch.labels
+
+    first = _step(compiled, model, inputs)
+    assert counter.frame_count == 1 and _breaks()[0] == 0, (counter.frame_count, _breaks())
+    assert _worst(first, _step(model, model, inputs)) < TOL
+    logits, loss, grads = first
+    for (_, start, n), expected in zip(batch.spans, truth.logits):
+        assert (logits[0, start : start + n] - expected).abs().max() < TOL
+    assert abs(loss.item() - truth.loss) < TOL  # the mean over every sequence's targets
+    assert max(float((grads[name] - truth.grads[name]).abs().max()) for name in truth.grads) < TOL
+    if model_type not in TWENTY_BATCHES:
+        return
+
+    rng = random.Random(0)
+    for i in range(19):
+        inputs = _collator_inputs([rng.randint(2, 24) for _ in range((2, 5, 3, 4)[i % 4])], vocab, seed=i)
+        last = _step(compiled, model, inputs)
+    assert counter.frame_count <= 3 and _breaks()[0] == 0, (counter.frame_count, _breaks())
+    assert _worst(last, _step(model, model, inputs)) < TOL
+
+
+def _blocks(model):
+    return [m for m in model.modules() if type(m).__name__ in set(model._no_split_modules or ())]
+
+
+@pytest.mark.parametrize("model_type", ["lfm2", QWEN3_NEXT])
+def test_hybrid_blocks_compiled_alone_take_the_boundaries_without_a_break(model_type):
+    """``block.compile()`` on every decoder block, the model's entry eager: the recurrent layers
+    inside a block find the boundaries the block got as a keyword (before: 14 breaks in each of
+    these twins, one per routed call, reading the eager forward's context); packed == separate.
+    (bamba: the next test; qwen3_5_text's blocks are qwen3_next's.)"""
+    model = tiny_model(model_type).train()
+    batch = make_packed_batch([[5, 9, 3, 11]], model.config.vocab_size, seed=1)
+    truth = run_separate(model, batch)
+    hf_varlen_patch.apply(model)
+    for block in _blocks(model):
+        block.compile(backend="aot_eager")
+    packed = run_packed(model, batch)
+    assert _breaks()[0] == 0, _breaks()
+    assert max_logits_error(packed, truth) < TOL
+    assert max_grad_error(packed, truth)[0] < TOL
+
+
+@pytest.mark.skipif(ON_4, reason="bamba is refused on 4.57; its mixers have no kernels hooks to guard there")
+def test_blocks_compiled_alone_compile_once_per_kind_not_per_layer():
+    """The guard's hooks on every mixer share their ids: six bamba blocks (five Mamba-2, one
+    attention) compile once per kind of block and grad mode (4), not once per layer (before: the
+    per-layer hook ids reached dynamo's limit of 8 and the rest ran eagerly)."""
+    from hf_varlen_patch.equivalence import build_twin
+
+    config = copy.deepcopy(next(iter(test_variants("bamba").values())))
+    config.num_hidden_layers, config.attn_layer_indices = 6, [5]
+    model = build_twin(config, model_class=transformers.AutoModelForCausalLM, seed=0).train()
+    batch = make_packed_batch([[5, 9, 3, 11]], config.vocab_size, seed=1)
+    truth = run_separate(model, batch)
+    hf_varlen_patch.apply(model)
+    counter = CompileCounterWithBackend("aot_eager")
+    blocks = _blocks(model)
+    assert len(blocks) == 6
+    for block in blocks:
+        block.compile(backend=counter)
+    packed = run_packed(model, batch)  # a forward with gradients and one without (its model loss)
+    assert counter.frame_count == 4 and _breaks()[0] == 0, (counter.frame_count, _breaks())
+    assert max_logits_error(packed, truth) < TOL
+    assert max_grad_error(packed, truth)[0] < TOL
+
+
+@pytest.mark.skipif(ON_4, reason="bamba is refused on 4.57: its recurrent layers compute inline")
+def test_bamba_attention_under_inductor_at_a_second_length():
+    """Bamba's partial rotary (a ``cat``) leaves q/k head-major; the reference backend's (T, H, D)
+    view of them had a batch stride inductor does not save, AOTAutograd handed the dynamic backward
+    the first length's strides, and the second length failed inductor's stride assertion
+    ("expected size 4==4, stride 304==272 at dim=1"). Contiguous before the view: both lengths
+    equal eager."""
+    from hf_varlen_patch.boundaries import Boundaries
+    from hf_varlen_patch.context import BOUNDARIES_KWARG
+
+    model = tiny_model("bamba").train()
+    hf_varlen_patch.apply(model, backend="sdpa")
+    attention = next(m for m in model.modules() if type(m).__name__ == "BambaAttention")
+    rotary = model.model.rotary_emb
+
+    def layer(hidden, cu, positions, longest):
+        boundaries = Boundaries.from_cu_seqlens(cu, longest, shape=tuple(hidden.shape[:2]), check=False)
+        cos_sin = rotary(hidden, positions)
+        return attention(hidden, position_embeddings=cos_sin, attention_mask=None, **{BOUNDARIES_KWARG: boundaries})[0]
+
+    compiled = torch.compile(layer, backend="inductor", dynamic=True)
+    gen = torch.Generator().manual_seed(0)
+    for lengths in ([5, 9, 3], [7, 4, 6, 2]):
+        hidden = torch.randn(1, sum(lengths), model.config.hidden_size, generator=gen, requires_grad=True)
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+        positions = torch.cat([torch.arange(n) for n in lengths])[None]
+        runs = []
+        for fn in (compiled, layer):
+            attention.zero_grad(set_to_none=True)
+            hidden.grad = None
+            out = fn(hidden, cu, positions, max(lengths))
+            (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+            runs.append([out.detach(), hidden.grad.clone(), *(p.grad.clone() for p in attention.parameters())])
+        assert max(float((a - b).abs().max()) for a, b in zip(*runs)) < TOL, lengths
