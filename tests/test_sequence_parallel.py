@@ -89,7 +89,7 @@ def test_sequence_parallel_equals_one_process(degree, attention, layout):
         assert "error" not in row, row
         assert (row["degree"], row["attention"], row["layout"]) == (degree, attention, layout)
         assert max(row["logits"], row["loss"], row["grads"], row["eval_loss"]) <= TOL, row
-        assert row["naive"] > 1e-2, row  # the naive split attends within its own slice
+        assert row["naive"] > 1e-3, row  # the naive split attends within its own slice (100x the tolerance)
     for model_type, error in REFUSED.items():
         row = results[model_type]
         assert row.get("error") == error, row
