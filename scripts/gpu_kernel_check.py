@@ -56,7 +56,14 @@ def make_inputs(spec: dict, total: int, gen: torch.Generator) -> dict[str, torch
     return out
 
 
+def _progress(what: str, since: float) -> None:
+    """A phase's end on stdout: first use compiles and autotunes every Triton kernel (minutes)."""
+    torch.cuda.synchronize()
+    print(f"   {what}: {time.time() - since:.1f} s", flush=True)
+
+
 def run_case(spec: dict, kernel, lengths: list[int], seed: int = 0) -> dict:
+    start = time.time()
     total = sum(lengths)
     gen = torch.Generator(device="cuda").manual_seed(seed)
     master = make_inputs(spec, total, gen)
@@ -81,6 +88,7 @@ def run_case(spec: dict, kernel, lengths: list[int], seed: int = 0) -> dict:
     packed_in = leaves()
     packed_out = spec["packed"](kernel, cast(packed_in, torch.bfloat16), cu, seq_idx)
     backward(packed_out, weight)
+    _progress("packed forward+backward (first use: Triton compiles and autotunes)", start)
     packed = {
         "out": packed_out.detach().float(),
         **{k: v.grad.float() for k, v in packed_in.items() if v.grad is not None},
@@ -103,7 +111,9 @@ def run_case(spec: dict, kernel, lengths: list[int], seed: int = 0) -> dict:
         return res
 
     sep = separate(torch.bfloat16, lambda t: spec["alone"](kernel, t))
+    _progress("each sequence alone, bf16 kernel", start)
     truth = separate(torch.float32, spec["truth"])
+    _progress("each sequence alone, float32 torch ops", start)
     rows = {}
     for name in packed:
         err, noise = rel(packed[name], sep[name]), rel(sep[name], truth[name])
