@@ -112,22 +112,13 @@ def test_every_registered_type_is_exact_or_refused_under_sequence_parallel():
     assert sum("error" not in r for r in rows) >= 80, summary  # 4.57: 81 of 103; 5.25: 138 of 161
 
 
-def test_sequence_parallel_under_lora():
-    """PEFT LoRA adapters (on every linear layer) on the sharded and the reference model: the
-    adapters' summed gradients equal one process's."""
+@pytest.mark.parametrize("option", ["--lora", "--checkpointing"])
+def test_sequence_parallel_under_lora_and_checkpointing(option):
+    """PEFT LoRA adapters on every linear layer (their summed gradients), and non-reentrant
+    checkpointing (every layer recomputed in the backward, its all-to-alls and gathers included):
+    still one process's loss and gradients."""
     types = [t for t in ("llama", "qwen3_next", "bamba") if _on_this_release(t)]
-    results = _launch(2, types, "--lora")
-    for model_type in types:
-        row = results[model_type]
-        assert "error" not in row, row
-        assert max(row["logits"], row["loss"], row["grads"]) <= TOL, row
-
-
-def test_sequence_parallel_with_gradient_checkpointing():
-    """Non-reentrant checkpointing recomputes every layer in the backward, its all-to-alls and
-    gathers included: still one process's loss and gradients."""
-    types = [t for t in ("llama", "qwen3_next", "bamba") if _on_this_release(t)]
-    results = _launch(2, types, "--checkpointing")
+    results = _launch(2, types, option)
     for model_type in types:
         row = results[model_type]
         assert "error" not in row, row
