@@ -1,16 +1,18 @@
-"""Padding vs packing on a ~0.5B Qwen3.5-style hybrid (Gated DeltaNet + full attention, 3:1).
+"""Padding vs packing on ~0.5B hybrids: Qwen3.5-style (Gated DeltaNet + full attention, 3:1) or
+Bamba-style (Mamba-2 + full attention, 5:1), ``--model qwen3_5|bamba``.
 
 Same protocol as ``bench_llama.py`` (its step, lengths and tables): 8 sequences per step, FLAN-like
 or OrcaMath-like lengths, padded to the batch's longest (upstream, attention_mask) or packed into
-one row after ``hf_varlen_patch.apply``. Padded runs use flash-linear-attention for the Gated
-DeltaNet layers when it is installed (upstream's choice). A packed row's backend may name how its
-recurrent layers run: ``torch+ops`` (the exact torch ops, ``HF_VARLEN_RECURRENT_KERNELS=0``),
-``torch+kernels`` (the fused kernels with boundaries, ``=all``: fla's gated delta rule with
-``cu_seqlens`` and its Triton short convolution), ``torch+verified`` (only kernels.VERIFIED);
-a plain backend leaves the setting as it is. The three rows that matter:
+one row after ``hf_varlen_patch.apply``. Padded runs use whatever upstream finds installed
+(flash-linear-attention for Gated DeltaNet, mamba_ssm's Triton SSD for Mamba-2, causal-conv1d for
+the convolution when built). A packed row's backend may name how its recurrent layers run:
+``torch+ops`` (the exact torch ops, ``HF_VARLEN_RECURRENT_KERNELS=0``), ``torch+kernels`` (the
+fused kernels with boundaries, ``=all``: fla's gated delta rule with ``cu_seqlens``, mamba_ssm's
+SSD with ``seq_idx``, a short convolution with resets), ``torch+verified`` (only
+kernels.VERIFIED); a plain backend leaves the setting as it is. The three rows that matter:
 
     (a) upstream padded with kernels   (b) packed + apply, torch ops   (c) packed + apply, kernels
-    python scripts/bench_hybrid.py --out benchmarks --backends torch+ops,torch+kernels
+    python scripts/bench_hybrid.py --out benchmarks --backends torch+ops,torch+kernels [--model bamba]
     python scripts/bench_hybrid.py --tiny --device cpu --backend sdpa --steps 1 --warmup 0   # smoke test
 """
 
@@ -28,6 +30,8 @@ import bench_llama  # noqa: E402
 
 
 def build_hybrid(args):
+    if getattr(args, "hybrid", "qwen3_5") == "bamba":
+        return build_bamba(args)
     from transformers import CONFIG_MAPPING, AutoModelForCausalLM
 
     torch.manual_seed(0)
@@ -44,6 +48,25 @@ def build_hybrid(args):
     cfg = CONFIG_MAPPING["qwen3_5_text"](
         **size, layer_types=["full_attention" if (i + 1) % 4 == 0 else "linear_attention" for i in range(layers)]
     )
+    model = AutoModelForCausalLM.from_config(cfg).to(args.device).train()
+    return model, cfg
+
+
+def build_bamba(args):
+    """Mamba-2 mixers (32 heads of 64, state 128, one group, chunk 256) with attention every 6th layer."""
+    from transformers import CONFIG_MAPPING, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    size = (
+        dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+             mamba_n_heads=8, mamba_d_head=16, mamba_d_state=16, mamba_chunk_size=16, vocab_size=256,
+             attn_layer_indices=[3])
+        if args.tiny
+        else dict(hidden_size=1024, intermediate_size=3584, num_hidden_layers=24, num_attention_heads=8,
+                  num_key_value_heads=2, mamba_n_heads=32, mamba_d_head=64, mamba_d_state=128, mamba_n_groups=1,
+                  mamba_chunk_size=256, vocab_size=32000, attn_layer_indices=[5, 11, 17, 23])
+    )  # fmt: skip
+    cfg = CONFIG_MAPPING["bamba"](**size, mamba_expand=2)
     model = AutoModelForCausalLM.from_config(cfg).to(args.device).train()
     return model, cfg
 
@@ -85,8 +108,7 @@ def run(dist: str, mode: str, args, backend: str | None = None):
 def row_label(dist: str, mode: str, backend: str | None) -> str:
     attention, recurrent = _split(backend)
     if mode == "padded":
-        upstream = "fla kernels" if importlib.util.find_spec("fla") is not None else "torch ops"
-        return f"{dist}: (a) padded to longest, upstream ({upstream})"
+        return f"{dist}: (a) padded to longest, upstream ({_upstream_recurrence()})"
     if mode == "packed" and recurrent is not None:
         tag = {"ops": "(b)", "kernels": "(c)", "verified": "(c)"}[recurrent]
         what = {"ops": "torch ops", "kernels": "kernels", "verified": "verified kernels"}[recurrent]
@@ -95,17 +117,45 @@ def row_label(dist: str, mode: str, backend: str | None) -> str:
 
 
 bench_llama.run, bench_llama.row_label = run, row_label
+_MODEL = {"hybrid": "qwen3_5"}  # set from --model before any row is labelled
+
+
+def _installed(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def _upstream_recurrence() -> str:
+    """What upstream's padded run has for its recurrent layers on this machine."""
+    conv = "causal-conv1d" if _installed("causal_conv1d") else "torch conv"
+    if _MODEL["hybrid"] == "bamba":
+        scan = "mamba_ssm SSD" if _installed("mamba_ssm.ops.triton.ssd_combined") else "torch SSD"
+    else:
+        scan = "fla" if _installed("fla") else "torch delta rule"
+    return f"{scan}, {conv}"
+
+
+def _add_arguments(parser) -> None:
+    parser.add_argument("--model", dest="hybrid", choices=["qwen3_5", "bamba"], default="qwen3_5")
+
+
+def _named(args) -> str:
+    _MODEL["hybrid"] = args.hybrid
+    kernels = "kernels" if _installed("fla") or _installed("mamba_ssm") else "torch"
+    return f"hybrid_padding_vs_packing_{kernels}" + ("" if args.hybrid == "qwen3_5" else f"_{args.hybrid}")
 
 
 def main() -> None:
-    fla = importlib.util.find_spec("fla") is not None
-    recurrence = "flash-linear-attention" if fla else "torch reference"
+    styles = {"qwen3_5": "Qwen3.5-style (Gated DeltaNet)", "bamba": "Bamba-style (Mamba-2)"}
     bench_llama.main(
         builder=build_hybrid,
-        name=f"hybrid_padding_vs_packing_{'fla' if fla else 'torch'}",
-        title=f"Qwen3.5-style hybrid ~0.5B: padding vs packing ({recurrence})",
-        extra_meta={"gated_deltanet": recurrence},
+        name=_named,
+        title=lambda args: f"{styles[args.hybrid]} hybrid ~0.5B: padding vs packing ({_upstream_recurrence()})",
+        extra_meta=lambda args: {"model": args.hybrid, "upstream_recurrence": _upstream_recurrence()},
         description=__doc__,
+        add_arguments=_add_arguments,
     )
 
 

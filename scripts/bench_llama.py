@@ -179,6 +179,7 @@ def main(
     title: str = "",
     extra_meta: dict | None = None,
     description: str = __doc__,
+    add_arguments=None,
 ) -> None:
     """Padded vs packed for the model ``builder(args)`` returns (bench_hybrid.py passes its own)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -194,8 +195,12 @@ def main(
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default="benchmarks")
+    if add_arguments is not None:  # a caller's own options (bench_hybrid.py: --model)
+        add_arguments(parser)
     args = parser.parse_args()
     args.builder = builder
+    # a caller may name its outputs after its own options
+    name, title, extra_meta = (x(args) if callable(x) else x for x in (name, title, extra_meta))
 
     import transformers
 

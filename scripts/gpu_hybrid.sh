@@ -7,15 +7,21 @@
 #               The tarball: the cp312 wheel unpacked, libtriton.so stripped (--strip-unneeded), the
 #               profiler (proton, cupti), cuobjdump/nvdisasm and ptxas-blackwell left out, tar | xz -9:
 #               48.5 MB, one part (the wheel is 198 MB)
-#   fla         install flash-linear-attention (+ fla-core, einops) from wheels into /tmp/site
+#   fla         install flash-linear-attention (+ fla-core, einops) from wheels into /tmp/site, and
+#               scripts/triton_first_config.py as /tmp/site/sitecustomize.py: with TRITON_CONFIGS=first
+#               (the default here) every Triton autotuner runs the first configuration that fits instead of timing
+#               them all (compiling each of fla's 4-16 configurations per kernel outlasts the device time)
 #   mamba       mamba_ssm's Triton SSD kernels from its sdist into /tmp/site, without the package
 #               __init__ (it imports the CUDA selective scan) and, while causal-conv1d is missing,
 #               without mamba_split_conv1d_scan_combined (it needs causal-conv1d's CUDA functions)
 #   check       scripts/gpu_kernel_check.py: each kernel packed vs each sequence alone at 1..4000 tokens
 #   recurrent   the bf16 recurrent-kernel tests (HF_VARLEN_RECURRENT_KERNELS=all), RK_K selects types
 #   torch       the hybrid types' bf16 GPU tests on the exact torch paths (no recurrent kernels)
-#   bench       padded vs packed on a ~0.5B Qwen3.5-style hybrid: (a) padded upstream (fla when
-#               installed), (b) packed + torch ops, (c) packed + kernels
+#   bench       padded vs packed on ~0.5B hybrids (MODELS, default "qwen3_5 bamba"): (a) padded upstream
+#               (with what it finds installed), (b) packed + torch ops, (c) packed + kernels
+#   compile     a packed hybrid step under torch.compile (inductor, bf16, the exact torch ops): graphs,
+#               breaks and compiles over 20 batches of new lengths (scripts/compile_check.py); run with the
+#               machine's own Triton (inductor's), so /tmp/site is left off PYTHONPATH
 #   build       start building causal-conv1d for sm_90 from its sdist, in the background
 #   conv        install what `build` built and run the recurrent-kernel tests with it
 # Usage: bash scripts/gpu_hybrid.sh stash triton fla mamba check recurrent bench
@@ -24,7 +30,7 @@
 set -uo pipefail
 W="${W:-.whl/hybrid}"
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT" /tmp/built /tmp/parts /tmp/site
-export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 TRITON_CONFIGS="${TRITON_CONFIGS:-first}"
 TYPES="bamba or falcon_h1 or falcon_mamba or granitemoehybrid or jamba or kimi_linear or bailing_hybrid or lara_mini or lfm2 or lfm3 or mamba or mamba2 or nemotron_h or olmo_hybrid or qwen3_5_text or qwen3_5_moe_text or qwen3_next or zamba or zamba2"
 installed() { python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1; }
 pytest_gpu() { python3 -m pytest tests/test_gpu.py -m gpu -v -s -p no:cacheprovider -o addopts="" "$@"; }
@@ -35,14 +41,17 @@ for stage in "$@"; do
     stash)
       cp -v .whl/triton_parts/part* .whl/triton_parts/sha256 /tmp/parts/ 2>/dev/null; ls -la /tmp/parts ;;
     triton)
+      [ -e /tmp/site/triton/__init__.py ] && echo "already unpacked" ||
       ( cd /tmp/parts && cat part* > /tmp/triton.tar.xz && sha256sum /tmp/triton.tar.xz &&
         [ "$(sha256sum /tmp/triton.tar.xz | cut -d' ' -f1)" = "$(cut -d' ' -f1 sha256)" ] &&
         python3 -c "import tarfile; tarfile.open('/tmp/triton.tar.xz').extractall('/tmp/site')" ) || echo "TRITON PARTS BROKEN"
       python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, triton.__file__, torch.cuda.get_device_name(0))" ;;
     fla)
+      python3 -c "import sitecustomize; print('machine sitecustomize:', sitecustomize.__file__)" 2>/dev/null
+      cp scripts/triton_first_config.py /tmp/site/sitecustomize.py
       python3 -m pip install -q --no-deps --no-compile --target /tmp/site "$W"/einops-*.whl "$W"/fla_core-*.whl \
         "$W"/flash_linear_attention-*.whl 2>&1 | grep -v "already exists" | tail -2
-      python3 -c "import fla, triton; print('fla', fla.__version__, 'triton', triton.__version__)" ;;
+      python3 -c "import fla, triton, triton.runtime.autotuner as a; print('fla', fla.__version__, 'triton', triton.__version__, 'autotune:', a.Autotuner._bench.__name__)" ;;
     mamba)
       mkdir -p /tmp/src && tar xzf "$W"/mamba_ssm-*.tar.gz -C /tmp/src && rm -rf /tmp/site/mamba_ssm &&
         cp -r /tmp/src/mamba_ssm-*/mamba_ssm /tmp/site/ &&
@@ -70,9 +79,16 @@ EOF
       grep -E "passed|failed" "$OUT/gpu_hybrid_torch.log" | tail -1 ;;
     bench)
       installed
-      timeout "${BENCH_TIMEOUT:-540}" python3 scripts/bench_hybrid.py --out "$OUT" --dists "${DISTS:-flan,orcamath}" \
-        --modes padded,packed --backends "${BACKENDS:-torch+ops,torch+kernels}" --steps "${STEPS:-8}" --warmup 3 2>&1 |
-        grep -vE "Warning|warn" | tail -24 ;;
+      for model in ${MODELS:-qwen3_5 bamba}; do
+        timeout "${BENCH_TIMEOUT:-270}" python3 scripts/bench_hybrid.py --model "$model" --out "$OUT" \
+          --dists "${DISTS:-flan,orcamath}" --modes padded,packed --backends "${BACKENDS:-torch+ops,torch+kernels}" \
+          --steps "${STEPS:-8}" --warmup 3 2>&1 | grep -vE "Warning|warn" | tail -9
+      done ;;
+    compile)
+      installed
+      PYTHONPATH= HF_VARLEN_RECURRENT_KERNELS=0 timeout "${COMPILE_TIMEOUT:-300}" python3 scripts/compile_check.py \
+        --types "${COMPILE_TYPES:-qwen3_5_text,bamba,lfm2,qwen3_next}" --device cuda --dtype bfloat16 --backend torch \
+        --compiler inductor --batches 20 2>&1 | grep -vE "Warning|warn" | tee "$OUT/compile_hybrid_gpu.log" | tail -12 ;;
     build)
       ( start=$(date +%s); root=$PWD
         mkdir -p /tmp/src && cd /tmp/src && tar xzf "$root/$W"/causal_conv1d-*.tar.gz && cd causal_conv1d-*/ &&

@@ -7,7 +7,9 @@ each sequence run alone through the same kernel without boundaries. The toleranc
 noise: ``noise`` is how far the separate bf16 runs are from the exact torch ops
 (:mod:`hf_varlen_patch.recurrent.torch_ops`) in float32 on the same sequences; a kernel passes when
 packed and separate differ by at most ``2 * noise`` for the output and for every gradient (inputs
-and shared parameters), as tests/test_gpu.py judges whole models. Relative errors are
+and shared parameters), as tests/test_gpu.py judges whole models. The control: the same row run
+without its boundaries must differ from the separate runs by more than ``2 * noise`` (else the
+inputs could not show a leak and the kernel does not pass). Relative errors are
 ``||a - b|| / ||b||`` over the whole tensor. Also times packed forward+backward of the kernel and
 of the torch ops (the same packed row, medians of CUDA-event timings).
 
@@ -114,6 +116,9 @@ def run_case(spec: dict, kernel, lengths: list[int], seed: int = 0) -> dict:
     _progress("each sequence alone, bf16 kernel", start)
     truth = separate(torch.float32, spec["truth"])
     _progress("each sequence alone, float32 torch ops", start)
+    with torch.no_grad():  # the control: the same row without its boundaries must be seen to leak
+        joined = spec["alone"](kernel, cast(master, torch.bfloat16)).float()
+    leak, noise_out = rel(joined, sep["out"]), rel(sep["out"], truth["out"])
     rows = {}
     for name in packed:
         err, noise = rel(packed[name], sep[name]), rel(sep[name], truth[name])
@@ -126,7 +131,14 @@ def run_case(spec: dict, kernel, lengths: list[int], seed: int = 0) -> dict:
             ok=ok and bool(torch.isfinite(packed[name]).all()),
         )
     kernel_vs_truth = rel(packed["out"], truth["out"])
-    return dict(tensors=rows, packed_vs_exact_out=kernel_vs_truth, ok=all(r["ok"] for r in rows.values()))
+    sees_leaks = leak > 2 * noise_out
+    return dict(
+        tensors=rows,
+        packed_vs_exact_out=kernel_vs_truth,
+        leak_without_boundaries=leak,
+        sees_leaks=sees_leaks,
+        ok=sees_leaks and all(r["ok"] for r in rows.values()),
+    )
 
 
 def time_packed(spec: dict, kernel, lengths: list[int], reps: int = 5) -> dict:
@@ -300,6 +312,9 @@ def main() -> None:
             verdict = "ok" if row["ok"] else "FAIL"
             print(f"   {t:8s} packed vs alone {row['err']:.2e}  bf16 noise {row['noise']:.2e}  "
                   f"ratio {row['ratio']:.2f} {verdict} (packed vs exact {row['packed_vs_exact']:.2e})")  # fmt: skip
+        if "leak_without_boundaries" in r:
+            print(f"   control: the row without boundaries vs alone {r['leak_without_boundaries']:.2e} "
+                  f"({'a leak shows' if r['sees_leaks'] else 'NO LEAK VISIBLE: proves nothing'})")  # fmt: skip
         if "kernel_ms" in r:
             print(f"   packed fwd+bwd: kernel {r['kernel_ms']:.2f} ms, torch ops {r['torch_ops_ms']:.2f} ms; "
                   f"packed kernel vs exact fp32 output {r['packed_vs_exact_out']:.2e}", flush=True)  # fmt: skip

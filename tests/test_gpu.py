@@ -162,7 +162,7 @@ def test_bf16_recurrent_kernels(model_type, grads, monkeypatch):
     if model_type not in dict(registered_variants()):
         pytest.skip(f"{model_type} is not registered on transformers {transformers.__version__}")
     kernels.KERNEL_USAGE.clear()
-    _bf16_check(model_type, next(iter(test_variants(model_type))), "torch", grads=grads)
+    _bf16_check(model_type, next(iter(test_variants(model_type))), "auto", grads=grads)
     print(f"{model_type}: kernel calls {dict(kernels.KERNEL_USAGE)}")
     for name in filter(None, expected):
         assert kernels.KERNEL_USAGE[name] > 0, (name, dict(kernels.KERNEL_USAGE))

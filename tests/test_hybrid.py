@@ -190,6 +190,35 @@ def test_recurrent_kernels_switch_off(monkeypatch):
     assert kernels.kernel("causal_conv1d", torch.zeros(1)) is None
 
 
+def test_a_verified_kernel_is_taken_by_default_only_on_the_stack_it_passed_on(monkeypatch, caplog):
+    """``auto`` takes a verified kernel where the installed versions are at least the checked ones;
+    on an older stack the torch ops run and one warning names what to upgrade; ``all`` takes any."""
+    installed = f"{torch.__version__.split('+')[0]}"
+    monkeypatch.setattr(kernels, "VERIFIED", {
+        "gated_delta_rule": kernels.VerifiedOn({"torch": installed}, "test"),
+        "kda": kernels.VerifiedOn({"torch": "999.0", "no_such_module_here": "1.0"}, "test"),
+    })  # fmt: skip
+    monkeypatch.setattr(kernels, "_load", lambda name: lambda *a, **k: None)
+    kernels._verified_here.cache_clear()
+    monkeypatch.delenv("HF_VARLEN_RECURRENT_KERNELS", raising=False)
+    try:
+        assert kernels.VERIFIED["kda"].missing() == [
+            f"torch {torch.__version__} < 999.0",
+            "no_such_module_here missing < 1.0",
+        ]
+        with caplog.at_level("WARNING", logger="hf_varlen_patch"):
+            assert kernels.kernels_enabled("gated_delta_rule")
+            assert not kernels.kernels_enabled("kda") and not kernels.kernels_enabled("kda")
+            assert not kernels.kernels_enabled("causal_conv1d")  # never verified
+        warnings = [r.getMessage() for r in caplog.records if "kda" in r.getMessage()]
+        assert len(warnings) == 1 and "torch" in warnings[0] and "HF_VARLEN_RECURRENT_KERNELS=all" in warnings[0]
+        monkeypatch.setenv("HF_VARLEN_RECURRENT_KERNELS", "all")
+        assert kernels.kernels_enabled("kda") and kernels.kernels_enabled("causal_conv1d")
+        assert kernels.kernel("kda", torch.zeros(1)) is None  # CPU tensors never reach a kernel
+    finally:
+        kernels._verified_here.cache_clear()
+
+
 def _callables(obj):
     return {name: value for name, value in vars(obj).items() if callable(value)}
 

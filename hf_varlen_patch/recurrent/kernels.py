@@ -10,25 +10,31 @@
   for packed inputs.
 - flash-linear-attention: ``chunk_gated_delta_rule`` / ``chunk_kda`` take ``cu_seqlens`` with batch 1.
 
-By default only kernels that ran for real against this project's bf16 GPU checks are used
-(:data:`VERIFIED`); ``HF_VARLEN_RECURRENT_KERNELS=all`` also enables the others (written to their
-documented signatures, not yet run on real hardware here), ``0`` turns all off: the exact torch
-paths run instead.
+By default only kernels that passed this project's bf16 GPU check (scripts/gpu_kernel_check.py:
+packed == each sequence alone within bf16's own noise, forward and gradients, 1 to 4000 tokens) are
+used, and only on a stack at least as new as the one they passed on (:data:`VERIFIED`): an older
+one runs the exact torch ops, with a warning naming what to upgrade.
+``HF_VARLEN_RECURRENT_KERNELS=all`` also enables the others, on any stack; ``0`` turns all off.
 """
 
 from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 import os
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
+from packaging.version import InvalidVersion, Version
 
 from ..memo import computed_once
 
-__all__ = ["kernel", "kernels_enabled", "call_with_supported", "KERNEL_USAGE"]
+__all__ = ["kernel", "kernels_enabled", "call_with_supported", "KERNEL_USAGE", "VERIFIED", "VerifiedOn"]
+
+logger = logging.getLogger("hf_varlen_patch")
 
 #: How many packed recurrent calls each fused kernel served (for reports and GPU tests).
 KERNEL_USAGE: Counter[str] = Counter()
@@ -44,10 +50,61 @@ KERNELS = {
 }
 
 
-#: Kernels checked on a real GPU (scripts/gpu_hybrid.sh): packed == separate within bf16 noise,
-#: forward and gradients. ``auto`` takes only these; the others stay opt-in until they pass
-#: (benchmarks/recurrent_kernels.md records the checks run so far).
-VERIFIED: frozenset[str] = frozenset()
+@dataclass(frozen=True)
+class VerifiedOn:
+    """The stack a kernel passed the GPU check on: module -> the version it ran (the minimum taken
+    by default; older releases may lack fixes the check relied on, e.g. Triton < 3.7.1 miscompiles
+    fla's gated backward on Hopper), and where it ran."""
+
+    versions: Mapping[str, str]
+    device: str
+
+    def missing(self) -> list[str]:
+        """What this machine lacks of the stack: ``'triton 3.6.0 < 3.7.1'``-style entries."""
+        return [f"{module} {found or 'missing'} < {least}" for module, least, found in self._found() if not found
+                or not _at_least(found, least)]  # fmt: skip
+
+    def _found(self) -> list[tuple[str, str, str | None]]:
+        return [(module, least, _version(module)) for module, least in self.versions.items()]
+
+
+def _version(module: str) -> str | None:
+    try:
+        return str(importlib.import_module(module).__version__)
+    except Exception:  # not installed, or without a version
+        return None
+
+
+def _at_least(found: str, least: str) -> bool:
+    try:
+        return Version(found).release >= Version(least).release
+    except InvalidVersion:
+        return False
+
+
+_FLA = {"fla": "0.6.0", "triton": "3.7.1"}
+_H100 = "H100 80GB HBM3, torch 2.11.0+cu130 (benchmarks/recurrent_kernels.md)"
+
+#: Kernels that passed scripts/gpu_kernel_check.py on a real GPU, and the stack they passed on.
+#: ``auto`` (HF_VARLEN_RECURRENT_KERNELS unset or 1) takes only these, where the stack is met; the
+#: others stay opt-in (``all``) until they pass.
+VERIFIED: Mapping[str, VerifiedOn] = {}
+
+
+@computed_once
+def _verified_here(name: str) -> bool:
+    """``name`` passed the check and this machine's stack is at least the one it passed on; an
+    installed kernel skipped for its stack says so once."""
+    if name not in VERIFIED:
+        return False
+    missing = VERIFIED[name].missing()
+    if missing and _load(name) is not None:
+        logger.warning(
+            "hf_varlen_patch: the %s kernel is installed but passed the packed check only on a newer stack "
+            "(%s); packed recurrent layers run the exact torch ops instead. Upgrade, or opt in with "
+            "HF_VARLEN_RECURRENT_KERNELS=all.", name, "; ".join(missing),
+        )  # fmt: skip
+    return not missing
 
 
 def kernels_enabled(name: str | None = None) -> bool:
@@ -55,7 +112,7 @@ def kernels_enabled(name: str | None = None) -> bool:
     setting = os.environ.get("HF_VARLEN_RECURRENT_KERNELS", "1")
     if setting in ("0", "false", "False"):
         return False
-    return setting == "all" or name is None or name in VERIFIED
+    return setting == "all" or name is None or _verified_here(name)
 
 
 @computed_once
@@ -69,7 +126,7 @@ def _load(name: str) -> Callable | None:
 
 def kernel(name: str, *tensors: torch.Tensor) -> Callable | None:
     """The installed kernel ``name`` if every tensor is on CUDA and kernels are enabled, else None."""
-    if not kernels_enabled(name) or not all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors):
+    if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors) or not kernels_enabled(name):
         return None
     found = _load(name)
     if found is not None:

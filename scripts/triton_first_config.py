@@ -1,0 +1,38 @@
+"""Installed as ``sitecustomize`` by ``scripts/gpu_hybrid.sh`` when ``TRITON_CONFIGS=first``: every
+Triton autotuner (fla's, mamba_ssm's) runs the first of its configurations that compiles and fits
+the device (in the order the kernel lists them, after its own pruning) instead of compiling and
+timing all of them (4 to 16 per kernel, each a separate compile).
+
+Why: a fresh machine spends minutes compiling every configuration of every fla kernel (forward,
+backward, varlen and plain variants) before the first step; the device time a session gets does not
+cover that for four kernels, the model tests and a benchmark. The configurations differ in block
+sizes over the feature dimensions and in warps/stages, not in how sequence boundaries are handled,
+so the equivalence checks hold for the kernels' code; timings are of an untuned configuration, the
+same one for padded (a) and packed (c) rows.
+"""
+
+import math
+import os
+
+if os.environ.get("TRITON_CONFIGS", "all") == "first":
+    try:
+        from triton.runtime import autotuner as _autotuner
+
+        _prune, _bench = _autotuner.Autotuner.prune_configs, _autotuner.Autotuner._bench
+
+        def _pruned(self, kwargs):  # called once per tuning, right before the configs are timed
+            self._first_config_found = False
+            return _prune(self, kwargs)
+
+        def _first_that_runs(self, *args, config, **meta):
+            """Time configs in order until one runs (the rest count as unusable, never compiled)."""
+            if getattr(self, "_first_config_found", False):
+                return [math.inf, math.inf, math.inf]
+            timing = _bench(self, *args, config=config, **meta)
+            self._first_config_found = math.isfinite(timing[0] if isinstance(timing, list) else timing)
+            return timing
+
+        _autotuner.Autotuner.prune_configs = _pruned
+        _autotuner.Autotuner._bench = _first_that_runs
+    except Exception as err:  # noqa: BLE001 - a machine without Triton runs as it is
+        print(f"triton_first_config: not applied ({type(err).__name__}: {err})")
