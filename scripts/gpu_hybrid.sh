@@ -82,7 +82,7 @@ EOF
       for model in ${MODELS:-qwen3_5 bamba}; do
         timeout "${BENCH_TIMEOUT:-270}" python3 scripts/bench_hybrid.py --model "$model" --out "$OUT" \
           --dists "${DISTS:-flan,orcamath}" --modes padded,packed --backends "${BACKENDS:-torch+ops,torch+kernels}" \
-          --steps "${STEPS:-8}" --warmup 3 2>&1 | grep -vE "Warning|warn" | tail -9
+          --steps "${STEPS:-8}" --warmup "${WARMUP:-3}" 2>&1 | grep -vE "Warning|warn" | tail -9
       done ;;
     compile)
       installed

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from hf_varlen_patch.recurrent import torch_ops
 
 LENGTHS = [1, 4000, 37, 64, 65, 1500, 2, 3000, 777, 129]
+DEVICE = "cuda"  # --control-only may run on the CPU
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -43,13 +44,13 @@ def make_inputs(spec: dict, total: int, gen: torch.Generator) -> dict[str, torch
     out = {}
     for name, (shape, kind) in spec["inputs"].items():
         shape = tuple(total if s == "T" else s for s in shape)
-        x = torch.randn(shape, generator=gen, device="cuda")
+        x = torch.randn(shape, generator=gen, device=DEVICE)
         if kind == "logdecay":  # log-space decay, mean about -0.1 per step
             x = -0.15 * F.softplus(x)
         elif kind == "beta":
             x = torch.sigmoid(x)
         elif kind == "A":  # Mamba2: A = -exp(A_log), A_log in log(1..16)
-            x = -torch.exp(torch.empty(shape, device="cuda").uniform_(0, 2.77, generator=gen))
+            x = -torch.exp(torch.empty(shape, device=DEVICE).uniform_(0, 2.77, generator=gen))
         elif kind == "dt":
             x = x - 2.0
         elif kind == "small":
@@ -67,14 +68,14 @@ def _progress(what: str, since: float) -> None:
 def run_case(spec: dict, kernel, lengths: list[int], seed: int = 0) -> dict:
     start = time.time()
     total = sum(lengths)
-    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
     master = make_inputs(spec, total, gen)
     tokenwise = [n for n, (shape, _) in spec["inputs"].items() if "T" in shape]
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int64)
-    seq_idx = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), torch.tensor(lengths, device="cuda"))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE, dtype=torch.int64)
+    seq_idx = torch.repeat_interleave(torch.arange(len(lengths), device=DEVICE), torch.tensor(lengths, device=DEVICE))
     seq_idx = seq_idx[None].to(torch.int32)
     out_shape = spec["out_shape"](master)
-    weight = torch.randn(out_shape, generator=gen, device="cuda")  # the loss: sum(out * weight)
+    weight = torch.randn(out_shape, generator=gen, device=DEVICE)  # the loss: sum(out * weight)
 
     def leaves():  # float32 leaves cast to the run's dtype inside: shared parameters' gradients
         # accumulate over the separate runs in float32, as a trainer's float32 parameters do
@@ -141,13 +142,35 @@ def run_case(spec: dict, kernel, lengths: list[int], seed: int = 0) -> dict:
     )
 
 
+def leak_control(spec: dict, lengths: list[int], seed: int = 0) -> dict:
+    """How far the same inputs run as one row without boundaries land from each sequence alone,
+    with the exact float32 torch ops (the function every kernel computes): the size of the leak the
+    check's inputs would show, to compare with bf16's noise (about 5e-3 here)."""
+    total = sum(lengths)
+    gen = torch.Generator(device=DEVICE).manual_seed(seed)
+    master = make_inputs(spec, total, gen)
+    tokenwise = [n for n, (shape, _) in spec["inputs"].items() if "T" in shape]
+    cu = [0, *torch.tensor(lengths).cumsum(0).tolist()]
+    with torch.no_grad():
+        joined = spec["truth"](master)
+        alone = torch.cat(
+            [spec["truth"]({k: (v[:, a:b] if k in tokenwise else v) for k, v in master.items()})
+             for a, b in zip(cu[:-1], cu[1:])], 1,
+        )  # fmt: skip
+    first = [alone[:, a : a + 16] for a in cu[1:-1]], [joined[:, a : a + 16] for a in cu[1:-1]]
+    return dict(
+        leak_without_boundaries=rel(joined, alone),
+        leak_first_16_tokens_after_each_boundary=rel(torch.cat(first[1], 1), torch.cat(first[0], 1)),
+    )
+
+
 def time_packed(spec: dict, kernel, lengths: list[int], reps: int = 5) -> dict:
     """Median ms of one packed forward+backward: the kernel, and the exact torch ops."""
     total = sum(lengths)
-    gen = torch.Generator(device="cuda").manual_seed(1)
+    gen = torch.Generator(device=DEVICE).manual_seed(1)
     master = make_inputs(spec, total, gen)
-    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda", dtype=torch.int64)
-    seq_idx = torch.repeat_interleave(torch.arange(len(lengths), device="cuda"), torch.tensor(lengths, device="cuda"))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device=DEVICE, dtype=torch.int64)
+    seq_idx = torch.repeat_interleave(torch.arange(len(lengths), device=DEVICE), torch.tensor(lengths, device=DEVICE))
     seq_idx = seq_idx[None].to(torch.int32)
     res = {}
     for label, fn in (
@@ -199,7 +222,7 @@ def _gdn_spec(per_dim: bool) -> dict:
         out_shape=lambda m: (1, m["v"].shape[1], HV, V),
         packed=lambda kernel, t, cu, seq: call(kernel, t, cu),
         alone=lambda kernel, t: call(kernel, t),
-        truth=lambda t: exact(t, torch.zeros(1, t["q"].shape[1], dtype=torch.int32, device="cuda")),
+        truth=lambda t: exact(t, torch.zeros(1, t["q"].shape[1], dtype=torch.int32, device=DEVICE)),
         torch_packed=exact,
     )  # fmt: skip
 
@@ -223,7 +246,7 @@ def _conv_spec() -> dict:
         out_shape=lambda m: tuple(m["x"].shape),
         packed=lambda kernel, t, cu, seq: call(kernel, t, cu),
         alone=lambda kernel, t: call(kernel, t),
-        truth=lambda t: exact(t, torch.zeros(1, t["x"].shape[1], dtype=torch.int32, device="cuda")),
+        truth=lambda t: exact(t, torch.zeros(1, t["x"].shape[1], dtype=torch.int32, device=DEVICE)),
         torch_packed=exact,
     )  # fmt: skip
 
@@ -248,7 +271,7 @@ def _ssd_spec() -> dict:
         out_shape=lambda m: tuple(m["x"].shape),
         packed=lambda kernel, t, cu, seq: call(kernel, t, seq),
         alone=lambda kernel, t: call(kernel, t),
-        truth=lambda t: exact(t, torch.zeros(1, t["x"].shape[1], dtype=torch.int32, device="cuda")),
+        truth=lambda t: exact(t, torch.zeros(1, t["x"].shape[1], dtype=torch.int32, device=DEVICE)),
         torch_packed=exact,
     )  # fmt: skip
 
@@ -266,7 +289,20 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(CASES))
     parser.add_argument("--lengths", default=",".join(map(str, LENGTHS)))
     parser.add_argument("--out", default="benchmarks/recurrent_kernel_check.json")
+    parser.add_argument("--control-only", action="store_true", help="only the leak control, float32 torch ops")
+    parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = args.device
+    if args.control_only:
+        lengths = [int(n) for n in args.lengths.split(",")]
+        for case in args.only.split(","):
+            name, spec = CASES[case]
+            r = leak_control(spec, lengths)
+            print(f"{name}: the row without boundaries vs each sequence alone {r['leak_without_boundaries']:.2e} "
+                  f"(first 16 tokens after each boundary {r['leak_first_16_tokens_after_each_boundary']:.2e})",
+                  flush=True)  # fmt: skip
+        return
     from hf_varlen_patch.recurrent import kernels
 
     lengths = [int(n) for n in args.lengths.split(",")]

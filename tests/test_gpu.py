@@ -168,6 +168,22 @@ def test_bf16_recurrent_kernels(model_type, grads, monkeypatch):
         assert kernels.KERNEL_USAGE[name] > 0, (name, dict(kernels.KERNEL_USAGE))
 
 
+@pytest.mark.parametrize("model_type", ["qwen3_next", "lfm2"])
+def test_verified_kernels_serve_packed_calls_by_default(model_type, monkeypatch):
+    """Without HF_VARLEN_RECURRENT_KERNELS, a verified kernel on its checked stack serves the packed
+    recurrent layers (and keeps them exact within bf16's noise); anything else runs the torch ops."""
+    monkeypatch.delenv("HF_VARLEN_RECURRENT_KERNELS", raising=False)
+    kernels._verified_here.cache_clear()
+    wanted = [n for group in RECURRENT_KERNELS[model_type] for n in group if n in kernels.VERIFIED]
+    usable = [n for n in wanted if kernels._load(n) is not None and not kernels.VERIFIED[n].missing()]
+    if not usable:
+        pytest.skip(f"none of {wanted} is installed on its checked stack here ({kernels.VERIFIED})")
+    kernels.KERNEL_USAGE.clear()
+    _bf16_check(model_type, next(iter(test_variants(model_type))), "auto")
+    assert all(kernels.KERNEL_USAGE[n] > 0 for n in usable), dict(kernels.KERNEL_USAGE)
+    assert set(kernels.KERNEL_USAGE) <= set(kernels.VERIFIED), dict(kernels.KERNEL_USAGE)
+
+
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "gemma2"])
 def test_bf16_flex_backend(model_type):
     variant = next(iter(test_variants(model_type)))

@@ -21,10 +21,35 @@ from hf_varlen_patch.testing import compare_packed, make_packed_batch, registere
 TOL = 1e-5
 NUM_LABELS = 3
 #: heads of other modalities or tasks than a text batch (never built for a text decoder here)
-SKIP_MAPPINGS = ("CAUSAL_LM", "IMAGE", "VISION", "AUDIO", "SPEECH", "VIDEO", "CTC", "DEPTH", "SEMANTIC", "OBJECT",
-                 "KEYPOINT", "ZERO_SHOT", "TIME_SERIES", "TEXT_TO", "MASK_GENERATION", "UNIVERSAL", "INSTANCE",
-                 "DOCUMENT", "TABLE", "PANOPTIC", "BACKBONE", "RETRIEVAL", "SEQ_TO_SEQ", "XVECTOR", "FRAME",
-                 "TEXT_ENCODING", "MULTIMODAL")
+SKIP_MAPPINGS = (
+    "CAUSAL_LM",
+    "IMAGE",
+    "VISION",
+    "AUDIO",
+    "SPEECH",
+    "VIDEO",
+    "CTC",
+    "DEPTH",
+    "SEMANTIC",
+    "OBJECT",
+    "KEYPOINT",
+    "ZERO_SHOT",
+    "TIME_SERIES",
+    "TEXT_TO",
+    "MASK_GENERATION",
+    "UNIVERSAL",
+    "INSTANCE",
+    "DOCUMENT",
+    "TABLE",
+    "PANOPTIC",
+    "BACKBONE",
+    "RETRIEVAL",
+    "SEQ_TO_SEQ",
+    "XVECTOR",
+    "FRAME",
+    "TEXT_ENCODING",
+    "MULTIMODAL",
+)
 LAYOUTS = (dict(rows=[[5, 9, 3]]), dict(rows=[[5, 9, 3, 4], [6, 7]], extra_padding=2, seed=1))
 
 
@@ -84,8 +109,10 @@ def _grad_error(a: dict, b: dict) -> float:
 
 
 def _alone(model, seq: torch.Tensor, **kwargs):
-    return model(input_ids=seq[None], use_cache=False, **kwargs) if _takes_cache(model) else model(
-        input_ids=seq[None], **kwargs
+    return (
+        model(input_ids=seq[None], use_cache=False, **kwargs)
+        if _takes_cache(model)
+        else model(input_ids=seq[None], **kwargs)
     )
 
 
@@ -148,8 +175,12 @@ def _check_question_answering(model, batch):
         errs.append((out.start_logits[row, start : start + n] - alone.start_logits[0]).abs().max().item())
         errs.append((out.end_logits[row, start : start + n] - alone.end_logits[0]).abs().max().item())
     with pytest.raises(PackedCallError, match="span loss"):
-        _packed(model, batch, start_positions=torch.zeros(batch.input_ids.shape[0], dtype=torch.long),
-                end_positions=torch.ones(batch.input_ids.shape[0], dtype=torch.long))
+        _packed(
+            model,
+            batch,
+            start_positions=torch.zeros(batch.input_ids.shape[0], dtype=torch.long),
+            end_positions=torch.ones(batch.input_ids.shape[0], dtype=torch.long),
+        )
     return max(errs), 0.0, 0.0
 
 

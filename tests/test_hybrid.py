@@ -190,6 +190,14 @@ def test_recurrent_kernels_switch_off(monkeypatch):
     assert kernels.kernel("causal_conv1d", torch.zeros(1)) is None
 
 
+def test_verified_kernels_name_known_kernels_and_their_own_package():
+    """Every VERIFIED entry is a kernel the routers know, and its stack names the package it comes from."""
+    assert set(kernels.VERIFIED) <= set(kernels.KERNELS)
+    for name, verified in kernels.VERIFIED.items():
+        assert kernels.KERNELS[name][0].split(".")[0] in verified.versions, name
+        assert verified.device
+
+
 def test_a_verified_kernel_is_taken_by_default_only_on_the_stack_it_passed_on(monkeypatch, caplog):
     """``auto`` takes a verified kernel where the installed versions are at least the checked ones;
     on an older stack the torch ops run and one warning names what to upgrade; ``all`` takes any."""

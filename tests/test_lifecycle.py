@@ -170,8 +170,11 @@ def test_position_ids_that_disagree_with_cu_seq_lens_are_refused():
         model(input_ids=batch.input_ids, position_ids=torch.arange(17)[None], **kwargs)
     shifted = torch.tensor([0, 7, 14, 17], dtype=torch.int32)
     with pytest.raises(MalformedBoundariesError, match="position_ids disagree"):
-        model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-              **{**kwargs, "cu_seq_lens_q": shifted, "cu_seq_lens_k": shifted})
+        model(
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
+            **{**kwargs, "cu_seq_lens_q": shifted, "cu_seq_lens_k": shifted},
+        )
     # trusted offsets (check_inputs=False) are not read back: no check, no sync
     trusting = hf_varlen_patch.apply(tiny_model("gpt2"), check_inputs=False)
     trusting(input_ids=batch.input_ids, position_ids=batch.position_ids, **kwargs)
@@ -187,8 +190,15 @@ def test_seq_idx_that_disagrees_is_refused():
         model(input_ids=batch.input_ids, position_ids=batch.position_ids, seq_idx=bad, use_cache=False)
     cu = torch.tensor([0, 5, 14, 17], dtype=torch.int32)
     with pytest.raises(MalformedBoundariesError, match="seq_idx disagrees"):
-        model(input_ids=batch.input_ids, cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=9, max_length_k=9,
-              seq_idx=bad, use_cache=False)
+        model(
+            input_ids=batch.input_ids,
+            cu_seq_lens_q=cu,
+            cu_seq_lens_k=cu,
+            max_length_q=9,
+            max_length_k=9,
+            seq_idx=bad,
+            use_cache=False,
+        )
 
 
 @pytest.mark.parametrize("method", ["lora", "ia3"])
@@ -199,8 +209,9 @@ def test_weight_peft_methods_stay_exact(method, order):
     config = (
         LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
         if method == "lora"
-        else IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"],
-                       init_ia3_weights=False)
+        else IA3Config(
+            target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], init_ia3_weights=False
+        )
     )
     model = tiny_model("llama")
     if order == "apply_first":

@@ -82,13 +82,17 @@ def _at_least(found: str, least: str) -> bool:
         return False
 
 
-_FLA = {"fla": "0.6.0", "triton": "3.7.1"}
+_FLA = {"fla": "0.6.0", "triton": "3.7.1"}  # fla refuses its gated backward on Hopper below Triton 3.7.1
 _H100 = "H100 80GB HBM3, torch 2.11.0+cu130 (benchmarks/recurrent_kernels.md)"
 
 #: Kernels that passed scripts/gpu_kernel_check.py on a real GPU, and the stack they passed on.
 #: ``auto`` (HF_VARLEN_RECURRENT_KERNELS unset or 1) takes only these, where the stack is met; the
 #: others stay opt-in (``all``) until they pass.
-VERIFIED: Mapping[str, VerifiedOn] = {}
+VERIFIED: Mapping[str, VerifiedOn] = {
+    "gated_delta_rule": VerifiedOn(_FLA, _H100),
+    "kda": VerifiedOn(_FLA, _H100),
+    "fla_causal_conv1d": VerifiedOn(_FLA, _H100),
+}
 
 
 @computed_once
