@@ -190,6 +190,31 @@ def test_recurrent_kernels_switch_off(monkeypatch):
     assert kernels.kernel("causal_conv1d", torch.zeros(1)) is None
 
 
+class _OnCuda(torch.Tensor):
+    """A CPU tensor that says it is on CUDA: the kernel choice without a GPU."""
+
+    @property
+    def is_cuda(self):
+        return True
+
+
+def test_compiled_code_calls_only_kernels_that_break_the_graph_themselves(monkeypatch):
+    """While dynamo traces, fla's delta rules (torch.compiler.disable) are still called; kernels not
+    known to trace give way to the torch ops, which compile into the graph; usage is not counted."""
+    monkeypatch.setenv("HF_VARLEN_RECURRENT_KERNELS", "all")
+    monkeypatch.setattr(kernels, "_load", lambda name: name)
+    x = torch.zeros(1).as_subclass(_OnCuda)
+    kernels.KERNEL_USAGE.clear()
+    assert kernels.kernel("fla_causal_conv1d", x) == "fla_causal_conv1d"
+    assert kernels.kernel("gated_delta_rule", x) == "gated_delta_rule"
+    assert dict(kernels.KERNEL_USAGE) == {"fla_causal_conv1d": 1, "gated_delta_rule": 1}
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert kernels.kernel("fla_causal_conv1d", x) is None and kernels.kernel("ssd_chunk_scan", x) is None
+    assert kernels.kernel("gated_delta_rule", x) == "gated_delta_rule" and kernels.kernel("kda", x) == "kda"
+    assert dict(kernels.KERNEL_USAGE) == {"fla_causal_conv1d": 1, "gated_delta_rule": 1}
+    kernels.KERNEL_USAGE.clear()
+
+
 def test_verified_kernels_name_known_kernels_and_their_own_package():
     """Every VERIFIED entry is a kernel the routers know, and its stack names the package it comes from."""
     assert set(kernels.VERIFIED) <= set(kernels.KERNELS)

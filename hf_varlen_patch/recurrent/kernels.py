@@ -128,12 +128,21 @@ def _load(name: str) -> Callable | None:
         return None
 
 
+#: Kernels that compiled code may call: fla marks them ``torch.compiler.disable``, so dynamo runs
+#: them eagerly (a graph break each). The others are not known to trace; while compiling, the
+#: exact torch ops run in their place and compile into the graph.
+CALLED_FROM_COMPILED = frozenset({"gated_delta_rule", "kda"})
+
+
 def kernel(name: str, *tensors: torch.Tensor) -> Callable | None:
     """The installed kernel ``name`` if every tensor is on CUDA and kernels are enabled, else None."""
-    if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors) or not kernels_enabled(name):
+    if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors):
+        return None
+    compiling = torch.compiler.is_compiling()
+    if (compiling and name not in CALLED_FROM_COMPILED) or not kernels_enabled(name):
         return None
     found = _load(name)
-    if found is not None:
+    if found is not None and not compiling:
         KERNEL_USAGE[name] += 1
     return found
 
