@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import transformers
 
 
 def _script(name: str):
@@ -124,3 +125,73 @@ def test_bench_preference_rl_tiny_runs_every_row_and_passes_its_check(tmp_path, 
     assert saved["meta"]["checks"]["grpo"]["unpad_vs_token_logprobs"]["max_abs_diff"] < 1e-4
     table = (tmp_path / "tiny.md").read_text()
     assert "tokens/s vs padded" in table and "DPO step: unpad=True" in table
+
+
+@pytest.mark.parametrize("case", ["gdn", "kda", "conv", "ssd"])
+def test_the_kernel_checks_inputs_would_show_a_leak(case, monkeypatch):
+    """scripts/gpu_kernel_check.py's control, on the CPU with the exact float32 ops: its inputs run as
+    one row without boundaries land well over twice the bf16 noise (about 5e-3 on the GPU) from each
+    sequence alone, so a kernel that leaked could not pass its 2x-noise bar."""
+    check = _script("gpu_kernel_check")
+    monkeypatch.setattr(check, "DEVICE", "cpu")
+    name, spec = check.CASES[case]
+    result = check.leak_control(spec, [1, 300, 37, 64, 65, 2, 129])
+    assert result["leak_without_boundaries"] > 2e-2, (name, result)
+    assert result["leak_first_16_tokens_after_each_boundary"] > 1e-1, (name, result)
+
+
+def test_triton_first_config_times_configs_in_order_until_one_fits(monkeypatch):
+    """scripts/triton_first_config.py (the GPU staging's sitecustomize, TRITON_CONFIGS=first), on a
+    stand-in for Triton's Autotuner: a configuration out of shared memory is passed over, the first
+    that runs is taken, and the ones after it are never compiled; each tuning starts afresh."""
+    import math
+    import types
+
+    benched = []
+
+    class Autotuner:
+        def prune_configs(self, kwargs):
+            return ["too_big", "fits", "also_fits"]
+
+        def _bench(self, *args, config, **meta):
+            benched.append(config)
+            return [math.inf] * 3 if config == "too_big" else [1.0, 1.0, 1.0]
+
+        def tune(self):  # what Autotuner.run does with the pruned configs
+            timings = {c: self._bench(config=c) for c in self.prune_configs({})}
+            return min(timings, key=timings.get)
+
+    autotuner = types.ModuleType("triton.runtime.autotuner")
+    autotuner.Autotuner = Autotuner
+    runtime = types.ModuleType("triton.runtime")
+    runtime.autotuner = autotuner
+    monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))
+    monkeypatch.setitem(sys.modules, "triton.runtime", runtime)
+    monkeypatch.setitem(sys.modules, "triton.runtime.autotuner", autotuner)
+    monkeypatch.setenv("TRITON_CONFIGS", "first")
+    _script("triton_first_config")
+    tuner = Autotuner()
+    assert tuner.tune() == "fits" and benched == ["too_big", "fits"]
+    assert tuner.tune() == "fits" and benched == ["too_big", "fits", "too_big", "fits"]
+
+
+@pytest.mark.skipif(
+    transformers.__version__.startswith("4."),
+    reason="the benchmark's hybrids (qwen3_5_text, bamba) are patched on transformers 5.x only",
+)
+@pytest.mark.parametrize("model", ["qwen3_5", "bamba"])
+def test_bench_hybrid_tiny_runs_the_three_rows(model, tmp_path):
+    """scripts/bench_hybrid.py --tiny on the CPU: (a) padded upstream, (b) packed with the torch ops
+    and (c) packed with the kernels setting (torch ops here: no CUDA) all run, for both models."""
+    import subprocess
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "bench_hybrid.py"
+    args = ["--tiny", "--device", "cpu", "--model", model, "--dists", "flan", "--steps", "1", "--warmup", "0"]
+    args += ["--backends", "sdpa+ops,sdpa+kernels", "--out", str(tmp_path)]
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    saved = json.loads(next(tmp_path.glob("hybrid_padding_vs_packing_*.json")).read_text())
+    rows = [r["row"] for r in saved["results"]]
+    assert [r.split(":")[1].strip()[:3] for r in rows] == ["(a)", "(b)", "(c)"], rows
+    assert all(not r["note"].startswith("FAILED") for r in saved["results"]), saved["results"]
+    assert saved["meta"]["model"] == model
