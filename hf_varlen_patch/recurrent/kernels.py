@@ -61,11 +61,12 @@ class VerifiedOn:
 
     def missing(self) -> list[str]:
         """What this machine lacks of the stack: ``'triton 3.6.0 < 3.7.1'``-style entries."""
-        return [f"{module} {found or 'missing'} < {least}" for module, least, found in self._found() if not found
-                or not _at_least(found, least)]  # fmt: skip
-
-    def _found(self) -> list[tuple[str, str, str | None]]:
-        return [(module, least, _version(module)) for module, least in self.versions.items()]
+        lacking = []
+        for module, least in self.versions.items():
+            found = _version(module)
+            if found is None or not _at_least(found, least):
+                lacking.append(f"{module} {found or 'missing'} < {least}")
+        return lacking
 
 
 def _version(module: str) -> str | None:
