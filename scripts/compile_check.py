@@ -124,24 +124,21 @@ def check_blocks(model_type: str, variant: str, args) -> dict:
     )
 
 
-def main_blocks(types: list[str], variants: dict, args) -> int:
+def run_table(types: list[str], variants: dict, args, check_fn, header: str, cells) -> int:
+    """One markdown row per type (``cells(result)``: its columns before the break reasons), errors
+    reported as rows; returns how many types failed."""
     failures = 0
-    print(f"blocks compiled alone: backend={args.backend} device={args.device} compiler={args.compiler}")
-    print("| model_type | blocks | breaks | compiles | packed vs separate: logits | grads | break reasons |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(header)
+    print("| --- " * (header.count("|") - 1) + "|")
     for model_type in types:
         try:
-            r = check_blocks(model_type, variants.get(model_type, "default"), args)
+            r = check_fn(model_type, variants.get(model_type, "default"), args)
         except Exception as err:  # a failure is a result to report
             failures += 1
-            reason = f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
-            print(f"| {model_type} | ERROR | | | | | {reason} |", flush=True)
+            blanks, why = "| " * (header.count("|") - 4), f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            print(f"| {model_type} | ERROR {blanks}| {why} |", flush=True)
             continue
-        print(
-            f"| {model_type} | {r['blocks']} | {r['breaks']} | {r['compiles']} | {r['logits']:.1e} | {r['grads']:.1e} "
-            f"| {'; '.join(r['reasons'])} |",
-            flush=True,
-        )
+        print(f"| {model_type} | {' | '.join(cells(r))} | {'; '.join(r['reasons'])} |", flush=True)
     return failures
 
 
@@ -165,29 +162,22 @@ def main() -> None:
     variants = dict(registered_variants())
     types = args.types.split(",") if args.types else sorted(variants)
     if args.blocks:
-        sys.exit(1 if main_blocks(types, variants, args) else 0)
-    failures = 0
-    print(f"layout={args.layout} backend={args.backend} device={args.device} compiler={args.compiler}")
-    print(
-        "| model_type | graphs | breaks | compiles over batches | compiled vs eager: max abs | relative (worst tensor) "
-        "| break reasons |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
-    for model_type in types:
-        try:
-            r = check(model_type, variants.get(model_type, "default"), args)
-        except Exception as err:  # a failure is a result to report
-            failures += 1
-            print(
-                f"| {model_type} | ERROR | | | | | {type(err).__name__}: {str(err).splitlines()[0][:200]} |", flush=True
-            )
-            continue
-        print(
-            f"| {model_type} | {r['graphs']} | {r['breaks']} | {r['compiles']} | {r['compiled_vs_eager']:.1e} | "
-            f"{r['compiled_vs_eager_rel']:.1e} | "
-            f"{'; '.join(r['reasons'])} |",
-            flush=True,
-        )
+        print(f"blocks compiled alone: backend={args.backend} device={args.device} compiler={args.compiler}")
+        failures = run_table(
+            types, variants, args, check_blocks,
+            "| model_type | blocks | breaks | compiles | packed vs separate: logits | grads | break reasons |",
+            lambda r: [*(str(r[k]) for k in ("blocks", "breaks", "compiles")), f"{r['logits']:.1e}",
+                       f"{r['grads']:.1e}"],
+        )  # fmt: skip
+    else:
+        print(f"layout={args.layout} backend={args.backend} device={args.device} compiler={args.compiler}")
+        failures = run_table(
+            types, variants, args, check,
+            "| model_type | graphs | breaks | compiles over batches | compiled vs eager: max abs "
+            "| relative (worst tensor) | break reasons |",
+            lambda r: [str(r["graphs"]), str(r["breaks"]), str(r["compiles"]), f"{r['compiled_vs_eager']:.1e}",
+                       f"{r['compiled_vs_eager_rel']:.1e}"],
+        )  # fmt: skip
     sys.exit(1 if failures else 0)
 
 
