@@ -215,6 +215,7 @@ class Patcher:
         def patched(instance: Any, *args: Any, **kwargs: Any) -> Any:
             return wrapper(getattr(instance, _WRAPPED)[name][level], instance, args, kwargs)
 
+        patched.__code__ = _code_for(type(obj), name, level, wrapper, patched.__code__)
         functools.update_wrapper(patched, previous)
         signature = inspect.signature(previous)
         own = inspect.Parameter("self", inspect.Parameter.POSITIONAL_ONLY)
@@ -224,6 +225,20 @@ class Patcher:
     def undo(self) -> None:
         while self.undo_log:
             self.undo_log.pop()()
+
+
+_CODES: dict[tuple, types.CodeType] = {}
+
+
+def _code_for(cls: type, name: str, level: int, wrapper: Callable, code: types.CodeType) -> types.CodeType:
+    """One code object per (class, method, level, wrapper) for :meth:`Patcher.wrap_method`'s
+    ``patched``: torch.compile caches compiled frames per code object, and its recompile limit (8)
+    counts them per code object too, so a shared ``patched`` would run eagerly past the 8th kind of
+    call. The decoder layers of one class share theirs."""
+    key = (cls, name, level, getattr(wrapper, "__code__", wrapper))
+    if key not in _CODES:
+        _CODES[key] = code.replace()
+    return _CODES[key]
 
 
 def nested_configs(config: Any) -> list[Any]:
@@ -649,7 +664,9 @@ def make_entry_wrapper(
     def entry(wrapped: Callable, instance: Any, args: tuple, kwargs: dict) -> Any:
         call = call_as_kwargs(wrapped, args, kwargs)
         refuse_packed_cache_reuse(call)
-        outer = boundaries_for() is not None or call.get(BOUNDARIES_KWARG) is not None
+        # the keyword first: in a frame compiled after a graph break, the context's boundaries are a
+        # global (static shapes: a recompile per length), the keyword's an input (dynamic)
+        outer = call.get(BOUNDARIES_KWARG) is not None or boundaries_for() is not None
         plan = plan_unpadding(call) if unpad and not outer else None
         if plan is not None:
             call = unpadded_call(call, plan)

@@ -55,13 +55,24 @@ def graphs_compiled() -> int:
 
 
 def time_steps(
-    step: Callable[[int], float], *, steps: int, warmup: int, row: str, compiled: bool = False, note: str = ""
+    step: Callable[[int], float],
+    *,
+    steps: int,
+    warmup: int,
+    row: str,
+    compiled: bool = False,
+    note: str = "",
+    warm_timed: bool = False,
 ) -> Result:
-    """Run warm-up then timed steps; ``step(i)`` runs batch ``i`` and returns its real-token count."""
+    """Run warm-up then timed steps; ``step(i)`` runs batch ``i`` and returns its real-token count.
+
+    ``warm_timed`` also runs each timed batch once, untimed, before timing: Triton kernels compile
+    per shape class (integer arguments specialise on divisibility by 16), so a handful of fresh
+    packed lengths would otherwise time a compile instead of the steady state."""
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    for i in range(warmup):
+    for i in range(warmup + steps if warm_timed else warmup):
         step(i)
     sync()
     graphs_before = graphs_compiled() if compiled else None

@@ -18,6 +18,7 @@ kernels.VERIFIED); a plain backend leaves the setting as it is. The three rows t
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import os
 import sys
@@ -139,6 +140,12 @@ def _upstream_recurrence() -> str:
 
 def _add_arguments(parser) -> None:
     parser.add_argument("--model", dest="hybrid", choices=["qwen3_5", "bamba"], default="qwen3_5")
+    parser.add_argument(
+        "--warm-timed",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run each timed batch once untimed first (Triton compiles per shape class): the steady state",
+    )
 
 
 def _named(args) -> str:
@@ -153,7 +160,11 @@ def main() -> None:
         builder=build_hybrid,
         name=_named,
         title=lambda args: f"{styles[args.hybrid]} hybrid ~0.5B: padding vs packing ({_upstream_recurrence()})",
-        extra_meta=lambda args: {"model": args.hybrid, "upstream_recurrence": _upstream_recurrence()},
+        extra_meta=lambda args: {
+            "model": args.hybrid,
+            "upstream_recurrence": _upstream_recurrence(),
+            "warm_timed": args.warm_timed,
+        },
         description=__doc__,
         add_arguments=_add_arguments,
     )

@@ -148,7 +148,14 @@ def run(dist: str, mode: str, args, backend: str | None = None):
 
     label = row_label(dist, mode, backend)
     try:
-        result = time_steps(step, steps=args.steps, warmup=args.warmup, row=label, note=f"{params / 1e9:.2f}B params")
+        result = time_steps(
+            step,
+            steps=args.steps,
+            warmup=args.warmup,
+            row=label,
+            note=f"{params / 1e9:.2f}B params",
+            warm_timed=getattr(args, "warm_timed", False),
+        )
     except Exception as err:  # out of memory or a failing implementation: a measured result
         result = failed_result(label, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}")
     finally:

@@ -9,6 +9,10 @@ cover that for four kernels, the model tests and a benchmark. The configurations
 sizes over the feature dimensions and in warps/stages, not in how sequence boundaries are handled,
 so the equivalence checks hold for the kernels' code; timings are of an untuned configuration, the
 same one for padded (a) and packed (c) rows.
+
+A configuration chosen for one call can still run out of shared memory in a later call with the same
+tuning key but other compile-time constants (mamba_ssm's chunk scan with and without ``seq_idx``):
+the run then drops that configuration for this kernel and tunes again, instead of failing the step.
 """
 
 import math
@@ -17,8 +21,13 @@ import os
 if os.environ.get("TRITON_CONFIGS", "all") == "first":
     try:
         from triton.runtime import autotuner as _autotuner
+        from triton.runtime.errors import OutOfResources
 
-        _prune, _bench = _autotuner.Autotuner.prune_configs, _autotuner.Autotuner._bench
+        _prune, _bench, _run = (
+            _autotuner.Autotuner.prune_configs,
+            _autotuner.Autotuner._bench,
+            _autotuner.Autotuner.run,
+        )
 
         def _pruned(self, kwargs):  # called once per tuning, right before the configs are timed
             self._first_config_found = False
@@ -32,7 +41,20 @@ if os.environ.get("TRITON_CONFIGS", "all") == "first":
             self._first_config_found = math.isfinite(timing[0] if isinstance(timing, list) else timing)
             return timing
 
+        def _run_or_next(self, *args, **kwargs):
+            """Run; on a launch out of shared memory, drop the configuration and tune again."""
+            while True:
+                try:
+                    return _run(self, *args, **kwargs)
+                except OutOfResources:
+                    bad = getattr(self, "best_config", None)
+                    if bad is None or len(self.configs) <= 1 or bad not in self.configs:
+                        raise
+                    self.configs = [c for c in self.configs if c is not bad]
+                    self.cache.clear()
+
         _autotuner.Autotuner.prune_configs = _pruned
+        _autotuner.Autotuner.run = _run_or_next
         _autotuner.Autotuner._bench = _first_that_runs
     except Exception as err:  # noqa: BLE001 - a machine without Triton runs as it is
         print(f"triton_first_config: not applied ({type(err).__name__}: {err})")

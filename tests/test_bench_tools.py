@@ -143,15 +143,23 @@ def test_the_kernel_checks_inputs_would_show_a_leak(case, monkeypatch):
 def test_triton_first_config_times_configs_in_order_until_one_fits(monkeypatch):
     """scripts/triton_first_config.py (the GPU staging's sitecustomize, TRITON_CONFIGS=first), on a
     stand-in for Triton's Autotuner: a configuration out of shared memory is passed over, the first
-    that runs is taken, and the ones after it are never compiled; each tuning starts afresh."""
+    that runs is taken, and the ones after it are never compiled; each tuning starts afresh. A
+    configuration that runs out of shared memory at a later launch (other compile-time constants,
+    same tuning key) is dropped and the kernel tuned again."""
     import math
     import types
 
-    benched = []
+    benched, launched = [], []
+
+    class OutOfResources(Exception):
+        pass
 
     class Autotuner:
+        def __init__(self):
+            self.configs, self.cache = ["too_big", "fits", "also_fits"], {}
+
         def prune_configs(self, kwargs):
-            return ["too_big", "fits", "also_fits"]
+            return list(self.configs)
 
         def _bench(self, *args, config, **meta):
             benched.append(config)
@@ -161,18 +169,40 @@ def test_triton_first_config_times_configs_in_order_until_one_fits(monkeypatch):
             timings = {c: self._bench(config=c) for c in self.prune_configs({})}
             return min(timings, key=timings.get)
 
+        def run(self, variant):  # Autotuner.run: tune once per key, then launch
+            if "key" not in self.cache:
+                self.cache["key"] = self.tune()
+            self.best_config = self.cache["key"]
+            launched.append((variant, self.best_config))
+            if variant == "bigger" and self.best_config == "fits":
+                raise OutOfResources("shared memory")
+            return self.best_config
+
     autotuner = types.ModuleType("triton.runtime.autotuner")
     autotuner.Autotuner = Autotuner
+    errors = types.ModuleType("triton.runtime.errors")
+    errors.OutOfResources = OutOfResources
     runtime = types.ModuleType("triton.runtime")
-    runtime.autotuner = autotuner
+    runtime.autotuner, runtime.errors = autotuner, errors
     monkeypatch.setitem(sys.modules, "triton", types.ModuleType("triton"))
     monkeypatch.setitem(sys.modules, "triton.runtime", runtime)
     monkeypatch.setitem(sys.modules, "triton.runtime.autotuner", autotuner)
+    monkeypatch.setitem(sys.modules, "triton.runtime.errors", errors)
     monkeypatch.setenv("TRITON_CONFIGS", "first")
     _script("triton_first_config")
     tuner = Autotuner()
     assert tuner.tune() == "fits" and benched == ["too_big", "fits"]
     assert tuner.tune() == "fits" and benched == ["too_big", "fits", "too_big", "fits"]
+
+    tuner = Autotuner()
+    assert tuner.run("plain") == "fits"
+    assert tuner.run("bigger") == "also_fits"
+    assert launched[-2:] == [("bigger", "fits"), ("bigger", "also_fits")]
+    assert tuner.configs == ["too_big", "also_fits"] and tuner.run("plain") == "also_fits"
+    with pytest.raises(OutOfResources):  # nothing left to fall back on: the error stands
+        tuner.configs = ["fits"]
+        tuner.cache.clear()
+        tuner.run("bigger")
 
 
 @pytest.mark.skipif(

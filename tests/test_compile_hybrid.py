@@ -208,3 +208,37 @@ def test_bamba_attention_under_inductor_at_a_second_length():
             (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
             runs.append([out.detach(), hidden.grad.clone(), *(p.grad.clone() for p in attention.parameters())])
         assert max(float((a - b).abs().max()) for a, b in zip(*runs)) < TOL, lengths
+
+
+@pytest.mark.parametrize("model_type", ["lfm2", QWEN3_5])
+def test_a_kernel_that_breaks_the_graph_in_every_mixer_compiles_once_per_kind_of_call(model_type, monkeypatch):
+    """fla's delta rules run from compiled code as graph breaks (``torch.compiler.disable``), one in
+    every recurrent mixer; here the torch ops stand in for them, disabled alike, in a 12-layer twin.
+    Over ten batches of new lengths: compiled == eager; the router guard, whose hooks then run
+    eagerly around mixers compiled on their own, does not mistake them for bypassed (before:
+    RouterBypassedError); compiles stop after the third batch (before: the base model's entry, a
+    frame of its own after the break, read the boundaries from the context, a global of static
+    shape, and recompiled at every length); no frame reaches dynamo's recompile limit (before:
+    ``patched``, one code object for every wrapped method, did)."""
+    from hf_varlen_patch.equivalence import build_twin
+    from hf_varlen_patch.recurrent import torch_ops
+
+    for name in ("chunked_delta_rule", "causal_conv1d"):
+        monkeypatch.setattr(torch_ops, name, torch.compiler.disable(getattr(torch_ops, name)))
+    config = copy.deepcopy(next(iter(test_variants(model_type).values())))
+    config.num_hidden_layers = 12
+    config.layer_types = (list(config.layer_types) * 12)[:12]
+    model = build_twin(config, model_class=transformers.AutoModelForCausalLM, seed=0).train()
+    hf_varlen_patch.apply(model)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    rng = random.Random(0)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for i in range(10):
+            inputs = _collator_inputs([rng.randint(2, 24) for _ in range((2, 5, 3, 4)[i % 4])], config.vocab_size, i)
+            last = _step(compiled, model, inputs)
+            if i == 2:
+                after_three = counter.frame_count
+    assert _breaks()[0] > 0, "the stand-in kernels broke no graph: this test would see none of the above"
+    assert counter.frame_count == after_three, (after_three, counter.frame_count)
+    assert _worst(last, _step(model, model, inputs)) < TOL

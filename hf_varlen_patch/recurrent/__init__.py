@@ -542,8 +542,9 @@ def blocks_enter_their_boundaries(patcher: Any, model: torch.nn.Module) -> list[
 #: mixer class -> the ``kernels`` function names (``_kernel_funcs`` keys) that compute around a
 #: routed function: a hub kernel in their place skips the router.
 _AROUND: dict[type, frozenset[str]] = {}
-#: Router-call counts at the start of the mixers' packed forwards now running (innermost last).
-_GUARD_STACK: list[int] = []
+#: Router-call counts at the start of the mixers' packed forwards now running (innermost last);
+#: None for a forward that runs compiled (its routers do not count).
+_GUARD_STACK: list[int | None] = []
 
 
 def _kernel_layer_name(fn: Any) -> str | None:
@@ -576,6 +577,16 @@ def _kernelized(obj: Any) -> Any:
     return getattr(obj, "_kernel_repo", None)
 
 
+def _under_compile() -> bool:
+    """Whether this code is traced, or runs eagerly inside a compiled forward (between its graphs,
+    or in a frame past the recompile limit): the frames it calls may then run compiled code, whose
+    routers do not count (a count read in traced code would be a guard on its value, a recompile
+    per step). Dynamo's frame callback is None only outside torch.compile."""
+    if torch.compiler.is_compiling():
+        return True
+    return getattr(torch._C._dynamo.eval_frame, "get_eval_frame_callback", lambda: None)() is not None
+
+
 def _guard_before(layer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     if boundaries_for() is None:
         return
@@ -594,14 +605,15 @@ def _guard_before(layer: torch.nn.Module, args: tuple, kwargs: dict) -> None:
             "or unpack."
         )
     if not torch.compiler.is_compiling():
-        _GUARD_STACK.append(_ROUTER_CALLS[0])
+        _GUARD_STACK.append(None if _under_compile() else _ROUTER_CALLS[0])
 
 
 def _guard_after(layer: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
     if boundaries_for() is None or torch.compiler.is_compiling() or not _GUARD_STACK:
         return
     start = _GUARD_STACK.pop()
-    if output is not None and _ROUTER_CALLS[0] == start:  # None: the forward raised, its error stands
+    # output None: the forward raised, its error stands
+    if start is not None and output is not None and _ROUTER_CALLS[0] == start:
         raise RouterBypassedError(
             f"the packed forward of {type(layer).__name__} reached none of the boundary-aware functions "
             f"({', '.join(sorted(_ROUTED_KEYS.get(type(layer), ())))}): something computed its convolution or scan "
