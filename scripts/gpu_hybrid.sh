@@ -19,10 +19,10 @@
 #   torch       the hybrid types' bf16 GPU tests on the exact torch paths (no recurrent kernels)
 #   bench       padded vs packed on ~0.5B hybrids (MODELS, default "qwen3_5 bamba"): (a) padded upstream
 #               (with what it finds installed), (b) packed + torch ops, (c) packed + kernels
-#   compile     a packed hybrid step under torch.compile (inductor, bf16, the exact torch ops): graphs,
-#               breaks and compiles over 20 batches of new lengths (scripts/compile_check.py); run with the
-#               machine's own Triton (inductor's), so /tmp/site is left off PYTHONPATH; then, where fla is
-#               staged, with the verified kernels under aot_eager (fla's delta rules are graph breaks)
+#   compile     a packed hybrid step under torch.compile, bf16: graphs, breaks and compiles over 20 batches
+#               of new lengths (scripts/compile_check.py). First, where fla is staged, with the verified
+#               kernels under aot_eager (fla's delta rules are graph breaks); then the exact torch ops under
+#               inductor, on the machine's own Triton (inductor's), so /tmp/site is left off PYTHONPATH
 #   build       start building causal-conv1d for sm_90 from its sdist, in the background
 #   conv        install what `build` built and run the recurrent-kernel tests with it
 # Usage: bash scripts/gpu_hybrid.sh stash triton fla mamba check recurrent bench
@@ -87,13 +87,15 @@ EOF
       done ;;
     compile)
       installed
-      PYTHONPATH= HF_VARLEN_RECURRENT_KERNELS=0 timeout "${COMPILE_TIMEOUT:-300}" python3 scripts/compile_check.py \
-        --types "${COMPILE_TYPES:-qwen3_5_text,bamba,lfm2,qwen3_next}" --device cuda --dtype bfloat16 --backend torch \
-        --compiler inductor --batches 20 2>&1 | grep -vE "Warning|warn" | tee "$OUT/compile_hybrid_gpu.log" | tail -12
-      # the verified kernels as auto takes them (dynamo only: inductor is built for the machine's Triton)
+      # the verified kernels as auto takes them, under aot_eager (fla's delta rules are graph breaks;
+      # inductor would build for the machine's Triton, not the staged one)
       [ -e /tmp/site/fla ] && timeout "${COMPILE_TIMEOUT:-300}" python3 scripts/compile_check.py \
         --types "${COMPILE_TYPES:-qwen3_5_text,bamba,lfm2,qwen3_next}" --device cuda --dtype bfloat16 --backend torch \
-        --compiler aot_eager --batches 20 2>&1 | grep -vE "Warning|warn" | tee "$OUT/compile_hybrid_gpu_kernels.log" | tail -12 ;;
+        --compiler aot_eager --batches 20 2>&1 | grep -vE "Warning|warn|^\[transformers\]" | tee "$OUT/compile_hybrid_gpu_kernels.log" | tail -12
+      # the exact torch ops under inductor, on the machine's own Triton
+      PYTHONPATH= HF_VARLEN_RECURRENT_KERNELS=0 timeout "${COMPILE_TIMEOUT:-300}" python3 scripts/compile_check.py \
+        --types "${COMPILE_TYPES:-qwen3_5_text,bamba,lfm2,qwen3_next}" --device cuda --dtype bfloat16 --backend torch \
+        --compiler inductor --batches 20 2>&1 | grep -vE "Warning|warn|^\[transformers\]" | tee "$OUT/compile_hybrid_gpu.log" | tail -12 ;;
     build)
       ( start=$(date +%s); root=$PWD
         mkdir -p /tmp/src && cd /tmp/src && tar xzf "$root/$W"/causal_conv1d-*.tar.gz && cd causal_conv1d-*/ &&

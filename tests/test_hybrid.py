@@ -252,6 +252,21 @@ def test_a_verified_kernel_is_taken_by_default_only_on_the_stack_it_passed_on(mo
         kernels._verified_here.cache_clear()
 
 
+def test_a_package_whose_import_fails_is_versioned_by_its_metadata(monkeypatch):
+    """mamba_ssm's ``__init__`` imports its CUDA selective scan: where that extension is missing, its
+    Triton SSD still imports, and the stack check reads the version from the installed metadata."""
+    real = importlib.import_module
+
+    def failing(name, *args, **kwargs):
+        if name == "pytest":
+            raise ImportError("selective_scan_cuda: cannot open shared object file")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(kernels.importlib, "import_module", failing)
+    assert kernels._version("pytest") == pytest.__version__
+    assert kernels._version("no_such_module_here") is None
+
+
 def _callables(obj):
     return {name: value for name, value in vars(obj).items() if callable(value)}
 

@@ -20,6 +20,7 @@ one runs the exact torch ops, with a warning naming what to upgrade.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import inspect
 import logging
 import os
@@ -72,8 +73,11 @@ class VerifiedOn:
 def _version(module: str) -> str | None:
     try:
         return str(importlib.import_module(module).__version__)
-    except Exception:  # not installed, or without a version
-        return None
+    except Exception:  # not installed, without a version, or a package import that fails (mamba_ssm's
+        try:  # without its CUDA extension) while the Triton kernels it ships still import
+            return importlib.metadata.version(module)
+        except Exception:
+            return None
 
 
 def _at_least(found: str, least: str) -> bool:
@@ -84,6 +88,7 @@ def _at_least(found: str, least: str) -> bool:
 
 
 _FLA = {"fla": "0.6.0", "triton": "3.7.1"}  # fla refuses its gated backward on Hopper below Triton 3.7.1
+_MAMBA = {"mamba_ssm": "2.3.2", "triton": "3.7.1"}  # its Triton SSD ran there; older Tritons never did
 _H100 = "H100 80GB HBM3, torch 2.11.0+cu130 (benchmarks/recurrent_kernels.md)"
 
 #: Kernels that passed scripts/gpu_kernel_check.py on a real GPU, and the stack they passed on.
@@ -93,6 +98,7 @@ VERIFIED: Mapping[str, VerifiedOn] = {
     "gated_delta_rule": VerifiedOn(_FLA, _H100),
     "kda": VerifiedOn(_FLA, _H100),
     "fla_causal_conv1d": VerifiedOn(_FLA, _H100),
+    "ssd_chunk_scan": VerifiedOn(_MAMBA, _H100),
 }
 
 
