@@ -71,6 +71,14 @@ class Boundaries:
         starts = self.cu_seqlens.to(torch.int64)[self.seq_idx.to(torch.int64)]
         return (flat - starts).view(self.shape)
 
+    def cu_seqlens_int64(self) -> torch.Tensor:
+        """``cu_seqlens`` as int64 (what flash-linear-attention takes), one tensor per forward
+        (memoised): fla memoises its chunk indices by the identity of the ``cu_seqlens`` it gets,
+        and each computation reads the device (a sync), so every layer must hand it the same one."""
+        if "cu_seqlens_int64" not in self.cache:
+            self.cache["cu_seqlens_int64"] = self.cu_seqlens.to(torch.int64)
+        return self.cache["cu_seqlens_int64"]
+
     def sequence_starts(self) -> torch.Tensor:
         """Flat indices of the first token of every sequence (int64, on the device)."""
         return self.cu_seqlens[:-1].to(torch.int64)

@@ -155,7 +155,7 @@ def _conv_varlen(fn: Callable, boundaries: Boundaries, x: torch.Tensor, weight, 
     rows flattened to one (1, batch * length, dim) stream (its batch-1 rule) and back."""
     batch, dim, length = x.shape
     flat = x.transpose(1, 2).reshape(1, batch * length, dim)
-    y, _ = fn(flat, weight, bias, activation=activation, cu_seqlens=boundaries.cu_seqlens.to(torch.int64))
+    y, _ = fn(flat, weight, bias, activation=activation, cu_seqlens=boundaries.cu_seqlens_int64())
     return y.reshape(batch, length, dim).transpose(1, 2)
 
 
@@ -271,7 +271,7 @@ def _delta_rule_varlen(fused: Callable, boundaries: Boundaries, seq: torch.Tenso
         fused, flat["query"], flat["key"], flat["value"], flat["g"], flat["beta"],
         initial_state=initial, output_final_state=call.get("output_final_state", False),
         use_qk_l2norm_in_kernel=call.get("use_qk_l2norm_in_kernel", False),
-        cu_seqlens=boundaries.cu_seqlens.to(torch.int64),
+        cu_seqlens=boundaries.cu_seqlens_int64(),
     )  # fmt: skip
     if final is not None:
         final = final.index_select(0, seq[:, -1].to(torch.int64))
