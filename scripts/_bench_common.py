@@ -160,6 +160,34 @@ def kernel_breakdown(prof, top: int = 12) -> dict:
     )
 
 
+def profile_step(step: Callable[[int], float], index: int, *, wall_ms: float, trace: Path, top: int = 12) -> dict:
+    """Profile ``step(index)`` once: its GPU time by kernel family (:func:`kernel_breakdown`) and,
+    on a GPU, its idle gaps, each blamed on the host op that launched the next kernel
+    (``scripts/trace_gaps.py``; the chrome trace is written to ``trace``). Prints both."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=activities) as prof:
+        step(index)
+        sync()
+    breakdown = kernel_breakdown(prof, top=top)
+    breakdown["wall_ms"] = wall_ms
+    if torch.cuda.is_available():
+        import trace_gaps
+
+        trace.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            prof.export_chrome_trace(str(trace))
+            breakdown["gaps"] = trace_gaps.report(trace_gaps.gaps(trace_gaps.load(trace)), top=8)
+        except Exception as err:  # the timing stands; say why the gaps are missing
+            breakdown["gaps"] = f"trace_gaps failed: {type(err).__name__}: {err}"
+        print(breakdown["gaps"])
+    print(f"--- kernels of one step (GPU busy {breakdown['busy_ms']:.1f} ms of {wall_ms:.1f} ms)")
+    for name, count, ms in breakdown["top"]:
+        print(f"  {ms:8.2f} ms  x{count:<5d} {name}")
+    return breakdown
+
+
 def breakdown_table(breakdowns: dict[str, dict]) -> str:
     """Rows side by side: one column per benchmark row, one line per kernel family (ms per step)."""
     rows = list(breakdowns)

@@ -30,13 +30,11 @@ import torch
 from torch.profiler import record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import trace_gaps  # noqa: E402
 from _bench_common import (  # noqa: E402
     breakdown_table,
     device_name,
     failed_result,
-    kernel_breakdown,
-    sync,
+    profile_step,
     time_steps,
     write_outputs,
 )
@@ -171,27 +169,11 @@ def run_row(key: str, args) -> object:
     warmup = args.warmup + (args.compile_warmup if compiled else 0)
     result = time_steps(step, steps=args.steps, warmup=warmup, row=args.rows_all[key], compiled=compiled)
     if args.profile or args.breakdown:
-        from torch.profiler import ProfilerActivity, profile
-
-        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-        with profile(activities=activities) as prof:
-            step(warmup + args.steps)
-            sync()
-        breakdown = kernel_breakdown(prof, top=args.profile or 12)
-        breakdown["wall_ms"] = result.median_ms
-        if torch.cuda.is_available():  # the GPU's idle gaps, each blamed on the host work before it
-            trace = Path(args.out) / f"trace_{key}.json.gz"
-            trace.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                prof.export_chrome_trace(str(trace))
-                breakdown["gaps"] = trace_gaps.report(trace_gaps.gaps(trace_gaps.load(trace)), top=8)
-            except Exception as err:  # the timing above stands; say why the gaps are missing
-                breakdown["gaps"] = f"trace_gaps failed: {type(err).__name__}: {err}"
-            print(breakdown["gaps"])
-        args.breakdowns[key] = breakdown
-        print(f"--- kernels of one step: {args.rows_all[key]} (GPU busy {breakdown['busy_ms']:.1f} ms)")
-        for name, count, ms in breakdown["top"]:
-            print(f"  {ms:8.2f} ms  x{count:<5d} {name}")
+        print(f"=== {args.rows_all[key]}")
+        args.breakdowns[key] = profile_step(
+            step, warmup + args.steps, wall_ms=result.median_ms, trace=Path(args.out) / f"trace_{key}.json.gz",
+            top=args.profile or 12,
+        )  # fmt: skip
     return result
 
 

@@ -26,14 +26,16 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import torch
+from torch.profiler import record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench_common import device_name, failed_result, time_steps, write_outputs  # noqa: E402
+from _bench_common import device_name, failed_result, profile_step, time_steps, write_outputs  # noqa: E402
 
 
 def lengths_for(dist: str, step: int, n: int, seed: int, cap: int) -> list[int]:
@@ -139,11 +141,17 @@ def run(dist: str, mode: str, args, backend: str | None = None):
             pos = torch.cat([torch.arange(n) for n in lengths])[None]
             batch = dict(input_ids=ids, position_ids=pos, labels=ids.clone())
         batch = {k: v.to(args.device) for k, v in batch.items()}
-        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
+        # phases named for scripts/trace_gaps.py (about a microsecond each outside a profiler)
+        with (
+            record_function("step::forward"),
+            torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"),
+        ):
             loss = model(**batch, use_cache=False).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        with record_function("step::backward"):
+            loss.backward()
+        with record_function("step::optimizer"):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         return float(sum(lengths))
 
     label = row_label(dist, mode, backend)
@@ -156,6 +164,11 @@ def run(dist: str, mode: str, args, backend: str | None = None):
             note=f"{params / 1e9:.2f}B params",
             warm_timed=getattr(args, "warm_timed", False),
         )
+        if getattr(args, "profile", 0) and mode in args.profile_modes.split(","):
+            print(f"=== {label}")
+            slug = re.sub(r"[^a-z0-9]+", "_", label.lower()).strip("_")[:60]
+            profile_step(step, args.warmup + args.steps, wall_ms=result.median_ms,
+                         trace=Path(args.out) / f"trace_{slug}.json.gz", top=args.profile)  # fmt: skip
     except Exception as err:  # out of memory or a failing implementation: a measured result
         result = failed_result(label, f"{type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}")
     finally:
@@ -202,6 +215,13 @@ def main(
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true")
     parser.add_argument("--out", default="benchmarks")
+    parser.add_argument(
+        "--profile",
+        type=int,
+        default=0,
+        help="profile one more step of each row in --profile-modes: top-N kernels, GPU gaps",
+    )
+    parser.add_argument("--profile-modes", default="padded,packed", help="the modes --profile applies to")
     if add_arguments is not None:  # a caller's own options (bench_hybrid.py: --model)
         add_arguments(parser)
     args = parser.parse_args()

@@ -18,7 +18,8 @@
 #   recurrent   the bf16 recurrent-kernel tests (HF_VARLEN_RECURRENT_KERNELS=all), RK_K selects types
 #   torch       the hybrid types' bf16 GPU tests on the exact torch paths (no recurrent kernels)
 #   bench       padded vs packed on ~0.5B hybrids (MODELS, default "qwen3_5 bamba"): (a) padded upstream
-#               (with what it finds installed), (b) packed + torch ops, (c) packed + kernels
+#               (with what it finds installed), (b) packed + torch ops, (c) packed + kernels; BENCH_ARGS
+#               adds options (e.g. "--profile 12": each row's top kernels and GPU idle gaps, traces in $OUT)
 #   compile     a packed hybrid step under torch.compile, bf16: graphs, breaks and compiles over 20 batches
 #               of new lengths (scripts/compile_check.py). First, where fla is staged, with the verified
 #               kernels under aot_eager (fla's delta rules are graph breaks); then the exact torch ops under
@@ -83,7 +84,7 @@ EOF
       for model in ${MODELS:-qwen3_5 bamba}; do
         timeout "${BENCH_TIMEOUT:-270}" python3 scripts/bench_hybrid.py --model "$model" --out "$OUT" \
           --dists "${DISTS:-flan,orcamath}" --modes padded,packed --backends "${BACKENDS:-torch+ops,torch+kernels}" \
-          --steps "${STEPS:-8}" --warmup "${WARMUP:-3}" 2>&1 | grep -vE "Warning|warn" | tail -9
+          --steps "${STEPS:-8}" --warmup "${WARMUP:-3}" ${BENCH_ARGS:-} 2>&1 | grep -vE "Warning|warn" | tee "$OUT/bench_$model.log" | tail -9
       done ;;
     compile)
       installed
