@@ -235,7 +235,7 @@ def _code_for(cls: type, name: str, level: int, wrapper: Callable, code: types.C
     ``patched``: torch.compile caches compiled frames per code object, and its recompile limit (8)
     counts them per code object too, so a shared ``patched`` would run eagerly past the 8th kind of
     call. The decoder layers of one class share theirs."""
-    key = (cls, name, level, getattr(wrapper, "__code__", wrapper))
+    key = (cls, name, level, getattr(wrapper, "__code__", type(wrapper)))  # partials: by type, not per object
     if key not in _CODES:
         _CODES[key] = code.replace()
     return _CODES[key]
