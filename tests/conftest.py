@@ -65,6 +65,45 @@ def _fresh_accelerate_state():
     PartialState._reset_state()
 
 
+@pytest.fixture
+def fla_stand_ins(monkeypatch):
+    """Route the recurrent layers' fla kernels to exact torch-op stand-ins with fla's signatures
+    ((1, N, ...) streams cut by an int64 ``cu_seqlens``): the kernel path's flattening, on CPU.
+    Calling the fixture installs them (``compiled_like_fla=True``: marked
+    ``torch.compiler.disable``, as fla marks its delta rules) and returns the list of the
+    cu_seqlens tensors they are handed. A unit test only: the real kernels run in tests/test_gpu.py."""
+    from hf_varlen_patch.recurrent import _activation, kernels, torch_ops
+
+    def install(compiled_like_fla: bool = False) -> list:
+        seen = []
+
+        def seq_of(cu):
+            return torch.repeat_interleave(torch.arange(cu.numel() - 1), cu.diff())[None]
+
+        def gated_delta_rule(q, k, v, g, beta, *, initial_state=None, output_final_state=False,
+                             use_qk_l2norm_in_kernel=False, cu_seqlens=None):  # fmt: skip
+            assert q.shape[0] == 1 and initial_state is None and cu_seqlens.dtype == torch.int64
+            seen.append(cu_seqlens)
+            return torch_ops.chunked_delta_rule(
+                q, k, v, g, beta, seq_of(cu_seqlens),
+                output_final_state=output_final_state, use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel,
+            )  # fmt: skip
+
+        def conv(x, weight, bias, activation=None, cu_seqlens=None):
+            assert x.shape[0] == 1 and cu_seqlens.dtype == torch.int64
+            seen.append(cu_seqlens)
+            y = torch_ops.causal_conv1d(x.transpose(1, 2), weight, bias, seq_of(cu_seqlens), _activation(activation))
+            return y.transpose(1, 2), None
+
+        fakes = {"gated_delta_rule": gated_delta_rule, "fla_causal_conv1d": conv}
+        if compiled_like_fla:
+            fakes = {name: torch.compiler.disable(fn) for name, fn in fakes.items()}
+        monkeypatch.setattr(kernels, "kernel", lambda name, *tensors: fakes.get(name))
+        return seen
+
+    return install
+
+
 def pytest_terminal_summary(terminalreporter, config):
     """Skips in the short summary, with the GPU tests (hundreds, all for one reason where there is
     no CUDA device) counted on one line per reason instead of one line per test function."""

@@ -242,3 +242,33 @@ def test_a_kernel_that_breaks_the_graph_in_every_mixer_compiles_once_per_kind_of
     assert _breaks()[0] > 0, "the stand-in kernels broke no graph: this test would see none of the above"
     assert counter.frame_count == after_three, (after_three, counter.frame_count)
     assert _worst(last, _step(model, model, inputs)) < TOL
+
+
+@pytest.mark.skipif(ON_4, reason="transformers 4.57 has no qwen3_5")
+def test_the_fla_kernel_path_compiles_once_per_kind_of_call_with_one_cu_seqlens_per_forward(fla_stand_ins):
+    """The path the GPU takes with fla's kernels (rows flattened to one cu_seqlens stream, the
+    kernels marked ``torch.compiler.disable``), with exact stand-ins for the kernels, in a 12-layer
+    qwen3_5_text twin compiled whole: over 8 batches of new lengths compiles stop after the third,
+    no frame reaches the recompile limit, every kernel call of a step gets the same cu_seqlens
+    (memoised on the boundaries, also in traced code), and the last step equals eager."""
+    from hf_varlen_patch.equivalence import build_twin
+
+    seen = fla_stand_ins(compiled_like_fla=True)
+    config = copy.deepcopy(next(iter(test_variants("qwen3_5_text").values())))
+    config.num_hidden_layers = 12
+    config.layer_types = (list(config.layer_types) * 12)[:12]
+    model = build_twin(config, model_class=transformers.AutoModelForCausalLM, seed=0).train()
+    hf_varlen_patch.apply(model)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, backend=counter)
+    rng = random.Random(0)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        for i in range(8):
+            inputs = _collator_inputs([rng.randint(2, 24) for _ in range((2, 5, 3, 4)[i % 4])], config.vocab_size, i)
+            seen.clear()
+            last = _step(compiled, model, inputs)
+            assert len(seen) == 12 and len({id(cu) for cu in seen}) == 1, (i, len(seen))
+            if i == 2:
+                after_three = counter.frame_count
+    assert _breaks()[0] > 0 and counter.frame_count == after_three, (after_three, counter.frame_count)
+    assert _worst(last, _step(model, model, inputs)) < TOL

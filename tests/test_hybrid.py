@@ -267,40 +267,14 @@ def test_a_package_whose_import_fails_is_versioned_by_its_metadata(monkeypatch):
     assert kernels._version("no_such_module_here") is None
 
 
-def _fla_stand_ins(seen: list):
-    """fla's varlen gated delta rule and short convolution as exact torch ops (float32, CPU), with
-    fla's signatures: (1, N, ...) streams cut by ``cu_seqlens``; each records the cu_seqlens it got."""
-    from hf_varlen_patch.recurrent import _activation
-
-    def seq_of(cu):
-        return torch.repeat_interleave(torch.arange(cu.numel() - 1), cu.diff())[None]
-
-    def gated_delta_rule(q, k, v, g, beta, *, initial_state=None, output_final_state=False,
-                         use_qk_l2norm_in_kernel=False, cu_seqlens=None):  # fmt: skip
-        assert q.shape[0] == 1 and initial_state is None and cu_seqlens.dtype == torch.int64
-        seen.append(cu_seqlens)
-        return torch_ops.chunked_delta_rule(q, k, v, g, beta, seq_of(cu_seqlens), output_final_state=output_final_state,
-                                            use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)  # fmt: skip
-
-    def conv(x, weight, bias, activation=None, cu_seqlens=None):
-        assert x.shape[0] == 1 and cu_seqlens.dtype == torch.int64
-        seen.append(cu_seqlens)
-        y = torch_ops.causal_conv1d(x.transpose(1, 2), weight, bias, seq_of(cu_seqlens), _activation(activation))
-        return y.transpose(1, 2), None
-
-    return {"gated_delta_rule": gated_delta_rule, "fla_causal_conv1d": conv}
-
-
 @pytest.mark.parametrize("model_type", [t for t in ("qwen3_next", "qwen3_5_text") if t in ON_THIS_LINE])
-def test_fla_kernels_get_one_cu_seqlens_per_forward_and_pack_exactly(model_type, monkeypatch):
+def test_fla_kernels_get_one_cu_seqlens_per_forward_and_pack_exactly(model_type, fla_stand_ins):
     """The kernel path's flattening (rows -> one cu_seqlens stream -> rows), on CPU with exact
     stand-ins for fla's kernels: packed == each sequence alone, logits and gradients, over two
     padded rows. Every kernel call of a packed forward and backward gets the same cu_seqlens tensor:
     fla memoises its chunk indices by that tensor's identity, and computing them reads the device
     (a sync); a fresh ``.to(torch.int64)`` per layer (before) synced in every layer."""
-    seen = []
-    fakes = _fla_stand_ins(seen)
-    monkeypatch.setattr(kernels, "kernel", lambda name, *tensors: fakes.get(name))
+    seen = fla_stand_ins()
     model = memory_model(model_type)
     batch = make_packed_batch([[30, 25], [9, 20]], model.config.vocab_size, extra_padding=3, seed=2)
     hf_varlen_patch.apply(model)
