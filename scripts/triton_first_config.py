@@ -11,7 +11,7 @@ so the equivalence checks hold for the kernels' code; timings are of an untuned 
 same one for padded (a) and packed (c) rows.
 
 A configuration chosen for one call can still run out of shared memory in a later call with the same
-tuning key but other compile-time constants (mamba_ssm's chunk scan with and without ``seq_idx``):
+tuning key (other compile-time constants; seen once, in mamba_ssm's chunk scan, cause not traced):
 the run then drops that configuration for this kernel and tunes again, instead of failing the step.
 """
 
