@@ -83,7 +83,6 @@ def check(model_type: str, variant: str, args) -> dict:
         loss_e, grads_e = step(model, batch)
         pairs = [(loss_c, loss_e), *zip(grads_c, grads_e)]
         worst = max([worst] + [float((a - b).abs().max()) for a, b in pairs])
-        # relative: the max abs mixes gradients of every scale (bf16 twins' embeddings reach 1e1)
         worst_rel = max([worst_rel] + [_relative(a, b) for a, b in pairs])
         if reference is not None:
             loss_r, grads_r = step(reference, batch)

@@ -220,27 +220,14 @@ def test_a_kernel_that_breaks_the_graph_in_every_mixer_compiles_once_per_kind_of
     frame of its own after the break, read the boundaries from the context, a global of static
     shape, and recompiled at every length); no frame reaches dynamo's recompile limit (before:
     ``patched``, one code object for every wrapped method, did)."""
-    from hf_varlen_patch.equivalence import build_twin
     from hf_varlen_patch.recurrent import torch_ops
 
     for name in ("chunked_delta_rule", "causal_conv1d"):
         monkeypatch.setattr(torch_ops, name, torch.compiler.disable(getattr(torch_ops, name)))
-    config = copy.deepcopy(next(iter(test_variants(model_type).values())))
-    config.num_hidden_layers = 12
-    config.layer_types = (list(config.layer_types) * 12)[:12]
-    model = build_twin(config, model_class=transformers.AutoModelForCausalLM, seed=0).train()
-    hf_varlen_patch.apply(model)
-    counter = CompileCounterWithBackend("aot_eager")
-    compiled = torch.compile(model, backend=counter)
-    rng = random.Random(0)
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        for i in range(10):
-            inputs = _collator_inputs([rng.randint(2, 24) for _ in range((2, 5, 3, 4)[i % 4])], config.vocab_size, i)
-            last = _step(compiled, model, inputs)
-            if i == 2:
-                after_three = counter.frame_count
+    model = _patched_twin_of_12_layers(model_type)
+    compiles, after_three, last, inputs = _compiled_steps(model, 10)
     assert _breaks()[0] > 0, "the stand-in kernels broke no graph: this test would see none of the above"
-    assert counter.frame_count == after_three, (after_three, counter.frame_count)
+    assert compiles == after_three, (after_three, compiles)
     assert _worst(last, _step(model, model, inputs)) < TOL
 
 
@@ -251,24 +238,44 @@ def test_the_fla_kernel_path_compiles_once_per_kind_of_call_with_one_cu_seqlens_
     qwen3_5_text twin compiled whole: over 8 batches of new lengths compiles stop after the third,
     no frame reaches the recompile limit, every kernel call of a step gets the same cu_seqlens
     (memoised on the boundaries, also in traced code), and the last step equals eager."""
-    from hf_varlen_patch.equivalence import build_twin
 
     seen = fla_stand_ins(compiled_like_fla=True)
-    config = copy.deepcopy(next(iter(test_variants("qwen3_5_text").values())))
+    model = _patched_twin_of_12_layers("qwen3_5_text")
+
+    def one_cu_seqlens_per_step(i: int) -> None:
+        assert len(seen) == 12 and len({id(cu) for cu in seen}) == 1, (i, len(seen))
+        seen.clear()
+
+    compiles, after_three, last, inputs = _compiled_steps(model, 8, after_each=one_cu_seqlens_per_step)
+    assert _breaks()[0] > 0 and compiles == after_three, (after_three, compiles)
+    assert _worst(last, _step(model, model, inputs)) < TOL
+
+
+def _patched_twin_of_12_layers(model_type: str) -> torch.nn.Module:
+    """The type's tiny twin stretched to 12 layers (its layer pattern repeated), patched."""
+    from hf_varlen_patch.equivalence import build_twin
+
+    config = copy.deepcopy(next(iter(test_variants(model_type).values())))
     config.num_hidden_layers = 12
     config.layer_types = (list(config.layer_types) * 12)[:12]
     model = build_twin(config, model_class=transformers.AutoModelForCausalLM, seed=0).train()
     hf_varlen_patch.apply(model)
+    return model
+
+
+def _compiled_steps(model: torch.nn.Module, batches: int, after_each=None):
+    """Training steps of the compiled model over batches of new lengths, failing at dynamo's
+    recompile limit: (compiles in all, compiles after the third batch, the last step, its inputs)."""
     counter = CompileCounterWithBackend("aot_eager")
     compiled = torch.compile(model, backend=counter)
     rng = random.Random(0)
+    vocab = model.config.vocab_size
     with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        for i in range(8):
-            inputs = _collator_inputs([rng.randint(2, 24) for _ in range((2, 5, 3, 4)[i % 4])], config.vocab_size, i)
-            seen.clear()
+        for i in range(batches):
+            inputs = _collator_inputs([rng.randint(2, 24) for _ in range((2, 5, 3, 4)[i % 4])], vocab, i)
             last = _step(compiled, model, inputs)
-            assert len(seen) == 12 and len({id(cu) for cu in seen}) == 1, (i, len(seen))
+            if after_each is not None:
+                after_each(i)
             if i == 2:
                 after_three = counter.frame_count
-    assert _breaks()[0] > 0 and counter.frame_count == after_three, (after_three, counter.frame_count)
-    assert _worst(last, _step(model, model, inputs)) < TOL
+    return counter.frame_count, after_three, last, inputs
