@@ -102,19 +102,20 @@ def run(dist: str, mode: str, args, backend: str | None = None):
             os.environ["HF_VARLEN_RECURRENT_KERNELS"] = before
     if kernels.KERNEL_USAGE:
         result.note = f"{result.note}; kernels {dict(kernels.KERNEL_USAGE)}"
-    result.row = row_label(dist, mode, backend)
+    result.row = row_label(dist, mode, backend, mode in args.compile.split(","))
     return result
 
 
-def row_label(dist: str, mode: str, backend: str | None) -> str:
+def row_label(dist: str, mode: str, backend: str | None, compiled: bool = False) -> str:
     attention, recurrent = _split(backend)
+    suffix = ", compiled" if compiled else ""
     if mode == "padded":
-        return f"{dist}: (a) padded to longest, upstream ({_upstream_recurrence()})"
+        return f"{dist}: (a) padded to longest, upstream ({_upstream_recurrence()}){suffix}"
     if mode == "packed" and recurrent is not None:
         tag = {"ops": "(b)", "kernels": "(c)", "verified": "(c)"}[recurrent]
         what = {"ops": "torch ops", "kernels": "kernels", "verified": "verified kernels"}[recurrent]
-        return f"{dist}: {tag} packed + apply({attention}), recurrent {what}"
-    return _row_label(dist, mode, backend)
+        return f"{dist}: {tag} packed + apply({attention}), recurrent {what}{suffix}"
+    return _row_label(dist, mode, backend, compiled)
 
 
 bench_llama.run, bench_llama.row_label = run, row_label

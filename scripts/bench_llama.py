@@ -96,7 +96,7 @@ def mean_length(dist: str, args, cap: int) -> int:
     return max(1, round(total / (len(steps) * args.batch)))
 
 
-def row_label(dist: str, mode: str, backend: str | None) -> str:
+def row_label(dist: str, mode: str, backend: str | None, compiled: bool = False) -> str:
     return (
         f"{dist}: "
         + {
@@ -105,6 +105,7 @@ def row_label(dist: str, mode: str, backend: str | None) -> str:
             "packed": f"packed + apply({backend})",
             "oracle": "dense oracle (8 x mean length)",
         }[mode]
+        + (", compiled" if compiled else "")
     )
 
 
@@ -116,6 +117,10 @@ def run(dist: str, mode: str, args, backend: str | None = None):
     model, cfg = args.model, args.cfg
     if mode == "packed":
         hf_varlen_patch.apply(model, backend=backend, check_inputs=False)
+    compiled = mode in args.compile.split(",")
+    # dynamic after the first new length (automatic); packed rows carry the collator's cu_seq_lens, which
+    # the patch takes without reading position_ids on the host (one graph where the kernels allow)
+    forward = torch.compile(model) if compiled else model
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-5)
     cap = 128 if args.tiny else 2048
     params = sum(p.numel() for p in model.parameters())
@@ -140,13 +145,18 @@ def run(dist: str, mode: str, args, backend: str | None = None):
             ids = torch.cat(seqs)[None]
             pos = torch.cat([torch.arange(n) for n in lengths])[None]
             batch = dict(input_ids=ids, position_ids=pos, labels=ids.clone())
+            if compiled:
+                cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+                batch.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu)
         batch = {k: v.to(args.device) for k, v in batch.items()}
+        if compiled and mode == "packed":
+            batch.update(max_length_q=max(lengths), max_length_k=max(lengths))
         # phases named for scripts/trace_gaps.py (about a microsecond each outside a profiler)
         with (
             record_function("step::forward"),
             torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"),
         ):
-            loss = model(**batch, use_cache=False).loss
+            loss = forward(**batch, use_cache=False).loss
         with record_function("step::backward"):
             loss.backward()
         with record_function("step::optimizer"):
@@ -154,13 +164,14 @@ def run(dist: str, mode: str, args, backend: str | None = None):
             opt.zero_grad(set_to_none=True)
         return float(sum(lengths))
 
-    label = row_label(dist, mode, backend)
+    label = row_label(dist, mode, backend, compiled)
     try:
         result = time_steps(
             step,
             steps=args.steps,
             warmup=args.warmup,
             row=label,
+            compiled=compiled,
             note=f"{params / 1e9:.2f}B params",
             warm_timed=getattr(args, "warm_timed", False),
         )
@@ -175,6 +186,8 @@ def run(dist: str, mode: str, args, backend: str | None = None):
         if mode == "packed":
             hf_varlen_patch.unapply(model)
         opt.zero_grad(set_to_none=True)
+        if compiled:
+            torch._dynamo.reset()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return result
@@ -222,6 +235,11 @@ def main(
         help="profile one more step of each row in --profile-modes: top-N kernels, GPU gaps",
     )
     parser.add_argument("--profile-modes", default="padded,packed", help="the modes --profile applies to")
+    parser.add_argument(
+        "--compile",
+        default="",
+        help="modes whose model runs under torch.compile (inductor): e.g. packed",
+    )
     if add_arguments is not None:  # a caller's own options (bench_hybrid.py: --model)
         add_arguments(parser)
     args = parser.parse_args()
@@ -240,7 +258,7 @@ def main(
     runs: dict[tuple, list] = {row: [] for row in rows}
     for repeat in range(args.repeats):
         for row in rows:
-            print(f"running {row_label(*row)} (repeat {repeat + 1}/{args.repeats}) ...", flush=True)
+            print(f"running {row_label(*row, row[1] in args.compile.split(','))} (repeat {repeat + 1}/{args.repeats}) ...", flush=True)
             r = run(row[0], row[1], args, row[2])
             runs[row].append(r)
             print(f"  {r.median_ms:.1f} ms/step (host {r.host_ms:.1f}), {r.tokens_per_s:,.0f} tok/s, "
