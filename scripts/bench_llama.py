@@ -258,7 +258,8 @@ def main(
     runs: dict[tuple, list] = {row: [] for row in rows}
     for repeat in range(args.repeats):
         for row in rows:
-            print(f"running {row_label(*row, row[1] in args.compile.split(','))} (repeat {repeat + 1}/{args.repeats}) ...", flush=True)
+            label = row_label(*row, row[1] in args.compile.split(","))
+            print(f"running {label} (repeat {repeat + 1}/{args.repeats}) ...", flush=True)
             r = run(row[0], row[1], args, row[2])
             runs[row].append(r)
             print(f"  {r.median_ms:.1f} ms/step (host {r.host_ms:.1f}), {r.tokens_per_s:,.0f} tok/s, "
