@@ -210,6 +210,39 @@ def test_bamba_attention_under_inductor_at_a_second_length():
         assert max(float((a - b).abs().max()) for a, b in zip(*runs)) < TOL, lengths
 
 
+def test_ssd_scan_under_inductor_over_rows_of_several_chunks():
+    """The Mamba-2 reference scan over rows of a symbolic number of chunks c, fwd + bwd: with the
+    initial state as a padded chunk -1, the (c+1) x (c+1) chunk decay's saved transpose failed
+    inductor's stride check at the second length (ValueRangeError [0:-1]); bamba's packed step under
+    torch.compile hit it as soon as a row spanned more than one chunk."""
+    from hf_varlen_patch.recurrent import torch_ops
+
+    heads, head_dim, state, chunk = 2, 4, 4, 16
+    gen = torch.Generator().manual_seed(0)
+    A = -torch.rand(heads, generator=gen)
+
+    def loss(x, dt, B, C, seq_idx):
+        return torch_ops.chunked_ssd_scan(x, dt, A, B, C, chunk, seq_idx).square().sum()
+
+    compiled = torch.compile(loss, backend="inductor")
+    for lengths in ([40, 30], [64, 33, 7]):
+        total = sum(lengths)
+        inputs = [
+            torch.randn(1, total, heads, head_dim, generator=gen),
+            torch.rand(1, total, heads, generator=gen),
+            torch.randn(1, total, 1, state, generator=gen),
+            torch.randn(1, total, 1, state, generator=gen),
+        ]
+        inputs = [t.requires_grad_() for t in inputs]
+        seq_idx = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)])[None]
+        runs = []
+        for fn in (compiled, loss):
+            out = fn(*inputs, seq_idx)
+            runs.append([out.detach(), *torch.autograd.grad(out, inputs)])
+        for got, want in zip(*runs):
+            assert float((got - want).abs().max()) <= 1e-5 * float(want.abs().max()), lengths
+
+
 @pytest.mark.parametrize("model_type", ["lfm2", QWEN3_5])
 def test_a_kernel_that_breaks_the_graph_in_every_mixer_compiles_once_per_kind_of_call(model_type, monkeypatch):
     """fla's delta rules run from compiled code as graph breaks (``torch.compiler.disable``), one in

@@ -138,14 +138,21 @@ def chunked_ssd_scan(
 
     writes = (ids == ids[..., -1:])[:, None]  # tokens of the chunk's last sequence
     decay_to_end = torch.exp(A_cs[..., -1:] - A_cs) * writes
-    states = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bs, decay_to_end, xs)
-    first = torch.zeros_like(states[:, :1]) if initial_states is None else initial_states[:, None].to(states)
-    states = torch.cat([first, states], dim=1)
-    end_ids = torch.cat([incoming[:, :1], ids[:, :, -1]], dim=1)  # (b, c+1): whose state each one is
-    passes = (end_ids[:, :, None] == end_ids[:, None, :])[:, None]  # (b, 1, target, source)
-    chunk_decay = torch.exp(_segment_sum(F.pad(A_cs[..., -1], (1, 0)))) * passes
-    new_states = torch.einsum("bhcz,bzhpn->bchpn", chunk_decay, states)
-    states, final_state = new_states[:, :-1], new_states[:, -1]
+    written = torch.einsum("bclhn,bhcl,bclhp->bchpn", Bs, decay_to_end, xs)  # (b, c, h, p, n)
+    # The state after each chunk: the chunk states written so far (c x c, not upstream's (c+1) x (c+1)
+    # with the initial state as a padded chunk -1: inductor's stride check on that square's saved
+    # transpose bounds Mod(c + 1, (c + 1)**2) as a negative power and fails, ValueRangeError [0:-1]).
+    ends = ids[:, :, -1]  # (b, c): whose state each chunk writes
+    passes = (ends[:, :, None] == ends[:, None, :])[:, None]  # (b, 1, target, source)
+    chunk_decay = torch.exp(_segment_sum(A_cs[..., -1])) * passes
+    after = torch.einsum("bhcz,bzhpn->bchpn", chunk_decay, written)
+    if initial_states is None:
+        first = torch.zeros_like(written[:, :1])
+    else:
+        first = initial_states[:, None].to(written)
+        carried = torch.exp(A_cs[..., -1].cumsum(dim=-1)) * (ends == incoming[:, :1])[:, None]  # (b, h, c)
+        after = after + torch.einsum("bhc,bhpn->bchpn", carried, first[:, 0])
+    states, final_state = torch.cat([first, after[:, :-1]], dim=1), after[:, -1]
 
     reads = (ids == incoming[..., None])[:, None]
     y_off = torch.einsum("bclhn,bchpn,bhcl->bclhp", Cs, states, torch.exp(A_cs) * reads)
