@@ -24,6 +24,7 @@ import argparse
 import copy
 import random
 import sys
+import traceback
 import warnings
 
 import torch
@@ -146,6 +147,7 @@ def run_table(types: list[str], variants: dict, args, check_fn, header: str, cel
             failures += 1
             blanks, why = "| " * (header.count("|") - 4), f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
             print(f"| {model_type} | ERROR {blanks}| {why} |", flush=True)
+            traceback.print_exc()  # to stderr: the frame that failed, for the log
             continue
         print(f"| {model_type} | {' | '.join(cells(r))} | {'; '.join(r['reasons'])} |", flush=True)
     return failures

@@ -48,6 +48,7 @@ for stage in "$@"; do
       ( cd /tmp/parts && cat part* > /tmp/triton.tar.xz && sha256sum /tmp/triton.tar.xz &&
         [ "$(sha256sum /tmp/triton.tar.xz | cut -d' ' -f1)" = "$(cut -d' ' -f1 sha256)" ] &&
         python3 -c "import tarfile; tarfile.open('/tmp/triton.tar.xz').extractall('/tmp/site')" ) || echo "TRITON PARTS BROKEN"
+      chmod +x /tmp/site/triton/backends/nvidia/bin/*  # a tarball from zipfile may lack them (ptxas: EACCES)
       python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, triton.__file__, torch.cuda.get_device_name(0))" ;;
     fla)
       python3 -c "import sitecustomize; print('machine sitecustomize:', sitecustomize.__file__)" 2>/dev/null

@@ -20,6 +20,7 @@ n="$T/u/triton/backends/nvidia"
 rm -rf "$n/lib/cupti" "$n/bin/ptxas-blackwell" "$n/bin/cuobjdump" "$n/bin/nvdisasm" \
   "$T/u/triton/_C/libproton.so" "$T/u/triton/instrumentation/libGPUInstrumentationTestLib.so"
 strip --strip-unneeded "$T/u/triton/_C/libtriton.so"
+chmod +x "$n"/bin/*  # Python's zipfile drops the mode bits; Triton runs ptxas from here
 rm -f "$P"/part* "$P"/sha256
 tar -C "$T/u" -cf - . | xz -9 -T2 > "$T/triton.tar.xz"
 (cd "$T" && sha256sum triton.tar.xz) > "$P/sha256"
