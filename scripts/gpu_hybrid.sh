@@ -29,7 +29,8 @@
 #   conv        install what `build` built and run the recurrent-kernel tests with it
 # Usage: bash scripts/gpu_hybrid.sh stash triton fla mamba check recurrent bench
 #        (carry .whl/triton_parts and .whl/hybrid; with several parts, `stash` in each call first)
-# Wheels/sdists in $W (default .whl/hybrid); everything installed goes to /tmp/site (PYTHONPATH).
+# Wheels/sdists in $W (default .whl/hybrid), made with the Triton parts by scripts/stage_hybrid_wheels.sh
+# (run it once where PyPI is reachable); everything installed goes to /tmp/site (PYTHONPATH).
 set -uo pipefail
 W="${W:-.whl/hybrid}"
 OUT="${OUT:-/tmp/out}"; mkdir -p "$OUT" /tmp/built /tmp/parts /tmp/site
