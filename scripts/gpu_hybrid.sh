@@ -24,7 +24,7 @@
 #               of new lengths (scripts/compile_check.py). First, where fla is staged, with the verified
 #               kernels under aot_eager (fla's delta rules are graph breaks); then the exact torch ops under
 #               inductor, on the machine's own Triton (inductor's), so /tmp/site is left off PYTHONPATH;
-#               COMPILE_KERNELS=0 runs only the latter
+#               COMPILE_KERNELS=0 runs only the latter; COMPILE_BACKEND picks the attention backend (torch)
 #   build       start building causal-conv1d for sm_90 from its sdist, in the background
 #   conv        install what `build` built and run the recurrent-kernel tests with it
 # Usage: bash scripts/gpu_hybrid.sh stash triton fla mamba check recurrent bench
@@ -94,11 +94,11 @@ EOF
       # the verified kernels as auto takes them, under aot_eager (fla's delta rules are graph breaks;
       # inductor would build for the machine's Triton, not the staged one)
       [ -e /tmp/site/fla ] && [ "${COMPILE_KERNELS:-1}" = 1 ] && timeout "${COMPILE_TIMEOUT:-300}" python3 scripts/compile_check.py \
-        --types "${COMPILE_TYPES:-qwen3_5_text,bamba,lfm2,qwen3_next}" --device cuda --dtype bfloat16 --backend torch \
+        --types "${COMPILE_TYPES:-qwen3_5_text,bamba,lfm2,qwen3_next}" --device cuda --dtype bfloat16 --backend "${COMPILE_BACKEND:-torch}" \
         --compiler aot_eager --batches 20 2>&1 | grep -vE "Warning|warn|^\[transformers\]" | tee "$OUT/compile_hybrid_gpu_kernels.log" | tail -12
       # the exact torch ops under inductor, on the machine's own Triton
       PYTHONPATH= HF_VARLEN_RECURRENT_KERNELS=0 timeout "${COMPILE_TIMEOUT:-300}" python3 scripts/compile_check.py \
-        --types "${COMPILE_TYPES:-qwen3_5_text,bamba,lfm2,qwen3_next}" --device cuda --dtype bfloat16 --backend torch \
+        --types "${COMPILE_TYPES:-qwen3_5_text,bamba,lfm2,qwen3_next}" --device cuda --dtype bfloat16 --backend "${COMPILE_BACKEND:-torch}" \
         --compiler inductor --batches 20 2>&1 | grep -vE "Warning|warn|^\[transformers\]" | tee "$OUT/compile_hybrid_gpu.log" | tail -12 ;;
     build)
       ( start=$(date +%s); root=$PWD
