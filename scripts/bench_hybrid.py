@@ -102,7 +102,7 @@ def run(dist: str, mode: str, args, backend: str | None = None):
             os.environ["HF_VARLEN_RECURRENT_KERNELS"] = before
     if kernels.KERNEL_USAGE:
         result.note = f"{result.note}; kernels {dict(kernels.KERNEL_USAGE)}"
-    result.row = row_label(dist, mode, backend, mode in args.compile.split(","))
+    result.row = row_label(dist, mode, backend, bench_llama.compiled_mode(mode, args))
     return result
 
 

@@ -10,7 +10,8 @@ Each step trains on the same 8 sequences, in one of these modes (``--modes``):
   oracle    a dense (8, L) batch, no padding, no mask, L the run's mean length (the same every step)
 Reports tokens/s (real tokens), peak memory and host time, as a table + JSON + PNG. One model is
 built per run and patched/unpatched between rows. ``--repeats N`` runs every row N times,
-interleaved, and reports the median of the medians with their spread.
+interleaved, and reports the median of the medians with their spread. ``--compile packed`` runs the
+packed rows under torch.compile (inductor), fed the collator's ``cu_seq_lens`` as well.
 
 ``--shape 8b``: Llama-3-8B-shaped (32 layers, 4096 wide, GQA 32/8, vocab 128256), random bf16
 weights, only q_proj/v_proj trainable in every layer, gradient checkpointing (non-reentrant): how
@@ -96,6 +97,11 @@ def mean_length(dist: str, args, cap: int) -> int:
     return max(1, round(total / (len(steps) * args.batch)))
 
 
+def compiled_mode(mode: str, args) -> bool:
+    """Whether ``--compile`` names this row's mode."""
+    return mode in args.compile.split(",")
+
+
 def row_label(dist: str, mode: str, backend: str | None, compiled: bool = False) -> str:
     return (
         f"{dist}: "
@@ -117,7 +123,7 @@ def run(dist: str, mode: str, args, backend: str | None = None):
     model, cfg = args.model, args.cfg
     if mode == "packed":
         hf_varlen_patch.apply(model, backend=backend, check_inputs=False)
-    compiled = mode in args.compile.split(",")
+    compiled = compiled_mode(mode, args)
     # dynamic after the first new length (automatic); packed rows carry the collator's cu_seq_lens, which
     # the patch takes without reading position_ids on the host (one graph where the kernels allow)
     forward = torch.compile(model) if compiled else model
@@ -258,7 +264,7 @@ def main(
     runs: dict[tuple, list] = {row: [] for row in rows}
     for repeat in range(args.repeats):
         for row in rows:
-            label = row_label(*row, row[1] in args.compile.split(","))
+            label = row_label(*row, compiled_mode(row[1], args))
             print(f"running {label} (repeat {repeat + 1}/{args.repeats}) ...", flush=True)
             r = run(row[0], row[1], args, row[2])
             runs[row].append(r)
