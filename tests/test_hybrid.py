@@ -198,9 +198,10 @@ class _OnCuda(torch.Tensor):
         return True
 
 
-def test_compiled_code_calls_only_kernels_that_break_the_graph_themselves(monkeypatch):
-    """While dynamo traces, fla's delta rules (torch.compiler.disable) are still called; kernels not
-    known to trace give way to the torch ops, which compile into the graph; usage is not counted."""
+def test_compiled_code_calls_the_scan_kernels_outside_the_graph(monkeypatch):
+    """While dynamo traces, the scan kernels come wrapped to run eagerly (torch.compiler.disable),
+    counted when they run; the short convolutions give way to the torch ops, which compile into
+    the graph."""
     monkeypatch.setenv("HF_VARLEN_RECURRENT_KERNELS", "all")
     monkeypatch.setattr(kernels, "_load", lambda name: name)
     x = torch.zeros(1).as_subclass(_OnCuda)
@@ -209,10 +210,41 @@ def test_compiled_code_calls_only_kernels_that_break_the_graph_themselves(monkey
     assert kernels.kernel("gated_delta_rule", x) == "gated_delta_rule"
     assert dict(kernels.KERNEL_USAGE) == {"fla_causal_conv1d": 1, "gated_delta_rule": 1}
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert kernels.kernel("fla_causal_conv1d", x) is None and kernels.kernel("ssd_chunk_scan", x) is None
-    assert kernels.kernel("gated_delta_rule", x) == "gated_delta_rule" and kernels.kernel("kda", x) == "kda"
+    assert kernels.kernel("fla_causal_conv1d", x) is None and kernels.kernel("causal_conv1d", x) is None
+    for name in ("gated_delta_rule", "kda", "ssd_chunk_scan"):
+        assert kernels.kernel(name, x) is kernels._OUTSIDE_THE_GRAPH[name]
     assert dict(kernels.KERNEL_USAGE) == {"fla_causal_conv1d": 1, "gated_delta_rule": 1}
     kernels.KERNEL_USAGE.clear()
+
+
+def test_a_scan_kernel_under_torch_compile_is_one_graph_break_and_runs(monkeypatch):
+    """Under dynamo the (stand-in) SSD kernel runs eagerly between two graphs, with the keyword
+    arguments its signature takes, and is counted; without the wrapper dynamo would trace into it."""
+    traced_into = []
+
+    def fake_ssd(x, dt, seq_idx=None):
+        traced_into.append(torch.compiler.is_compiling())
+        return x * dt + seq_idx
+
+    monkeypatch.setenv("HF_VARLEN_RECURRENT_KERNELS", "all")
+    monkeypatch.setattr(kernels, "_load", lambda name: fake_ssd)
+    monkeypatch.setattr(kernels, "_on_cuda", lambda tensors: True)
+
+    def step(x):
+        scan = kernels.kernel("ssd_chunk_scan", x)
+        y = kernels.call_with_supported(scan, x.sin(), 2.0, seq_idx=torch.ones_like(x), not_taken=1)
+        return y.cos()
+
+    kernels.KERNEL_USAGE.clear()
+    torch._dynamo.reset()
+    x = torch.randn(5)
+    explained = torch._dynamo.explain(step)(x)
+    assert explained.graph_break_count == 1, explained.break_reasons
+    assert torch.equal(torch.compile(step, backend="eager")(x), (x.sin() * 2 + 1).cos())
+    assert traced_into and not any(traced_into)
+    assert kernels.KERNEL_USAGE["ssd_chunk_scan"] >= 2
+    kernels.KERNEL_USAGE.clear()
+    torch._dynamo.reset()
 
 
 def test_verified_kernels_name_known_kernels_and_their_own_package():

@@ -33,7 +33,15 @@ from packaging.version import InvalidVersion, Version
 
 from ..memo import computed_once
 
-__all__ = ["kernel", "kernels_enabled", "call_with_supported", "KERNEL_USAGE", "VERIFIED", "VerifiedOn"]
+__all__ = [
+    "kernel",
+    "kernels_enabled",
+    "call_with_supported",
+    "KERNEL_USAGE",
+    "VERIFIED",
+    "VerifiedOn",
+    "FROM_COMPILED",
+]
 
 logger = logging.getLogger("hf_varlen_patch")
 
@@ -135,31 +143,54 @@ def _load(name: str) -> Callable | None:
         return None
 
 
-#: Kernels that compiled code may call: fla marks them ``torch.compiler.disable``, so dynamo runs
-#: them eagerly (a graph break each). The others are not known to trace; while compiling, the
-#: exact torch ops run in their place and compile into the graph.
-CALLED_FROM_COMPILED = frozenset({"gated_delta_rule", "kda"})
+#: Kernels that compiled code calls, each run eagerly behind ``torch.compiler.disable`` (a graph
+#: break each): the chunked scans, whose exact torch ops are a loop over chunks (fla marks its own
+#: delta rules so already). The short convolutions are not among them: their torch op is one masked
+#: depthwise convolution that inductor fuses into the graph.
+FROM_COMPILED = frozenset({"gated_delta_rule", "kda", "ssd_chunk_scan"})
+
+
+def _run_eagerly(name: str) -> Callable:
+    @torch.compiler.disable
+    def run(*args, **kwargs):
+        KERNEL_USAGE[name] += 1
+        return call_with_supported(_load(name), *args, **kwargs)
+
+    run.__qualname__ = run.__name__ = f"{name}_outside_the_graph"
+    return run
+
+
+_OUTSIDE_THE_GRAPH = {name: _run_eagerly(name) for name in FROM_COMPILED}
+
+
+def _on_cuda(tensors: tuple) -> bool:
+    return all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors)
 
 
 def kernel(name: str, *tensors: torch.Tensor) -> Callable | None:
-    """The installed kernel ``name`` if every tensor is on CUDA and kernels are enabled, else None."""
-    if not all(isinstance(t, torch.Tensor) and t.is_cuda for t in tensors):
+    """The installed kernel ``name`` if every tensor is on CUDA and kernels are enabled, else None.
+    While compiling, only :data:`FROM_COMPILED` kernels, wrapped to run outside the graph."""
+    if not _on_cuda(tensors):
         return None
     compiling = torch.compiler.is_compiling()
-    if (compiling and name not in CALLED_FROM_COMPILED) or not kernels_enabled(name):
+    if (compiling and name not in FROM_COMPILED) or not kernels_enabled(name) or _load(name) is None:
         return None
-    found = _load(name)
-    if found is not None and not compiling:
-        KERNEL_USAGE[name] += 1
-    return found
+    if compiling:
+        return _OUTSIDE_THE_GRAPH[name]
+    KERNEL_USAGE[name] += 1
+    return _load(name)
 
 
 @computed_once
-def _parameters(fn: Callable) -> frozenset[str]:
-    return frozenset(inspect.signature(fn).parameters)
+def _parameters(fn: Callable) -> frozenset[str] | None:
+    """The keyword names ``fn`` takes; None where it takes any (``**kwargs``)."""
+    parameters = inspect.signature(fn).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return None
+    return frozenset(p.name for p in parameters)
 
 
 def call_with_supported(fn: Callable, *args, **kwargs):
     """Call ``fn`` with the keyword arguments its signature names (kernels reject unknown ones)."""
     names = _parameters(fn)
-    return fn(*args, **{k: v for k, v in kwargs.items() if k in names})
+    return fn(*args, **{k: v for k, v in kwargs.items() if names is None or k in names})
