@@ -62,7 +62,11 @@ def check(model_type: str, variant: str, args) -> dict:
     model = tiny_model(model_type, variant, device=args.device, dtype=dtype, min_head_dim=widen or None).train()
     hf_varlen_patch.apply(model, backend=args.backend, check_inputs=args.check_inputs)
     # below float32, the yardstick for compiled vs eager is eager's own rounding: eager vs a float32 copy
+    # (with backend "auto": a varlen kernel such as torch's takes no float32)
     reference = copy.deepcopy(model).float() if dtype != torch.float32 else None
+    if reference is not None:
+        hf_varlen_patch.unapply(reference)
+        hf_varlen_patch.apply(reference, backend="auto", check_inputs=args.check_inputs)
     vocab = model.config.get_text_config().vocab_size
     rng = random.Random(args.seed)
     batches = [
