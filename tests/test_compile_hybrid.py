@@ -312,3 +312,49 @@ def _compiled_steps(model: torch.nn.Module, batches: int, after_each=None):
             if i == 2:
                 after_three = counter.frame_count
     return counter.frame_count, after_three, last, inputs
+
+
+@pytest.mark.skipif(ON_4, reason="refused on 4.57: bamba's recurrent layers compute inline")
+def test_the_ssd_kernel_path_runs_outside_the_graph_and_equals_eager_torch_ops(monkeypatch):
+    """The path the GPU takes with mamba_ssm's SSD under torch.compile: ``kernels.kernel`` hands
+    compiled code the scan wrapped to run eagerly (a graph break per Mamba-2 layer), which filters
+    the router's keywords by the kernel's signature. Here an exact stand-in with
+    ``mamba_chunk_scan_combined``'s signature (mamba_ssm 2.3.2) plays the kernel, on CPU: over 4
+    batches of new lengths the compiled step runs it outside the graph, is counted, and equals the
+    eager step on the torch ops (logits, loss, gradients). A unit test only: the real kernel runs in
+    tests/test_gpu.py and scripts/gpu_hybrid.sh."""
+    from hf_varlen_patch.recurrent import kernels, torch_ops
+
+    traced = []
+
+    def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, initial_states=None,
+                                  seq_idx=None, cu_seqlens=None, dt_softplus=False, dt_limit=(0.0, float("inf")),
+                                  return_final_states=False, return_varlen_states=False):  # fmt: skip
+        assert z is None and cu_seqlens is None and seq_idx.dtype == torch.int32
+        traced.append(torch.compiler.is_compiling())
+        return torch_ops.chunked_ssd_scan(
+            x, dt, A, B, C, chunk_size, seq_idx, D=D, dt_bias=dt_bias, initial_states=initial_states,
+            dt_softplus=dt_softplus, dt_limit=dt_limit, return_final_states=return_final_states,
+        )  # fmt: skip
+
+    model = tiny_model("bamba").train()
+    hf_varlen_patch.apply(model)
+    rng = random.Random(0)
+    batches = [
+        _collator_inputs([rng.randint(2, 24) for _ in range(n)], model.config.vocab_size, i)
+        for i, n in enumerate((3, 2, 4, 5))
+    ]
+    eager = [_step(model, model, inputs) for inputs in batches]
+
+    monkeypatch.setenv("HF_VARLEN_RECURRENT_KERNELS", "all")
+    monkeypatch.setattr(kernels, "_on_cuda", lambda tensors: True)
+    monkeypatch.setattr(kernels, "_load", {"ssd_chunk_scan": mamba_chunk_scan_combined}.get)
+    kernels.KERNEL_USAGE.clear()
+    compiled = torch.compile(model, backend="aot_eager")
+    for inputs, want in zip(batches, eager):
+        assert _worst(_step(compiled, model, inputs), want) < TOL
+    layers = sum(t == "mamba" for t in model.config.layers_block_type)
+    assert traced and not any(traced), "the stand-in was traced into, or never called"
+    assert kernels.KERNEL_USAGE["ssd_chunk_scan"] == len(traced) >= layers * len(batches)
+    assert _breaks()[0] > 0
+    kernels.KERNEL_USAGE.clear()
